@@ -1,0 +1,1 @@
+"""Recipes (YAML) and architecture files, installed as ``spo_fast.configs``."""

@@ -1,0 +1,1 @@
+"""Fused ops, each with its PyTorch reference beside it (installed as ``spo_fast.kernels``)."""
