@@ -1,0 +1,386 @@
+"""Typed configuration: nested dataclasses, strict YAML loading, dotted ``key=value`` overrides.
+
+A run is described by one recipe (``configs/*.yaml``) plus overrides on the command line::
+
+    python -m spo_fast.train configs/sd15_spo.yaml model.path=/ckpt/sd15 train.lr=3e-5
+
+Every key must exist in the dataclasses below (an unknown key is an error that names it and
+lists the accepted keys); values are converted to the field's type or rejected with a message
+naming the key, the value and the accepted values. ``validate`` checks cross-field rules
+before any model is built. ``save_config`` writes the resolved config next to the run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad recipe, override or value; the message names it and says what is accepted."""
+
+
+@dataclass
+class ModelConfig:
+    family: str = "sd15"
+    """Pipeline family: ``sd15`` (one CLIP text encoder) or ``sdxl`` (two, pooled + time ids)."""
+    path: str = "arch:tiny_sd15"
+    """A local diffusers directory, or ``arch:<name>`` for a packaged architecture (configs/arch)."""
+    init: str = "pretrained"
+    """``pretrained`` loads weights from ``path``; ``random`` builds from its configs (benchmarks)."""
+    seed: int = 0
+    """Seed of the random initialisation when ``init=random``."""
+    resolution: int = 0
+    """Image resolution in pixels; 0 = the UNet's sample_size times the VAE factor."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    """LoRA on the UNet; false = full fine-tuning (a frozen copy then serves as reference)."""
+    rank: int = 4
+    alpha: float = 0.0
+    """LoRA alpha; 0 = equal to rank (the official setting)."""
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class SamplingConfig:
+    num_steps: int = 20
+    eta: float = 1.0
+    guidance_scale: float = 5.0
+    negative_prompt: str = ""
+
+
+@dataclass
+class SPOConfig:
+    k: int = 4
+    """Candidates per pool (>= 2)."""
+    divert_start_step: int = 4
+    """Steps before this index are plain single-sample DDIM steps."""
+    num_inner_steps: int = 0
+    """SDXL variant: after branching, each candidate denoises this many more steps before scoring."""
+    threshold: float = 0.3
+    """A pair counts when softmax([s_win, s_lose]) gives p_win - p_lose > threshold; in [0, 1)."""
+    beta: float = 10.0
+    ratio_clip: float = 0.1
+    """eps of the clamp of pi_theta / pi_ref to [1 - eps, 1 + eps]."""
+
+
+@dataclass
+class ScorerConfig:
+    name: str = "color"
+    """``color``: the built-in prompt-colour scorer (see spo_fast/scorers.py)."""
+    path: str = ""
+    """Local weights of the scorer, for scorers that have them."""
+
+
+@dataclass
+class DataConfig:
+    prompts: str = "builtin:toy"
+    """A text file with one prompt per line, or ``builtin:toy``."""
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 10
+    """Prompts per process per rollout."""
+    train_batch_size: int = 10
+    """Transitions per micro-batch; must divide batch_size (fixed shapes)."""
+    grad_accum: int = 1
+    epochs: float = 10.0
+    """Passes over the prompt set; the run length is derived from it unless max_iterations > 0."""
+    max_iterations: int = 0
+    """Cap on rollout iterations (0 = no cap)."""
+    lr: float = 6e-5
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 1e-4
+    adam_eps: float = 1e-8
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm; 0 disables it."""
+    mixed_precision: str = "no"
+    """``no`` | ``fp16`` | ``bf16`` (accelerate)."""
+    gradient_checkpointing: bool = False
+    allow_tf32: bool = True
+    kernels: str = "auto"
+    """Op backend: ``auto`` | ``torch`` | ``triton`` (the env var SPO_FAST_KERNELS wins)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50
+    """Write a checkpoint every N rollout iterations (and at the end); 0 = only at the end."""
+    keep: int = 2
+    """How many checkpoints to keep."""
+    resume: str = "auto"
+    """``auto``: resume from the newest checkpoint in output_dir if any; ``never``; or a path."""
+
+
+@dataclass
+class LogConfig:
+    output_dir: str = "outputs/run"
+    every: int = 1
+    tensorboard: bool = True
+    """Also log to tensorboard through accelerate when it is installed."""
+    sample_prompts: int = 4
+    """Prompts in the before/after sample grid written at the end (0 = none)."""
+    progress: bool = True
+
+
+@dataclass
+class ProfileConfig:
+    enabled: bool = False
+    """Write torch.profiler traces of a few iterations to output_dir/profile."""
+    wait: int = 1
+    warmup: int = 1
+    active: int = 2
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    spo: SPOConfig = field(default_factory=SPOConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+
+
+DEFAULT_RECIPE = "toy_spo"
+CHOICES = {
+    "model.family": ("sd15", "sdxl"),
+    "model.init": ("pretrained", "random"),
+    "scorer.name": ("color",),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.kernels": ("auto", "torch", "triton"),
+}
+
+
+# ----------------------------------------------------------------------------- loading
+def configs_dir() -> Path:
+    """The packaged recipes directory (the repository's ``configs/``)."""
+    return Path(str(resources.files("spo_fast.configs")))
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in configs_dir().glob("*.yaml"))
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """A YAML path, or a recipe name from configs/ (``sd15_spo``)."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"recipe file {str(path)!r} does not exist; packaged recipes: "
+                              f"{', '.join(available_recipes())}")
+        return path
+    packaged = configs_dir() / f"{name_or_path}.yaml"
+    if not packaged.is_file():
+        raise ConfigError(f"unknown recipe {name_or_path!r}; give a .yaml path or one of: "
+                          f"{', '.join(available_recipes())}")
+    return packaged
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert ``value`` (from YAML or an override string) to field type ``tp`` or raise."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None
+        return _coerce(key, value, args[0])
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else \
+                [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    """Field name -> resolved type annotation."""
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
+
+
+def _unknown(key: str, accepted: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], accepted, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}; accepted keys here: {', '.join(accepted)}")
+
+
+def _apply_mapping(obj: Any, data: dict, prefix: str = "") -> None:
+    fields = _fields(obj)
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise _unknown(key, list(fields))
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
+            _apply_mapping(current, value, f"{key}.")
+        else:
+            setattr(obj, name, _coerce(key, value, fields[name]))
+
+
+def apply_override(cfg: Config, item: str) -> None:
+    """Apply one ``dotted.key=value`` override to ``cfg`` in place."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=3e-5)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    obj: Any = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        fields = _fields(obj)
+        if part not in fields:
+            raise _unknown(".".join(parts[: i + 1]), list(fields))
+        if i < len(parts) - 1:
+            obj = getattr(obj, part)
+            if not dataclasses.is_dataclass(obj):
+                raise ConfigError(f"{'.'.join(parts[: i + 1])} is a value, not a section")
+    last = parts[-1]
+    if dataclasses.is_dataclass(getattr(obj, last)):
+        raise ConfigError(f"{key} is a section; set one of its keys, e.g. {key}.{next(iter(_fields(getattr(obj, last))))}=...")
+    value: Any = raw
+    if raw.strip().startswith("["):
+        value = yaml.safe_load(raw)
+    setattr(obj, last, _coerce(key, value, _fields(obj)[last]))
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- recipe YAML <- overrides, then ``validate``. Raises ConfigError."""
+    cfg = Config()
+    path = resolve_recipe(recipe or DEFAULT_RECIPE)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections, got {type(data).__name__}")
+    _apply_mapping(cfg, data)
+    for item in overrides or []:
+        apply_override(cfg, item)
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- validation
+def validate(cfg: Config) -> None:
+    """Cross-field and range checks; cheap, runs before any model is built."""
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not accepted; choose one of {', '.join(choices)}")
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    s, t, sp = cfg.spo, cfg.train, cfg.sampling
+    need(s.k >= 2, f"spo.k={s.k}: a pool needs at least 2 candidates (official: 4 for SD1.5, 2 for SDXL)")
+    need(0.0 <= s.threshold < 1.0, f"spo.threshold={s.threshold}: must be in [0, 1) (official: 0.3 SD1.5, 0.4 SDXL)")
+    need(s.beta > 0, f"spo.beta={s.beta}: must be > 0 (official: 10)")
+    need(0.0 < s.ratio_clip < 1.0, f"spo.ratio_clip={s.ratio_clip}: must be in (0, 1) (official: 0.1)")
+    need(s.num_inner_steps >= 0, f"spo.num_inner_steps={s.num_inner_steps}: must be >= 0")
+    need(sp.num_steps >= 1, f"sampling.num_steps={sp.num_steps}: must be >= 1")
+    need(0 <= s.divert_start_step < sp.num_steps,
+         f"spo.divert_start_step={s.divert_start_step}: must be in [0, sampling.num_steps={sp.num_steps})")
+    need(sp.eta > 0, f"sampling.eta={sp.eta}: SPO needs a stochastic sampler (eta > 0; official 1.0)")
+    need(sp.guidance_scale >= 1.0, f"sampling.guidance_scale={sp.guidance_scale}: must be >= 1")
+    need(t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1")
+    need(t.train_batch_size >= 1 and t.batch_size % t.train_batch_size == 0,
+         f"train.train_batch_size={t.train_batch_size} must divide train.batch_size={t.batch_size} "
+         "(micro-batches have fixed shapes)")
+    need(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum}: must be >= 1")
+    micro = num_transition_slots(cfg) * (t.batch_size // t.train_batch_size)
+    need(micro % t.grad_accum == 0,
+         f"train.grad_accum={t.grad_accum} must divide the {micro} micro-batches of one rollout "
+         f"({num_transition_slots(cfg)} transition slots x {t.batch_size // t.train_batch_size}) so that "
+         "optimizer steps end on rollout boundaries (checkpoints lose nothing)")
+    need(t.lr > 0, f"train.lr={t.lr}: must be > 0")
+    need(t.epochs > 0 or t.max_iterations > 0, "set train.epochs > 0 or train.max_iterations > 0")
+    need(t.max_iterations >= 0, f"train.max_iterations={t.max_iterations}: must be >= 0")
+    need(t.max_grad_norm >= 0, f"train.max_grad_norm={t.max_grad_norm}: must be >= 0 (0 disables clipping)")
+    need(cfg.lora.rank >= 1, f"lora.rank={cfg.lora.rank}: must be >= 1")
+    need(len(cfg.lora.targets) > 0, "lora.targets is empty; the official targets are to_q,to_k,to_v,to_out.0")
+    need(cfg.model.resolution >= 0, f"model.resolution={cfg.model.resolution}: must be >= 0 (0 = model default)")
+    need(cfg.checkpoint.every >= 0, f"checkpoint.every={cfg.checkpoint.every}: must be >= 0")
+    need(cfg.checkpoint.keep >= 1, f"checkpoint.keep={cfg.checkpoint.keep}: must be >= 1")
+    need(cfg.log.every >= 1, f"log.every={cfg.log.every}: must be >= 1")
+    need(cfg.profile.active >= 1 and cfg.profile.wait >= 0 and cfg.profile.warmup >= 0,
+         "profile.wait/warmup must be >= 0 and profile.active >= 1")
+    if cfg.model.path.startswith("arch:") and cfg.model.init == "pretrained":
+        raise ConfigError(f"model.path={cfg.model.path} holds architecture files only, no weights; "
+                          "add model.init=random, or point model.path at a local diffusers directory")
+
+
+def num_transition_slots(cfg: Config) -> int:
+    """Transitions one prompt yields per rollout: one per step from divert_start_step on."""
+    return cfg.sampling.num_steps - cfg.spo.divert_start_step
+
+
+# ----------------------------------------------------------------------------- output
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (loadable again with ``load_config(path)``)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,349 @@
+"""Stable Diffusion 1.5 / SDXL components: model-directory checks, loading, prompt encoding.
+
+A model directory uses the diffusers layout (``unet/``, ``vae/``, ``text_encoder/``,
+``tokenizer/``, ``scheduler/``; SDXL adds ``text_encoder_2/`` and ``tokenizer_2/``).
+``arch:<name>`` names a packaged config-only directory under ``configs/arch/`` for
+``init="random"`` runs; its tokenizers are generated from ``configs/arch/words.txt`` by
+``python -m spo_fast.models write-tokenizers``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+FAMILIES = ("sd15", "sdxl")
+INITS = ("pretrained", "random")
+ARCH_PREFIX = "arch:"
+
+_TEXT_ENCODERS = {
+    "sd15": (("text_encoder", "tokenizer", CLIPTextModel),),
+    "sdxl": (
+        ("text_encoder", "tokenizer", CLIPTextModel),
+        ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection),
+    ),
+}
+_SUBFOLDERS = {
+    family: ("unet", "vae", *(name for pair in encs for name in pair[:2]), "scheduler")
+    for family, encs in _TEXT_ENCODERS.items()
+}
+_BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
+_EOW = "</w>"
+_REAL_CLIP_VOCAB = 49408
+
+
+class ModelDirError(ValueError):
+    """A model directory is missing, incomplete or malformed."""
+
+
+# --------------------------------------------------------------------------- model dirs
+
+
+def _arch_root() -> Path:
+    return Path(str(resources.files("spo_fast.configs") / "arch"))
+
+
+def _arch_names() -> list[str]:
+    return sorted(p.name for p in _arch_root().iterdir() if (p / "unet").is_dir())
+
+
+def resolve_model_path(path: str) -> Path:
+    """``"arch:<name>"`` -> the packaged ``configs/arch/<name>``; anything else -> ``Path(path)``."""
+    path = str(path)
+    if not path.startswith(ARCH_PREFIX):
+        return Path(path).expanduser()
+    name = path[len(ARCH_PREFIX):]
+    names = _arch_names()
+    if name not in names:
+        raise ModelDirError(f"unknown architecture {path!r}; available: {', '.join(ARCH_PREFIX + n for n in names)}")
+    return _arch_root() / name
+
+
+def _required_files(sub: str) -> tuple[tuple[str, ...], ...]:
+    """Alternatives of file sets one of which ``sub/`` must hold."""
+    if sub.startswith("tokenizer"):
+        return (("vocab.json", "merges.txt"), ("tokenizer.json",))
+    return (("scheduler_config.json",),) if sub == "scheduler" else (("config.json",),)
+
+
+def check_model_dir(path: Path, family: str, init: str) -> None:
+    """Fail fast, before building anything, if ``path`` is not a usable ``family`` model directory.
+
+    Checks: the directory and the family's subfolders exist, each holds its config files, every
+    ``*.json`` in them parses and, for ``init="pretrained"``, the networks have weights.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
+    if init not in INITS:
+        raise ValueError(f"unknown model init {init!r}; expected one of {INITS}")
+    path = Path(path)
+    subs = _SUBFOLDERS[family]
+    layout = f"a {family} diffusers directory ({', '.join(s + '/' for s in subs)})"
+    fix = (
+        f"Point model.path at {layout}, or use model.init=random with model.path={ARCH_PREFIX}{family}."
+    )
+    if not path.is_dir():
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise ModelDirError(f"model directory {path} {what}. {fix}")
+    for sub in subs:
+        d = path / sub
+        if not d.is_dir():
+            raise ModelDirError(f"{d} is missing: expected {layout}. {fix}")
+        options = _required_files(sub)
+        if not any(all((d / f).is_file() for f in files) for files in options):
+            want = " or ".join("+".join(files) for files in options)
+            raise ModelDirError(f"{d} lacks {want}: expected {layout}. {fix}")
+        for f in sorted(d.glob("*.json")):
+            try:
+                json.loads(f.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ModelDirError(f"{f} is not valid JSON: {e}") from e
+        has_weights = any(d.glob("*.safetensors")) or any(d.glob("*.bin"))
+        if init == "pretrained" and sub in ("unet", "vae", "text_encoder", "text_encoder_2") and not has_weights:
+            raise ModelDirError(
+                f"{d} has no weights (*.safetensors or *.bin) but model.init=pretrained. Point model.path at "
+                f"a directory with weights, or use model.init=random to train from random weights."
+            )
+
+
+# --------------------------------------------------------------------------- components
+
+
+@dataclass
+class Components:
+    """The networks, tokenizers and noise scheduler of one SD 1.5 / SDXL model."""
+
+    family: str
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoders: list  # [CLIPTextModel] (sd15) or [CLIPTextModel, CLIPTextModelWithProjection] (sdxl)
+    tokenizers: list  # one CLIPTokenizer per text encoder
+    scheduler: DDIMScheduler
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along each side (8 for the real VAEs)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the UNet's native latent."""
+        size = self.unet.config.sample_size
+        return (self.unet.config.in_channels, size, size)
+
+
+def load_components(path: str, family: str, init: str = "pretrained", seed: int = 0) -> Components:
+    """Load (``init="pretrained"``) or randomly initialise (``init="random"``, seeded) a model.
+
+    The scheduler is always a ``DDIMScheduler`` built from the directory's scheduler config.
+    Every network comes back in fp32, ``eval()`` mode and frozen (``requires_grad_(False)``).
+    """
+    root = resolve_model_path(path)
+    check_model_dir(root, family, init)
+    encoders = _TEXT_ENCODERS[family]
+    if init == "pretrained":
+        # Explicit fp32: transformers 5 defaults to dtype="auto" (the checkpoint's, often fp16).
+        fp32 = torch.float32
+        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", local_files_only=True, torch_dtype=fp32)
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True, torch_dtype=fp32)
+        text_encoders = [cls.from_pretrained(root / enc, local_files_only=True, dtype=fp32) for enc, _, cls in encoders]
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet"))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae"))
+            text_encoders = [cls(CLIPTextConfig.from_pretrained(root / enc)) for enc, _, cls in encoders]
+    tokenizers = [CLIPTokenizer.from_pretrained(root / tok) for _, tok, _ in encoders]
+    for (enc_name, tok_name, _), enc, tok in zip(encoders, text_encoders, tokenizers):
+        if len(tok) > enc.config.vocab_size:
+            raise ModelDirError(
+                f"{root / tok_name} has {len(tok)} tokens but {root / enc_name} embeds only "
+                f"vocab_size={enc.config.vocab_size}"
+            )
+    sched_cfg = dict(DDIMScheduler.load_config(root / "scheduler"))
+    sched_cfg.setdefault("clip_sample", False)  # DDIM defaults to clipping x0, wrong for latents
+    for module in (unet, vae, *text_encoders):
+        module.eval().requires_grad_(False)
+    return Components(family, unet, vae, text_encoders, tokenizers, DDIMScheduler.from_config(sched_cfg))
+
+
+# --------------------------------------------------------------------------- conditioning
+
+
+@dataclass
+class Conditioning:
+    """UNet text conditioning for a batch of B prompts (every field is batched along dim 0)."""
+
+    embeds: torch.Tensor  # (B, L, D) encoder_hidden_states
+    pooled: torch.Tensor | None = None  # (B, P) SDXL text_embeds
+    time_ids: torch.Tensor | None = None  # (B, 6) SDXL add_time_ids
+
+    def __post_init__(self):
+        if (self.pooled is None) != (self.time_ids is None):
+            raise ValueError("Conditioning needs both pooled and time_ids (SDXL) or neither (SD 1.5)")
+
+    def _map(self, fn) -> Conditioning:
+        return Conditioning(*(None if v is None else fn(v) for v in (getattr(self, f.name) for f in fields(self))))
+
+    def added_cond_kwargs(self) -> dict | None:
+        """SDXL's ``{"text_embeds": (B, P), "time_ids": (B, 6)}``; None for SD 1.5."""
+        return None if self.pooled is None else {"text_embeds": self.pooled, "time_ids": self.time_ids}
+
+    def __getitem__(self, idx) -> Conditioning:
+        """Select rows along dim 0 (slice, index tensor/list; an int keeps the batch dim: B=1)."""
+        if isinstance(idx, int):
+            idx = [idx]
+        return self._map(lambda v: v[idx])
+
+    def repeat_interleave(self, n: int) -> Conditioning:
+        """(B, ...) -> (B * n, ...), each row repeated n times in place."""
+        return self._map(lambda v: v.repeat_interleave(n, dim=0))
+
+    @staticmethod
+    def cat(items: list[Conditioning]) -> Conditioning:
+        """Concatenate along the batch dim."""
+        columns = zip(*((getattr(c, f.name) for f in fields(Conditioning)) for c in items))
+        return Conditioning(*(None if col[0] is None else torch.cat(col) for col in columns))
+
+    def to(self, device=None, dtype=None) -> Conditioning:
+        """Move every field to ``device``; ``dtype`` applies to floating fields only."""
+        return self._map(lambda v: v.to(device=device, dtype=dtype if v.is_floating_point() else None))
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+
+@torch.no_grad()
+def encode_prompts(comp: Components, prompts: list[str], device, resolution: int) -> Conditioning:
+    """Encode B prompts with every text encoder (already on ``device``).
+
+    SD 1.5: embeds = last hidden state (B, 77, 768). SDXL: embeds = the penultimate hidden states
+    of both encoders concatenated on features (B, 77, 768 + 1280), pooled = text_encoder_2's
+    projected ``text_embeds`` (B, 1280), time_ids = [res, res, 0, 0, res, res] per prompt (B, 6).
+    """
+    sdxl = comp.family == "sdxl"
+    hidden = []
+    for tok, enc in zip(comp.tokenizers, comp.text_encoders):
+        ids = tok(
+            prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
+        out = enc(ids, output_hidden_states=sdxl)
+        hidden.append(out.hidden_states[-2] if sdxl else out.last_hidden_state)
+    embeds = torch.cat(hidden, dim=-1)
+    if not sdxl:
+        return Conditioning(embeds)
+    r = resolution
+    time_ids = torch.tensor([r, r, 0, 0, r, r], dtype=embeds.dtype, device=device).repeat(len(prompts), 1)
+    return Conditioning(embeds, out.text_embeds, time_ids)
+
+
+def unet_forward(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    """Noise prediction (N, C, H, W) for latents x (N, C, H, W) at timestep t (scalar or (N,))."""
+    return unet(x, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=cond.added_cond_kwargs()).sample
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2 byte -> printable character map; printable bytes map to themselves."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
+
+
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Apply BPE merges to one word's symbols: repeatedly merge every occurrence of the best pair."""
+    while len(symbols) > 1:
+        pair = min(zip(symbols, symbols[1:]), key=lambda p: ranks.get(p, float("inf")))
+        if pair not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(symbols):
+            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+                merged.append(symbols[i] + symbols[i + 1])
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return symbols
+
+
+def write_clip_tokenizer(out_dir, words, max_length: int = 77) -> int:
+    """Write a CLIP BPE tokenizer whose vocabulary holds every byte plus each of ``words`` as one token.
+
+    Ids: the 256 byte characters, the same with ``</w>``, one token per merge (in merge order),
+    then ``<|startoftext|>`` and ``<|endoftext|>`` (last, as in CLIP). Merges are added word by
+    word until the word tokenizes to a single token; appending merges never changes how earlier
+    words tokenize. Text outside ``words`` falls back to shorter pieces, down to bytes.
+    Returns the vocabulary size.
+    """
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab = [*byte_chars, *(c + _EOW for c in byte_chars)]
+    ranks: dict[tuple[str, str], int] = {}
+    byte_map = _bytes_to_unicode()
+    for word in words:
+        if not (word.isalpha() and word == word.lower()):
+            raise ValueError(f"tokenizer words must be lowercase letters only, got {word!r}")
+        symbols = [byte_map[b] for b in word.encode("utf-8")]
+        symbols[-1] += _EOW
+        while len(pieces := _bpe(symbols, ranks)) > 1:
+            ranks[(pieces[0], pieces[1])] = len(ranks)
+            vocab.append(pieces[0] + pieces[1])
+    vocab += [_BOS, _EOS]
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    token_ids = {tok: i for i, tok in enumerate(vocab)}
+    (out / "vocab.json").write_text(json.dumps(token_ids, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
+    merges = [f"{a} {b}" for a, b in ranks]  # dicts keep insertion (= rank) order
+    (out / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n", encoding="utf-8")
+    specials = {"bos_token": _BOS, "eos_token": _EOS, "unk_token": _EOS, "pad_token": _EOS}
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "do_lower_case": True, **specials}
+    for name, obj in (("tokenizer_config.json", config), ("special_tokens_map.json", specials)):
+        (out / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    return len(vocab)
+
+
+def write_tokenizers(arch_root: Path | None = None) -> int:
+    """Regenerate ``tokenizer*/`` of every ``configs/arch/*`` dir from ``words.txt``.
+
+    Also syncs each text encoder config: bos/eos/pad token ids, and ``vocab_size`` of the
+    ``tiny_*`` archs (real archs keep CLIP's 49408). Returns the vocabulary size.
+    """
+    arch_root = Path(arch_root) if arch_root is not None else _arch_root()
+    lines = (arch_root / "words.txt").read_text(encoding="utf-8").splitlines()
+    words = [w.strip() for w in lines if w.strip() and not w.startswith("#")]
+    for arch in sorted(p for p in arch_root.iterdir() if (p / "unet").is_dir()):
+        for enc_dir in sorted(arch.glob("text_encoder*")):
+            tok_dir = arch / enc_dir.name.replace("text_encoder", "tokenizer")
+            shutil.rmtree(tok_dir, ignore_errors=True)
+            size = write_clip_tokenizer(tok_dir, words)
+            cfg_file = enc_dir / "config.json"
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+            cfg.update(bos_token_id=size - 2, eos_token_id=size - 1, pad_token_id=size - 1)
+            cfg["vocab_size"] = size if arch.name.startswith("tiny_") else _REAL_CLIP_VOCAB
+            cfg_file.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    return size
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m spo_fast.models", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmd = sub.add_parser("write-tokenizers", help="regenerate configs/arch/*/tokenizer*/ from words.txt")
+    cmd.add_argument("--arch-root", type=Path, default=None, help="arch directory (default: the packaged one)")
+    args = parser.parse_args(argv)
+    size = write_tokenizers(args.arch_root)
+    print(f"wrote tokenizers with {size} tokens under {args.arch_root or _arch_root()}")
+
+
+if __name__ == "__main__":
+    main()

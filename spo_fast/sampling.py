@@ -1,0 +1,131 @@
+"""DDIM sampling math: the stochastic step (eta), its Gaussian log-density, classifier-free guidance.
+
+One DDIM step from x_t at timestep t to x_{t-1} at t_prev = t - 1000 // num_steps is
+
+    x0_hat = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)                 (epsilon prediction)
+    var    = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std    = eta * sqrt(var)
+    mean   = sqrt(a_prev) * x0_hat + sqrt(1 - a_prev - std^2) * eps
+    x_prev = mean + std * z,   z ~ N(0, I)
+
+with a = alphas_cumprod and a_prev = final_alpha_cumprod when t_prev < 0. This is exactly what
+diffusers' ``DDIMScheduler.step`` computes (tests/test_sampling.py checks it for the same z).
+The step's log-density log N(x_prev; mean, std^2 I) is *averaged* over C*H*W, as SPO does.
+
+Timesteps may differ per sample: every function takes ``t`` as a (N,) long tensor.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler
+
+from .models import Conditioning, unet_forward
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass
+class DDIMSchedule:
+    """The DDIM quantities of one scheduler configuration and number of inference steps."""
+
+    alphas_cumprod: torch.Tensor  # (num_train_timesteps,) fp32
+    final_alpha_cumprod: float
+    timesteps: torch.Tensor  # (num_steps,) long, descending
+    step_ratio: int
+    prediction_type: str
+
+    @classmethod
+    def from_scheduler(cls, scheduler: DDIMScheduler, num_steps: int, device=None) -> "DDIMSchedule":
+        if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type={scheduler.config.prediction_type!r} is not supported; "
+                             "use a scheduler with epsilon or v_prediction")
+        if scheduler.config.thresholding or scheduler.config.clip_sample:
+            raise ValueError("DDIM thresholding/clip_sample are not supported (Stable Diffusion uses neither); "
+                             "set them false in the scheduler config")
+        sched = DDIMScheduler.from_config(scheduler.config)
+        sched.set_timesteps(num_steps)
+        return cls(
+            alphas_cumprod=sched.alphas_cumprod.to(device=device, dtype=torch.float32),
+            final_alpha_cumprod=float(sched.final_alpha_cumprod),
+            timesteps=sched.timesteps.to(device=device, dtype=torch.long),
+            step_ratio=sched.config.num_train_timesteps // num_steps,
+            prediction_type=sched.config.prediction_type,
+        )
+
+    def to(self, device) -> "DDIMSchedule":
+        return DDIMSchedule(self.alphas_cumprod.to(device), self.final_alpha_cumprod,
+                            self.timesteps.to(device), self.step_ratio, self.prediction_type)
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """alphas_cumprod at t (N,), with final_alpha_cumprod where t < 0."""
+        a = self.alphas_cumprod[t.clamp(min=0)]
+        return torch.where(t >= 0, a, torch.full_like(a, self.final_alpha_cumprod))
+
+    def prev(self, t: torch.Tensor) -> torch.Tensor:
+        return t - self.step_ratio
+
+    def std(self, t: torch.Tensor, eta: float) -> torch.Tensor:
+        """(N,) standard deviation of the step from t."""
+        a_t, a_prev = self.alpha(t), self.alpha(self.prev(t))
+        var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        return eta * var.clamp(min=0).sqrt()
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def predict_x0_eps(schedule: DDIMSchedule, model_out: torch.Tensor, x: torch.Tensor, t: torch.Tensor):
+    """(x0_hat, eps) from the model output at (x, t). Shapes (N, C, H, W); fp32 math."""
+    x32, out = x.float(), model_out.float()
+    a = _bcast(schedule.alpha(t), x32)
+    if schedule.prediction_type == "epsilon":
+        eps = out
+        x0 = (x32 - (1 - a).sqrt() * eps) / a.sqrt()
+    else:  # v_prediction
+        x0 = a.sqrt() * x32 - (1 - a).sqrt() * out
+        eps = a.sqrt() * out + (1 - a).sqrt() * x32
+    return x0, eps
+
+
+def ddim_step_stats(schedule: DDIMSchedule, model_out: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
+                    eta: float):
+    """x0_hat (N, C, H, W), mean (N, C, H, W) and std (N,) of the DDIM step from x at t (fp32)."""
+    x0, eps = predict_x0_eps(schedule, model_out, x, t)
+    a_prev = _bcast(schedule.alpha(schedule.prev(t)), x0)
+    std = schedule.std(t, eta)
+    s = _bcast(std, x0)
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - s**2).clamp(min=0).sqrt() * eps
+    return x0, mean, std
+
+
+def ddim_log_prob(x_prev: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x_prev; mean, std^2 I) averaged over all but the first dim: (N,)."""
+    s = _bcast(std, mean).float()
+    lp = -((x_prev.float() - mean.float()) ** 2) / (2 * s**2) - s.log() - _HALF_LOG_2PI
+    return lp.flatten(1).mean(1)
+
+
+def cfg_model_output(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Conditioning,
+                     guidance_scale: float) -> torch.Tensor:
+    """Guided model output: one UNet call on [uncond; cond] (2N batch). x (N, C, H, W), t (N,)."""
+    out = unet_forward(unet, torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat([uncond, cond]))
+    out_u, out_c = out.chunk(2)
+    return out_u + guidance_scale * (out_c - out_u)
+
+
+@torch.no_grad()
+def sample(unet, schedule: DDIMSchedule, cond: Conditioning, uncond: Conditioning, x: torch.Tensor,
+           guidance_scale: float, eta: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Plain DDIM sampling from noise x (N, C, H, W) to latents x0; noise drawn from ``generator``."""
+    n = x.shape[0]
+    for t_scalar in schedule.timesteps:
+        t = t_scalar.expand(n)
+        out = cfg_model_output(unet, x, t, cond, uncond, guidance_scale)
+        _, mean, std = ddim_step_stats(schedule, out, x, t, eta)
+        z = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        x = mean + _bcast(std, mean) * z
+    return x
