@@ -81,6 +81,8 @@ class ScorerConfig:
     """``color``: the built-in prompt-colour scorer (see spo_fast/scorers.py)."""
     path: str = ""
     """Local weights of the scorer, for scorers that have them."""
+    scale: float = 10.0
+    """Logit scale of the colour scorer (scores = -scale * RGB distance)."""
 
 
 @dataclass
@@ -358,6 +360,7 @@ def validate(cfg: Config) -> None:
     need(t.epochs > 0 or t.max_iterations > 0, "set train.epochs > 0 or train.max_iterations > 0")
     need(t.max_iterations >= 0, f"train.max_iterations={t.max_iterations}: must be >= 0")
     need(t.max_grad_norm >= 0, f"train.max_grad_norm={t.max_grad_norm}: must be >= 0 (0 disables clipping)")
+    need(cfg.scorer.scale > 0, f"scorer.scale={cfg.scorer.scale}: must be > 0")
     need(cfg.lora.rank >= 1, f"lora.rank={cfg.lora.rank}: must be >= 1")
     need(len(cfg.lora.targets) > 0, "lora.targets is empty; the official targets are to_q,to_k,to_v,to_out.0")
     need(cfg.model.resolution >= 0, f"model.resolution={cfg.model.resolution}: must be >= 0 (0 = model default)")

@@ -68,5 +68,5 @@ class ColorScorer:
 
 def build_scorer(cfg: ScorerConfig) -> Scorer:
     if cfg.name == "color":
-        return ColorScorer()
+        return ColorScorer(cfg.scale)
     raise ValueError(f"scorer.name={cfg.name!r} is not known; accepted: color")
