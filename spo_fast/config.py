@@ -298,7 +298,8 @@ def apply_override(cfg: Config, item: str) -> None:
                 raise ConfigError(f"{'.'.join(parts[: i + 1])} is a value, not a section")
     last = parts[-1]
     if dataclasses.is_dataclass(getattr(obj, last)):
-        raise ConfigError(f"{key} is a section; set one of its keys, e.g. {key}.{next(iter(_fields(getattr(obj, last))))}=...")
+        first = next(iter(_fields(getattr(obj, last))))
+        raise ConfigError(f"{key} is a section; set one of its keys, e.g. {key}.{first}=...")
     value: Any = raw
     if raw.strip().startswith("["):
         value = yaml.safe_load(raw)

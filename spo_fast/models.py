@@ -9,6 +9,7 @@ A model directory uses the diffusers layout (``unet/``, ``vae/``, ``text_encoder
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 from dataclasses import dataclass, fields
@@ -36,6 +37,7 @@ _SUBFOLDERS = {
 }
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 _EOW = "</w>"
+_NETWORKS = ("unet", "vae", "text_encoder", "text_encoder_2")  # subfolders that hold weights
 _REAL_CLIP_VOCAB = 49408
 
 
@@ -62,7 +64,8 @@ def resolve_model_path(path: str) -> Path:
     name = path[len(ARCH_PREFIX):]
     names = _arch_names()
     if name not in names:
-        raise ModelDirError(f"unknown architecture {path!r}; available: {', '.join(ARCH_PREFIX + n for n in names)}")
+        available = ", ".join(ARCH_PREFIX + n for n in names)
+        raise ModelDirError(f"unknown architecture {path!r}; available: {available}")
     return _arch_root() / name
 
 
@@ -86,9 +89,7 @@ def check_model_dir(path: Path, family: str, init: str) -> None:
     path = Path(path)
     subs = _SUBFOLDERS[family]
     layout = f"a {family} diffusers directory ({', '.join(s + '/' for s in subs)})"
-    fix = (
-        f"Point model.path at {layout}, or use model.init=random with model.path={ARCH_PREFIX}{family}."
-    )
+    fix = f"Point model.path at {layout}, or use model.init=random with model.path={ARCH_PREFIX}{family}."
     if not path.is_dir():
         what = "is not a directory" if path.exists() else "does not exist"
         raise ModelDirError(f"model directory {path} {what}. {fix}")
@@ -106,10 +107,10 @@ def check_model_dir(path: Path, family: str, init: str) -> None:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ModelDirError(f"{f} is not valid JSON: {e}") from e
         has_weights = any(d.glob("*.safetensors")) or any(d.glob("*.bin"))
-        if init == "pretrained" and sub in ("unet", "vae", "text_encoder", "text_encoder_2") and not has_weights:
+        if init == "pretrained" and sub in _NETWORKS and not has_weights:
             raise ModelDirError(
-                f"{d} has no weights (*.safetensors or *.bin) but model.init=pretrained. Point model.path at "
-                f"a directory with weights, or use model.init=random to train from random weights."
+                f"{d} has no weights (*.safetensors or *.bin) but model.init=pretrained. Point "
+                f"model.path at a directory with weights, or use model.init=random."
             )
 
 
@@ -150,16 +151,19 @@ def load_components(path: str, family: str, init: str = "pretrained", seed: int 
     encoders = _TEXT_ENCODERS[family]
     if init == "pretrained":
         # Explicit fp32: transformers 5 defaults to dtype="auto" (the checkpoint's, often fp16).
-        fp32 = torch.float32
-        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", local_files_only=True, torch_dtype=fp32)
-        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True, torch_dtype=fp32)
-        text_encoders = [cls.from_pretrained(root / enc, local_files_only=True, dtype=fp32) for enc, _, cls in encoders]
+        kw = {"local_files_only": True, "torch_dtype": torch.float32}
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", **kw)
+        vae = AutoencoderKL.from_pretrained(root / "vae", **kw)
+        text_encoders = [
+            cls.from_pretrained(root / enc, local_files_only=True, dtype=torch.float32)
+            for enc, _, cls in encoders
+        ]
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet"))
             vae = AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae"))
-            text_encoders = [cls(CLIPTextConfig.from_pretrained(root / enc)) for enc, _, cls in encoders]
+            text_encoders = [cls(CLIPTextConfig.from_pretrained(root / e)) for e, _, cls in encoders]
     tokenizers = [CLIPTokenizer.from_pretrained(root / tok) for _, tok, _ in encoders]
     for (enc_name, tok_name, _), enc, tok in zip(encoders, text_encoders, tokenizers):
         if len(tok) > enc.config.vocab_size:
@@ -171,7 +175,8 @@ def load_components(path: str, family: str, init: str = "pretrained", seed: int 
     sched_cfg.setdefault("clip_sample", False)  # DDIM defaults to clipping x0, wrong for latents
     for module in (unet, vae, *text_encoders):
         module.eval().requires_grad_(False)
-    return Components(family, unet, vae, text_encoders, tokenizers, DDIMScheduler.from_config(sched_cfg))
+    scheduler = DDIMScheduler.from_config(sched_cfg)
+    return Components(family, unet, vae, text_encoders, tokenizers, scheduler)
 
 
 # --------------------------------------------------------------------------- conditioning
@@ -190,11 +195,15 @@ class Conditioning:
             raise ValueError("Conditioning needs both pooled and time_ids (SDXL) or neither (SD 1.5)")
 
     def _map(self, fn) -> Conditioning:
-        return Conditioning(*(None if v is None else fn(v) for v in (getattr(self, f.name) for f in fields(self))))
+        """Apply ``fn`` to every non-None field."""
+        values = (getattr(self, f.name) for f in fields(self))
+        return Conditioning(*(None if v is None else fn(v) for v in values))
 
     def added_cond_kwargs(self) -> dict | None:
         """SDXL's ``{"text_embeds": (B, P), "time_ids": (B, 6)}``; None for SD 1.5."""
-        return None if self.pooled is None else {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        if self.pooled is None:
+            return None
+        return {"text_embeds": self.pooled, "time_ids": self.time_ids}
 
     def __getitem__(self, idx) -> Conditioning:
         """Select rows along dim 0 (slice, index tensor/list; an int keeps the batch dim: B=1)."""
@@ -209,12 +218,12 @@ class Conditioning:
     @staticmethod
     def cat(items: list[Conditioning]) -> Conditioning:
         """Concatenate along the batch dim."""
-        columns = zip(*((getattr(c, f.name) for f in fields(Conditioning)) for c in items))
+        columns = zip(*([getattr(c, f.name) for f in fields(Conditioning)] for c in items))
         return Conditioning(*(None if col[0] is None else torch.cat(col) for col in columns))
 
     def to(self, device=None, dtype=None) -> Conditioning:
         """Move every field to ``device``; ``dtype`` applies to floating fields only."""
-        return self._map(lambda v: v.to(device=device, dtype=dtype if v.is_floating_point() else None))
+        return self._map(lambda v: v.to(device, dtype if v.is_floating_point() else None))
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
@@ -231,22 +240,28 @@ def encode_prompts(comp: Components, prompts: list[str], device, resolution: int
     sdxl = comp.family == "sdxl"
     hidden = []
     for tok, enc in zip(comp.tokenizers, comp.text_encoders):
-        ids = tok(
-            prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(device)
-        out = enc(ids, output_hidden_states=sdxl)
+        batch = tok(
+            prompts,
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        out = enc(batch.input_ids.to(device), output_hidden_states=sdxl)
         hidden.append(out.hidden_states[-2] if sdxl else out.last_hidden_state)
     embeds = torch.cat(hidden, dim=-1)
     if not sdxl:
         return Conditioning(embeds)
     r = resolution
-    time_ids = torch.tensor([r, r, 0, 0, r, r], dtype=embeds.dtype, device=device).repeat(len(prompts), 1)
-    return Conditioning(embeds, out.text_embeds, time_ids)
+    time_ids = torch.tensor([r, r, 0, 0, r, r], dtype=embeds.dtype, device=device)
+    # ``out`` is text_encoder_2's (CLIPTextModelWithProjection) output: its projected pooled state.
+    return Conditioning(embeds, out.text_embeds, time_ids.repeat(len(prompts), 1))
 
 
-def unet_forward(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+def unet_forward(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
     """Noise prediction (N, C, H, W) for latents x (N, C, H, W) at timestep t (scalar or (N,))."""
-    return unet(x, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=cond.added_cond_kwargs()).sample
+    added = cond.added_cond_kwargs()
+    return unet(x, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=added).sample
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -254,7 +269,8 @@ def unet_forward(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor, c
 
 def _bytes_to_unicode() -> dict[int, str]:
     """CLIP/GPT-2 byte -> printable character map; printable bytes map to themselves."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    ranges = (("!", "~"), ("¡", "¬"), ("®", "ÿ"))
+    keep = [b for lo, hi in ranges for b in range(ord(lo), ord(hi) + 1)]
     extra = [b for b in range(256) if b not in keep]
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
 
@@ -262,7 +278,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Apply BPE merges to one word's symbols: repeatedly merge every occurrence of the best pair."""
     while len(symbols) > 1:
-        pair = min(zip(symbols, symbols[1:]), key=lambda p: ranks.get(p, float("inf")))
+        pair = min(itertools.pairwise(symbols), key=lambda p: ranks.get(p, float("inf")))
         if pair not in ranks:
             break
         merged, i = [], 0
@@ -286,10 +302,9 @@ def write_clip_tokenizer(out_dir, words, max_length: int = 77) -> int:
     words tokenize. Text outside ``words`` falls back to shorter pieces, down to bytes.
     Returns the vocabulary size.
     """
-    byte_chars = list(_bytes_to_unicode().values())
-    vocab = [*byte_chars, *(c + _EOW for c in byte_chars)]
-    ranks: dict[tuple[str, str], int] = {}
     byte_map = _bytes_to_unicode()
+    vocab = [*byte_map.values(), *(c + _EOW for c in byte_map.values())]
+    ranks: dict[tuple[str, str], int] = {}
     for word in words:
         if not (word.isalpha() and word == word.lower()):
             raise ValueError(f"tokenizer words must be lowercase letters only, got {word!r}")
@@ -303,11 +318,12 @@ def write_clip_tokenizer(out_dir, words, max_length: int = 77) -> int:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     token_ids = {tok: i for i, tok in enumerate(vocab)}
-    (out / "vocab.json").write_text(json.dumps(token_ids, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
+    vocab_text = json.dumps(token_ids, ensure_ascii=False, indent=0)
+    (out / "vocab.json").write_text(vocab_text + "\n", encoding="utf-8")
     merges = [f"{a} {b}" for a, b in ranks]  # dicts keep insertion (= rank) order
     (out / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n", encoding="utf-8")
     specials = {"bos_token": _BOS, "eos_token": _EOS, "unk_token": _EOS, "pad_token": _EOS}
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "do_lower_case": True, **specials}
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, **specials}
     for name, obj in (("tokenizer_config.json", config), ("special_tokens_map.json", specials)):
         (out / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
     return len(vocab)
@@ -336,10 +352,11 @@ def write_tokenizers(arch_root: Path | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m spo_fast.models write-tokenizers [--arch-root DIR]``."""
     parser = argparse.ArgumentParser(prog="python -m spo_fast.models", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     cmd = sub.add_parser("write-tokenizers", help="regenerate configs/arch/*/tokenizer*/ from words.txt")
-    cmd.add_argument("--arch-root", type=Path, default=None, help="arch directory (default: the packaged one)")
+    cmd.add_argument("--arch-root", type=Path, help="arch directory (default: the packaged one)")
     args = parser.parse_args(argv)
     size = write_tokenizers(args.arch_root)
     print(f"wrote tokenizers with {size} tokens under {args.arch_root or _arch_root()}")

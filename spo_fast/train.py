@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
 import signal
 import sys
@@ -273,6 +272,11 @@ def sample_grid(cfg: Config, s: Setup, accelerator, prompts: list[str], scorer, 
 # ----------------------------------------------------------------------------- the run
 def train(cfg: Config) -> dict:
     """Run SPO training as configured; returns a summary dict. Raises ConfigError/ModelDirError early."""
+    return run(cfg)[0]
+
+
+def run(cfg: Config) -> tuple[dict, Setup]:
+    """``train``, also returning the trained models (for tests and notebooks)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -391,7 +395,7 @@ def train(cfg: Config) -> dict:
                     say(f"checkpoint {path}") if stopping else None
                 if stopping:
                     say(f"stopped at iteration {it + 1}; run the same command again to resume")
-                    return {"stopped": True, **last}
+                    return {"stopped": True, **last}, s
     finally:
         stop.restore()
         bar.close()
@@ -407,7 +411,7 @@ def train(cfg: Config) -> dict:
         say(f"done: {total} iterations; weights in {summary['lora_dir']}; outputs in {out.resolve()}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return summary
+    return summary, s
 
 
 def _agree(accelerator, flag: bool) -> bool:

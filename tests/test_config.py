@@ -1,0 +1,74 @@
+import pytest
+
+from spo_fast.config import Config, ConfigError, available_recipes, load_config, save_config, validate
+
+
+@pytest.mark.parametrize("recipe", available_recipes())
+def test_every_recipe_loads_and_validates(recipe, tmp_path):
+    cfg = load_config(recipe)
+    validate(cfg)
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(str(tmp_path / "c.yaml")) == cfg  # the resolved config round-trips
+
+
+def test_recipes_start_with_their_command():
+    from spo_fast.config import configs_dir
+    for path in configs_dir().glob("*.yaml"):
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# ") and "spo_fast.train" in first, path
+
+
+def test_official_hyperparameters():
+    sd15, sdxl = load_config("sd15_spo"), load_config("sdxl_spo")
+    assert (sd15.spo.k, sd15.lora.rank, sd15.train.lr, sd15.spo.threshold, sd15.train.batch_size) == (4, 4, 6e-5, 0.3, 10)
+    assert (sdxl.spo.k, sdxl.spo.num_inner_steps, sdxl.lora.rank, sdxl.train.lr, sdxl.spo.threshold) == (2, 3, 64, 1e-5, 0.4)
+    assert (sdxl.train.batch_size, sdxl.train.grad_accum) == (2, 2)
+    for c in (sd15, sdxl):
+        assert (c.spo.beta, c.spo.ratio_clip, c.sampling.num_steps, c.sampling.eta, c.sampling.guidance_scale,
+                c.spo.divert_start_step, c.train.weight_decay) == (10.0, 0.1, 20, 1.0, 5.0, 4, 1e-4)
+
+
+def test_overrides_are_typed():
+    cfg = load_config("toy_spo", ["train.lr=3e-5", "spo.k=2", "lora.enabled=false", "lora.targets=[to_q,to_v]",
+                                  "log.output_dir=/tmp/x"])
+    assert cfg.train.lr == 3e-5 and cfg.spo.k == 2 and cfg.lora.enabled is False
+    assert cfg.lora.targets == ["to_q", "to_v"] and cfg.log.output_dir == "/tmp/x"
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.lrr=1", "train.lrr"),          # unknown key, named, with a suggestion
+    ("trian.lr=1", "trian"),               # unknown section
+    ("spo.k=four", "spo.k"),               # wrong type
+    ("spo.k=1", "spo.k=1"),                # k < 2
+    ("spo.threshold=1.0", "spo.threshold"),
+    ("spo.threshold=-0.1", "spo.threshold"),
+    ("train.mixed_precision=fp8", "fp8"),
+    ("lora.enabled=maybe", "lora.enabled"),
+    ("train.train_batch_size=3", "train.train_batch_size=3"),
+    ("model.init=pretrained", "model.init=random"),  # arch: dirs have no weights: the fix is named
+    ("spo", "key=value"),
+    ("spo=3", "section"),
+])
+def test_config_errors_name_the_problem(override, needle):
+    with pytest.raises(ConfigError, match=None) as e:
+        load_config("toy_spo", [override])
+    assert needle in str(e.value)
+
+
+def test_unknown_yaml_key_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("# cmd\ntrain:\n  learning_rate: 1e-4\n")
+    with pytest.raises(ConfigError, match="train.learning_rate"):
+        load_config(str(bad))
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+
+
+def test_unknown_recipe_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="sd15_spo"):
+        load_config("sd16_spo")
+
+
+def test_defaults_equal_dataclass_defaults_where_recipe_is_silent():
+    assert load_config("toy_spo").train.adam_beta2 == Config().train.adam_beta2

@@ -1,0 +1,203 @@
+"""End-to-end trainer tests on the tiny pipelines (CPU, deterministic)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spo_fast.config import load_config
+from spo_fast.models import load_components
+from spo_fast.train import clip_gradients, main, run
+
+# Small but complete: 2 plain steps, 4 branching steps, k = 2, 2 prompts; threshold 0 and a large
+# scorer scale so that (nearly) every pair of the random tiny model is valid and gradients flow.
+FAST = ["sampling.num_steps=6", "spo.divert_start_step=2", "spo.k=2", "train.batch_size=2",
+        "train.train_batch_size=2", "scorer.scale=1000", "spo.threshold=0.0", "train.lr=1e-2",
+        "log.tensorboard=false", "log.progress=false", "log.sample_prompts=0"]
+
+
+def cfg_for(out, *extra):
+    return load_config("toy_spo", FAST + [f"log.output_dir={out}", *extra])
+
+
+def final_weights(out) -> dict:
+    ckpts = sorted((Path(out) / "checkpoints").glob("iter_*"))
+    return load_file(str(ckpts[-1] / "trainable.safetensors"))
+
+
+def assert_same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_train_changes_lora_and_leaves_base_untouched(tmp_path):
+    summary, s = run(cfg_for(tmp_path, "train.max_iterations=2"))
+    assert summary["valid_ratio"] > 0 and summary["opt_step"] == 2 * 4
+    base = load_components("arch:tiny_sd15", "sd15", "random", seed=0).unet.state_dict()
+    trained = s.raw_unet.state_dict()
+    lora_b = [k for k in trained if "lora_B" in k]
+    assert lora_b and any(trained[k].abs().max() > 0 for k in lora_b)  # B starts at 0: it moved
+    for k, v in trained.items():
+        if "lora" not in k:
+            assert torch.equal(v, base[k.replace(".base_layer", "")]), k
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert {"loss", "implicit_acc", "valid_ratio", "samples_per_s", "grad_norm", "lr"} <= rows[0].keys()
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_resume_continues_the_same_trajectory(tmp_path):
+    run(cfg_for(tmp_path / "a", "train.max_iterations=4", "checkpoint.every=2"))
+    run(cfg_for(tmp_path / "b", "train.max_iterations=2"))
+    summary, _ = run(cfg_for(tmp_path / "b", "train.max_iterations=4"))
+    assert summary["iteration"] == 4
+    assert_same(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
+    la = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    lb = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    strip = [{k: v for k, v in json.loads(x).items() if k not in ("seconds", "samples_per_s")} for x in la]
+    assert strip == [{k: v for k, v in json.loads(x).items() if k not in ("seconds", "samples_per_s")} for x in lb]
+
+
+def _cli(out, *extra):
+    return [sys.executable, "-m", "spo_fast.train", *FAST, f"log.output_dir={out}", *extra]
+
+
+def _wait_for(path: Path, proc, timeout=120):
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, f"trainer exited early: {proc.stderr.read().decode()[-2000:]}"
+        assert time.time() - t0 < timeout, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_reproduces_uninterrupted_run(tmp_path):
+    run(cfg_for(tmp_path / "ref", "train.max_iterations=6", "checkpoint.every=1"))
+    out = tmp_path / "killed"
+    args = _cli(out, "train.max_iterations=6", "checkpoint.every=1")
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _wait_for(out / "checkpoints" / "iter_0000002", proc)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait()
+    assert not (out / "lora").exists(), "the run finished before it could be killed"
+    done = subprocess.run(args, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed from" in done.stdout
+    assert_same(final_weights(tmp_path / "ref"), final_weights(out))
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_then_resume_finishes(tmp_path):
+    out = tmp_path / "term"
+    args = _cli(out, "train.max_iterations=40", "checkpoint.every=0")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(out / "metrics.jsonl", proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "stopped at iteration" in stdout
+    saved = sorted((out / "checkpoints").glob("iter_*"))
+    assert len(saved) == 1 and not (out / "lora").exists()
+    stopped_at = json.loads((saved[0] / "state.json").read_text())["iteration"]
+    assert 1 <= stopped_at < 40
+
+
+@pytest.mark.slow
+def test_two_processes_through_accelerate(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "spo_fast.train", *FAST,
+           f"log.output_dir={out}", "train.max_iterations=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads((out / "checkpoints" / "iter_0000002" / "state.json").read_text())
+    assert state["world_size"] == 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # main process only
+    w = final_weights(out)
+    assert any(v.abs().max() > 0 for k, v in w.items() if "lora_B" in k)
+
+
+def test_sdxl_family_with_inner_steps_trains(tmp_path):
+    summary, s = run(cfg_for(tmp_path, "model.family=sdxl", "model.path=arch:tiny_sdxl", "spo.num_inner_steps=1",
+                             "train.max_iterations=1", "log.sample_prompts=2"))
+    assert summary["opt_step"] == 4 and summary["valid_ratio"] > 0
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "samples.png").is_file()
+
+
+def test_full_finetune_uses_frozen_copy_as_reference(tmp_path):
+    summary, s = run(cfg_for(tmp_path, "lora.enabled=false", "train.max_iterations=1", "train.lr=1e-4"))
+    base = load_components("arch:tiny_sd15", "sd15", "random", seed=0).unet.state_dict()
+    assert all(torch.equal(v, base[k]) for k, v in s.ref_unet.state_dict().items())
+    assert any(not torch.equal(v, base[k]) for k, v in s.raw_unet.state_dict().items())
+    assert (tmp_path / "unet" / "config.json").is_file()
+
+
+def test_trained_lora_loads_into_diffusers_pipeline(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    _, s = run(cfg_for(tmp_path, "train.max_iterations=2"))
+    comp = load_components("arch:tiny_sd15", "sd15", "random", seed=0)
+    pipe = StableDiffusionPipeline(vae=comp.vae, text_encoder=comp.text_encoders[0], tokenizer=comp.tokenizers[0],
+                                   unet=comp.unet, scheduler=comp.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+    def generate():
+        g = torch.Generator().manual_seed(0)
+        return pipe("a red circle", num_inference_steps=3, generator=g, output_type="np", height=16, width=16).images
+
+    before = generate()
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    after = generate()
+    assert abs(after - before).max() > 1e-4
+    # the loaded adapter is exactly the trained one: same UNet output
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([500, 20])
+    ehs = torch.randn(2, 77, pipe.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x, t, ehs).sample, s.raw_unet(x, t, ehs).sample, rtol=1e-5, atol=1e-5)
+
+
+def test_clip_gradients_really_clips():
+    from accelerate import Accelerator
+
+    params = [torch.nn.Parameter(torch.randn(7, 3)), torch.nn.Parameter(torch.randn(5))]
+    for p in params:
+        p.grad = torch.randn_like(p) * 100
+    before = torch.stack([p.grad.norm() for p in params]).norm()
+    reported = clip_gradients(Accelerator(cpu=True), params, 1.0)
+    after = torch.stack([p.grad.norm() for p in params]).norm()
+    assert reported == pytest.approx(float(before), rel=1e-5)
+    assert float(after) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_profile_writes_a_trace(tmp_path):
+    run(cfg_for(tmp_path, "train.max_iterations=2", "profile.enabled=true", "profile.wait=0", "profile.warmup=0",
+                "profile.active=1"))
+    assert list((tmp_path / "profile").glob("*.json")), "no torch.profiler trace written"
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("model.path=/nonexistent/sd15", "/nonexistent/sd15"),
+    ("data.prompts=EMPTY", "no prompts"),
+    ("data.prompts=/nonexistent/prompts.txt", "/nonexistent/prompts.txt"),
+    ("log.output_dir=FILE/sub", "not writable"),
+])
+def test_bad_inputs_fail_fast_with_a_named_problem(tmp_path, capsys, override, needle):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    override = override.replace("EMPTY", str(empty)).replace("FILE", str(afile))
+    extra = ["model.init=pretrained"] if override.startswith("model.path") else []
+    t0 = time.time()
+    code = main(FAST + [f"log.output_dir={tmp_path / 'o'}", override, *extra])
+    assert code == 2
+    assert needle in capsys.readouterr().err
+    assert time.time() - t0 < 5  # before any model is built
