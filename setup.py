@@ -18,7 +18,7 @@ setup(
     python_requires=">=3.10",
     packages=["spo_fast", "spo_fast.kernels", "spo_fast.configs"],
     package_dir={"spo_fast": "spo_fast", "spo_fast.kernels": "kernels", "spo_fast.configs": "configs"},
-    package_data={"spo_fast.configs": ["*.yaml", "*.txt", "arch/*/*/*"]},
+    package_data={"spo_fast.configs": ["*.yaml", "*.txt", "arch/*.txt", "arch/*/*/*"]},
     include_package_data=True,
     install_requires=[
         # Loose on purpose: the GPU image has torch 2.11 + triton 3.6, the CPU machines
