@@ -285,8 +285,11 @@ def run(cfg: Config) -> tuple[dict, Setup]:
     if cfg.train.kernels != "auto":
         os.environ.setdefault("SPO_FAST_KERNELS", cfg.train.kernels)
     use_tb = cfg.log.tensorboard and _has_tensorboard()
+    # Several processes and no CUDA: accelerate only picks its gloo CPU backend when told cpu=True
+    # (its own --cpu launch flag needs MPI), so say it here; `accelerate launch --multi_gpu` then works.
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with="tensorboard" if use_tb else None,
-                              project_dir=str(out))
+                              project_dir=str(out), cpu=multi_cpu)
     if cfg.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ConfigError("train.mixed_precision=fp16 is not supported on CPU; use bf16 or no")
     if torch.cuda.is_available() and cfg.train.allow_tf32:

@@ -111,7 +111,7 @@ def test_sigterm_checkpoints_then_resume_finishes(tmp_path):
 @pytest.mark.slow
 def test_two_processes_through_accelerate(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "spo_fast.train", *FAST,
            f"log.output_dir={out}", "train.max_iterations=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
