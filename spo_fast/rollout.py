@@ -20,8 +20,8 @@ Invalid pairs stay in the buffers with valid = False: shapes never depend on the
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -38,7 +38,7 @@ class DDIMSchedule:
     prediction_type: str
 
     @classmethod
-    def from_scheduler(cls, scheduler: DDIMScheduler, num_steps: int, device=None) -> "DDIMSchedule":
+    def from_scheduler(cls, scheduler: DDIMScheduler, num_steps: int, device=None) -> DDIMSchedule:
         if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type={scheduler.config.prediction_type!r} is not supported; "
                              "use a scheduler with epsilon or v_prediction")
@@ -55,7 +55,7 @@ class DDIMSchedule:
             prediction_type=sched.config.prediction_type,
         )
 
-    def to(self, device) -> "DDIMSchedule":
+    def to(self, device) -> DDIMSchedule:
         return DDIMSchedule(self.alphas_cumprod.to(device), self.final_alpha_cumprod,
                             self.timesteps.to(device), self.step_ratio, self.prediction_type)
 

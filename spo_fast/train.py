@@ -27,6 +27,7 @@ import torch
 
 from .config import Config, ConfigError, available_recipes, load_config, save_config
 from .data import PromptSampler, load_prompts
+from .kernels.spo_loss import spo_loss
 from .models import Components, ModelDirError, check_model_dir, encode_prompts, load_components, resolve_model_path
 from .rollout import RolloutBuffer, rollout
 from .sampling import DDIMSchedule, cfg_model_output, ddim_step_stats, sample
@@ -81,20 +82,20 @@ def build(cfg: Config, accelerator) -> Setup:
     dev = accelerator.device
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
     comp = load_components(cfg.model.path, cfg.model.family, cfg.model.init, cfg.model.seed)
-    comp.vae.to(dev, torch.float32 if comp.vae.config.get("force_upcast", False) else weight_dtype)
+    _place(comp.vae, dev, torch.float32 if comp.vae.config.get("force_upcast", False) else weight_dtype)
     for te in comp.text_encoders:
-        te.to(dev, weight_dtype)
+        _place(te, dev, weight_dtype)
     unet, ref_unet = comp.unet, None
     if cfg.lora.enabled:
-        unet.to(dev, weight_dtype)
+        _place(unet, dev, weight_dtype)
         unet.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha or cfg.lora.rank,
                                     init_lora_weights="gaussian", target_modules=list(cfg.lora.targets)))
         for p in unet.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # trainable LoRA weights stay fp32 under mixed precision
     else:
-        unet.to(dev, torch.float32)
-        ref_unet = copy.deepcopy(unet).to(weight_dtype).eval().requires_grad_(False)
+        unet.to(dev)
+        ref_unet = _place(copy.deepcopy(unet), dev, weight_dtype).eval().requires_grad_(False)
         unet.requires_grad_(True)
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -117,6 +118,11 @@ def build(cfg: Config, accelerator) -> Setup:
         latent_shape = (latent_shape[0], cfg.model.resolution // f, cfg.model.resolution // f)
     return Setup(comp, wrapped, unet, ref_unet, params, optimizer, lr_scheduler, schedule, latent_shape,
                  weight_dtype)
+
+
+def _place(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move (components load in fp32; casting only when needed avoids diffusers' cast warning)."""
+    return module.to(device) if dtype == torch.float32 else module.to(device, dtype)
 
 
 @contextlib.contextmanager
@@ -162,8 +168,6 @@ def micro_batches(buf: RolloutBuffer, batch: int, micro: int, generator: torch.G
 def transition_loss(cfg: Config, s: Setup, buf: RolloutBuffer, cond, uncond, shared: bool,
                     slot: torch.Tensor, b: torch.Tensor):
     """SPO loss of transitions (slot[n], b[n]): one reference and one policy forward serve win and lose."""
-    from spo_fast.kernels.spo_loss import spo_loss
-
     n = len(slot)
     x_t = buf.x_t[slot, :, b]  # (n, 2, C, H, W)
     x_prev = buf.x_prev[slot, :, b]  # (n, 2, C, H, W)
@@ -184,12 +188,13 @@ def transition_loss(cfg: Config, s: Setup, buf: RolloutBuffer, cond, uncond, sha
                     cfg.spo.beta, cfg.spo.ratio_clip)
 
 
-def clip_gradients(accelerator, params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Clip by global norm (unscaling fp16 grads first); returns the norm before clipping."""
+def clip_gradients(accelerator, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip by global norm (unscaling fp16 grads first); returns the norm before clipping (a tensor:
+    no host sync)."""
     if max_norm > 0:
-        return float(accelerator.clip_grad_norm_(params, max_norm))
+        return accelerator.clip_grad_norm_(params, max_norm)
     grads = [p.grad.norm() for p in params if p.grad is not None]
-    return float(torch.stack(grads).norm()) if grads else 0.0
+    return torch.stack(grads).norm() if grads else torch.zeros(())
 
 
 def rollout_generator(cfg: Config, iteration: int, rank: int, device) -> torch.Generator:
@@ -372,11 +377,12 @@ def run(cfg: Config) -> tuple[dict, Setup]:
                         s.optimizer.zero_grad(set_to_none=True)
                         opt_step += 1
                 stats = torch.stack([torch.stack(losses).mean(), torch.stack(accs).mean(), buf.valid.float().mean(),
-                                     buf.final_scores.mean()]).float()
+                                     buf.final_scores.mean().float(),
+                                     torch.stack([n.float().to(buf.t.device) for n in norms]).mean()]).float()
                 stats = accelerator.reduce(stats, reduction="mean").tolist()
                 dt = time.perf_counter() - t0
                 last = {"iteration": it + 1, "opt_step": opt_step, "loss": stats[0], "implicit_acc": stats[1],
-                        "valid_ratio": stats[2], "reward": stats[3], "grad_norm": float(np.mean(norms)),
+                        "valid_ratio": stats[2], "reward": stats[3], "grad_norm": stats[4],
                         "lr": s.lr_scheduler.get_last_lr()[0],
                         "samples_per_s": len(batch_prompts) * accelerator.num_processes / dt, "seconds": dt}
                 if (it + 1) % cfg.log.every == 0 or it + 1 == total:
@@ -475,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(recipe, overrides)
         if print_only:
             import yaml
+
             from .config import to_dict
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             return 0
