@@ -132,6 +132,20 @@ def test_sdxl_family_with_inner_steps_trains(tmp_path):
     assert (tmp_path / "samples.png").is_file()
 
 
+def test_grad_accum_and_gradient_checkpointing(tmp_path):
+    summary, s = run(cfg_for(tmp_path, "train.grad_accum=2", "train.gradient_checkpointing=true",
+                             "train.max_iterations=1"))
+    assert summary["opt_step"] == 4 // 2  # 4 micro-batches per rollout, one optimizer step per 2
+    assert s.raw_unet.is_gradient_checkpointing
+    assert any(p.abs().max() > 0 for n, p in s.raw_unet.named_parameters() if "lora_B" in n)
+
+
+def test_tensorboard_events_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    run(cfg_for(tmp_path, "log.tensorboard=true", "train.max_iterations=1"))
+    assert list(tmp_path.rglob("events.out.tfevents.*"))
+
+
 def test_bf16_mixed_precision_on_cpu_trains(tmp_path):
     summary, s = run(cfg_for(tmp_path, "train.mixed_precision=bf16", "train.max_iterations=1"))
     assert s.comp.text_encoders[0].dtype == torch.bfloat16
