@@ -116,7 +116,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     allow_tf32: bool = True
     kernels: str = "auto"
-    """Op backend: ``auto`` | ``torch`` | ``triton`` (the env var SPO_FAST_KERNELS wins)."""
+    """Op backend: ``torch`` | ``triton`` win over the env var SPO_FAST_KERNELS; ``auto`` defers to it
+    (unset: Triton on CUDA, Triton's interpreter on CPU when TRITON_INTERPRET=1, else PyTorch)."""
 
 
 @dataclass

@@ -185,7 +185,7 @@ def transition_loss(cfg: Config, s: Setup, buf: RolloutBuffer, cond, uncond, sha
     if not shared:
         mu_pol, mu_ref, std = mu_pol.view(2, n, *mu_pol.shape[1:]), mu_ref.view(2, n, *mu_ref.shape[1:]), std[:n]
     return spo_loss(mu_pol, mu_ref, x_prev[:, 0], x_prev[:, 1], std, buf.valid[slot, b].float(),
-                    cfg.spo.beta, cfg.spo.ratio_clip)
+                    cfg.spo.beta, cfg.spo.ratio_clip, backend=None if cfg.train.kernels == "auto" else cfg.train.kernels)
 
 
 def clip_gradients(accelerator, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -287,8 +287,6 @@ def run(cfg: Config) -> tuple[dict, Setup]:
     from tqdm.auto import tqdm
 
     out, prompts, _ = preflight(cfg)
-    if cfg.train.kernels != "auto":
-        os.environ.setdefault("SPO_FAST_KERNELS", cfg.train.kernels)
     use_tb = cfg.log.tensorboard and _has_tensorboard()
     # Several processes and no CUDA: accelerate only picks its gloo CPU backend when told cpu=True
     # (its own --cpu launch flag needs MPI), so say it here; `accelerate launch --multi_gpu` then works.
