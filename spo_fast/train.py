@@ -334,6 +334,8 @@ def run(cfg: Config) -> tuple[dict, Setup]:
 
     decode = decoder(s.comp)
     res = image_resolution(cfg, s)
+    # the negative prompt is the same every iteration: encode it once
+    uncond = encode_prompts(s.comp, [cfg.sampling.negative_prompt] * cfg.train.batch_size, accelerator.device, res)
     micro = cfg.train.train_batch_size
     accum = cfg.train.grad_accum
     stop = StopFlag()
@@ -349,8 +351,6 @@ def run(cfg: Config) -> tuple[dict, Setup]:
                 batch_prompts = sampler.batch(it)
                 gen = rollout_generator(cfg, it, accelerator.process_index, accelerator.device)
                 cond = encode_prompts(s.comp, batch_prompts, accelerator.device, res)
-                uncond = encode_prompts(s.comp, [cfg.sampling.negative_prompt] * len(batch_prompts),
-                                        accelerator.device, res)
                 noise = torch.randn((len(batch_prompts), *s.latent_shape), generator=gen, device=accelerator.device)
                 s.raw_unet.eval()
                 with accelerator.autocast():
