@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, available_recipes, load_config, save_config
 from .data import PromptSampler, load_prompts
 from .kernels.spo_loss import spo_loss
@@ -148,7 +149,7 @@ def decoder(comp: Components):
     return decode
 
 
-def image_resolution(cfg: Config, s: Setup) -> int:
+def image_resolution(s: Setup) -> int:
     return s.latent_shape[1] * s.comp.vae_scale_factor
 
 
@@ -251,7 +252,7 @@ def sample_grid(cfg: Config, s: Setup, accelerator, prompts: list[str], scorer, 
 
     n = min(cfg.log.sample_prompts, len(prompts))
     prompts = prompts[:n]
-    res = image_resolution(cfg, s)
+    res = image_resolution(s)
     cond = encode_prompts(s.comp, prompts, accelerator.device, res)
     uncond = encode_prompts(s.comp, [cfg.sampling.negative_prompt] * n, accelerator.device, res)
     decode, state = decoder(s.comp), scorer.prepare(prompts)
@@ -314,7 +315,6 @@ def run(cfg: Config) -> tuple[dict, Setup]:
         total = min(total, cfg.train.max_iterations) if cfg.train.epochs > 0 else cfg.train.max_iterations
 
     start_iter, opt_step = 0, 0
-    from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
     resume = cfg.checkpoint.resume
     ckpt = None
     if resume == "auto":
@@ -333,7 +333,7 @@ def run(cfg: Config) -> tuple[dict, Setup]:
         accelerator.init_trackers("spo", config=_flat(cfg))
 
     decode = decoder(s.comp)
-    res = image_resolution(cfg, s)
+    res = image_resolution(s)
     # the negative prompt is the same every iteration: encode it once
     uncond = encode_prompts(s.comp, [cfg.sampling.negative_prompt] * cfg.train.batch_size, accelerator.device, res)
     micro = cfg.train.train_batch_size
@@ -399,9 +399,8 @@ def run(cfg: Config) -> tuple[dict, Setup]:
                 if stopping or it + 1 == total or (every and (it + 1) % every == 0):
                     path = save_checkpoint(accelerator, out, it + 1, opt_step, s.raw_unet, s.optimizer,
                                            s.lr_scheduler, cfg.checkpoint.keep)
-                    say(f"checkpoint {path}") if stopping else None
                 if stopping:
-                    say(f"stopped at iteration {it + 1}; run the same command again to resume")
+                    say(f"stopped at iteration {it + 1} (checkpoint {path}); run the same command again to resume")
                     return {"stopped": True, **last}, s
     finally:
         stop.restore()
