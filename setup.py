@@ -16,9 +16,13 @@ setup(
     version="0.1.0",
     description="Step-aware Preference Optimization (SPO) and Diffusion-DPO for Stable Diffusion, fast.",
     python_requires=">=3.10",
-    packages=["spo_fast", "spo_fast.kernels", "spo_fast.configs"],
+    packages=["spo_fast", "spo_fast.kernels", "spo_fast.configs", "spo_fast.toyworld"],
     package_dir={"spo_fast": "spo_fast", "spo_fast.kernels": "kernels", "spo_fast.configs": "configs"},
-    package_data={"spo_fast.configs": ["*.yaml", "*.txt", "arch/*.txt", "arch/*/*/*"]},
+    package_data={
+        "spo_fast.configs": ["*.yaml", "*.txt", "arch/*.txt", "arch/*/*/*"],
+        # the toy world's trained weights and preference pairs (python -m spo_fast.toyworld build)
+        "spo_fast.toyworld": ["assets/*.json", "assets/*.parquet", "assets/*/*", "assets/*/*/*"],
+    },
     include_package_data=True,
     install_requires=[
         # Loose on purpose: the GPU image has torch 2.11 + triton 3.6, the CPU machines
@@ -34,6 +38,7 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "pillow>=10.0",
+        "pyarrow>=14",  # preference pairs as parquet (the Pick-a-Pic schema)
     ],
     extras_require={
         "dev": [
@@ -47,5 +52,7 @@ setup(
         "xformers": ["xformers"],
         "flash-attn": ["flash-attn"],
     },
-    entry_points={"console_scripts": ["spo-fast-train=spo_fast.train:main"]},
+    entry_points={"console_scripts": ["spo-fast-train=spo_fast.train:main",
+                                      "spo-fast-train-spm=spo_fast.train_spm:main",
+                                      "spo-fast-evaluate=spo_fast.evaluate:main"]},
 )

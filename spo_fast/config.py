@@ -78,9 +78,10 @@ class SPOConfig:
 @dataclass
 class ScorerConfig:
     name: str = "color"
-    """``color``: the built-in prompt-colour scorer (see spo_fast/scorers.py)."""
+    """``spm``: a step-aware preference model (spo_fast/spm.py) loaded from ``path``; ``color``: the
+    built-in prompt-colour scorer (spo_fast/scorers.py), weightless and step-agnostic."""
     path: str = ""
-    """Local weights of the scorer, for scorers that have them."""
+    """``spm``: a local SPM directory (CLIP/PickScore layout plus spm.safetensors) or ``toyworld:spm``."""
     scale: float = 10.0
     """Logit scale of the colour scorer (scores = -scale * RGB distance)."""
 
@@ -88,7 +89,8 @@ class ScorerConfig:
 @dataclass
 class DataConfig:
     prompts: str = "builtin:toy"
-    """A text file with one prompt per line, or ``builtin:toy``."""
+    """A text file with one prompt per line, ``toyworld:train`` / ``toyworld:heldout`` (the toy world's
+    prompt splits) or ``builtin:toy`` (96 colour/object prompts)."""
 
 
 @dataclass
@@ -142,6 +144,20 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    enabled: bool = False
+    """After training: base vs trained on the same noise over held-out prompts -> eval.json + eval_grid.png."""
+    prompts: str = "toyworld:heldout"
+    """Evaluation prompts (same forms as data.prompts); the first n_prompts are used."""
+    n_prompts: int = 64
+    seeds: int = 4
+    """Noise seeds per prompt; the seed-to-seed spread of the base reward is reported."""
+    reward: str = "ground_truth"
+    """``ground_truth``: the toy world's score (toy prompts only); ``scorer``: the training scorer at t = 0."""
+    batch_size: int = 128
+
+
+@dataclass
 class ProfileConfig:
     enabled: bool = False
     """Write torch.profiler traces of a few iterations to output_dir/profile."""
@@ -161,6 +177,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
@@ -168,7 +185,8 @@ DEFAULT_RECIPE = "toy_spo"
 CHOICES = {
     "model.family": ("sd15", "sdxl"),
     "model.init": ("pretrained", "random"),
-    "scorer.name": ("color",),
+    "scorer.name": ("spm", "color"),
+    "eval.reward": ("ground_truth", "scorer"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.kernels": ("auto", "torch", "triton"),
 }
@@ -363,6 +381,11 @@ def validate(cfg: Config) -> None:
     need(t.max_iterations >= 0, f"train.max_iterations={t.max_iterations}: must be >= 0")
     need(t.max_grad_norm >= 0, f"train.max_grad_norm={t.max_grad_norm}: must be >= 0 (0 disables clipping)")
     need(cfg.scorer.scale > 0, f"scorer.scale={cfg.scorer.scale}: must be > 0")
+    need(cfg.scorer.name != "spm" or bool(cfg.scorer.path),
+         "scorer.name=spm needs scorer.path: a local SPM directory, or toyworld:spm for the toy world")
+    need(cfg.eval.n_prompts >= 1 and cfg.eval.seeds >= 1 and cfg.eval.batch_size >= 1,
+         f"eval.n_prompts={cfg.eval.n_prompts}, eval.seeds={cfg.eval.seeds}, eval.batch_size="
+         f"{cfg.eval.batch_size}: each must be >= 1")
     need(cfg.lora.rank >= 1, f"lora.rank={cfg.lora.rank}: must be >= 1")
     need(len(cfg.lora.targets) > 0, "lora.targets is empty; the official targets are to_q,to_k,to_v,to_out.0")
     need(cfg.model.resolution >= 0, f"model.resolution={cfg.model.resolution}: must be >= 0 (0 = model default)")

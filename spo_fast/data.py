@@ -18,11 +18,19 @@ def builtin_toy_prompts() -> list[str]:
 
 
 def load_prompts(spec: str) -> list[str]:
-    """``builtin:toy`` or a UTF-8 text file with one prompt per line (blank lines ignored)."""
+    """``builtin:toy``, ``toyworld:train|heldout`` or a UTF-8 text file with one prompt per line (blank
+    lines ignored)."""
     if spec == "builtin:toy":
         return builtin_toy_prompts()
+    if spec.startswith("toyworld:"):
+        from .toyworld import world
+
+        name = spec.split(":", 1)[1]
+        if name not in ("train", "heldout"):
+            raise ConfigError(f"prompts {spec!r}: unknown toy-world split; accepted: toyworld:train, toyworld:heldout")
+        return world.prompts(name)
     if spec.startswith("builtin:"):
-        raise ConfigError(f"data.prompts={spec!r}: unknown built-in prompt set; accepted: builtin:toy or a file path")
+        raise ConfigError(f"data.prompts={spec!r}: unknown built-in prompt set; accepted: builtin:toy, toyworld:train, toyworld:heldout or a file path")
     path = Path(spec).expanduser()
     if not path.is_file():
         raise ConfigError(f"data.prompts={spec!r}: no such file; give a text file with one prompt per line "

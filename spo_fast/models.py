@@ -4,7 +4,12 @@ A model directory uses the diffusers layout (``unet/``, ``vae/``, ``text_encoder
 ``tokenizer/``, ``scheduler/``; SDXL adds ``text_encoder_2/`` and ``tokenizer_2/``).
 ``arch:<name>`` names a packaged config-only directory under ``configs/arch/`` for
 ``init="random"`` runs; its tokenizers are generated from ``configs/arch/words.txt`` by
-``python -m spo_fast.models write-tokenizers``.
+``python -m spo_fast.models write-tokenizers``. ``toyworld:<name>`` names a packaged, trained
+toy-world model under ``spo_fast/toyworld/assets/`` (``python -m spo_fast.toyworld build``).
+
+Pixel-space models: a directory without ``vae/`` whose UNet has 3 input channels is a pixel-space
+model (the toy world's base model); its "latents" are RGB images in [-1, 1] and decoding is the
+identity. Every latent model keeps the AutoencoderKL path.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 FAMILIES = ("sd15", "sdxl")
 INITS = ("pretrained", "random")
 ARCH_PREFIX = "arch:"
+TOYWORLD_PREFIX = "toyworld:"
 
 _TEXT_ENCODERS = {
     "sd15": (("text_encoder", "tokenizer", CLIPTextModel),),
@@ -56,9 +62,22 @@ def _arch_names() -> list[str]:
     return sorted(p.name for p in _arch_root().iterdir() if (p / "unet").is_dir())
 
 
+def toyworld_assets() -> Path:
+    """The packaged toy-world weights (``spo_fast/toyworld/assets``)."""
+    return Path(str(resources.files("spo_fast.toyworld") / "assets"))
+
+
 def resolve_model_path(path: str) -> Path:
-    """``"arch:<name>"`` -> the packaged ``configs/arch/<name>``; anything else -> ``Path(path)``."""
+    """``"arch:<name>"`` -> the packaged ``configs/arch/<name>``; ``"toyworld:<name>"`` -> the packaged
+    toy-world model ``spo_fast/toyworld/assets/<name>``; anything else -> ``Path(path)``."""
     path = str(path)
+    if path.startswith(TOYWORLD_PREFIX):
+        name, root = path[len(TOYWORLD_PREFIX):], toyworld_assets()
+        names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        if name not in names:
+            raise ModelDirError(f"unknown toy-world model {path!r}; available: "
+                                f"{', '.join(TOYWORLD_PREFIX + n for n in names) or 'none (run python -m spo_fast.toyworld build)'}")
+        return root / name
     if not path.startswith(ARCH_PREFIX):
         return Path(path).expanduser()
     name = path[len(ARCH_PREFIX):]
@@ -93,6 +112,8 @@ def check_model_dir(path: Path, family: str, init: str) -> None:
     if not path.is_dir():
         what = "is not a directory" if path.exists() else "does not exist"
         raise ModelDirError(f"model directory {path} {what}. {fix}")
+    if is_pixel_space(path):
+        subs = tuple(sub for sub in subs if sub != "vae")
     for sub in subs:
         d = path / sub
         if not d.is_dir():
@@ -114,6 +135,17 @@ def check_model_dir(path: Path, family: str, init: str) -> None:
             )
 
 
+def is_pixel_space(path: Path) -> bool:
+    """A directory without ``vae/`` whose UNet takes 3 channels: the model denoises RGB pixels."""
+    cfg = Path(path) / "unet" / "config.json"
+    if (Path(path) / "vae").exists() or not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text(encoding="utf-8")).get("in_channels") == 3
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
 # --------------------------------------------------------------------------- components
 
 
@@ -123,14 +155,16 @@ class Components:
 
     family: str
     unet: UNet2DConditionModel
-    vae: AutoencoderKL
+    vae: AutoencoderKL | None  # None: a pixel-space model (latents are RGB images in [-1, 1])
     text_encoders: list  # [CLIPTextModel] (sd15) or [CLIPTextModel, CLIPTextModelWithProjection] (sdxl)
     tokenizers: list  # one CLIPTokenizer per text encoder
     scheduler: DDIMScheduler
 
     @property
     def vae_scale_factor(self) -> int:
-        """Pixels per latent cell along each side (8 for the real VAEs)."""
+        """Pixels per latent cell along each side (8 for the real VAEs, 1 in pixel space)."""
+        if self.vae is None:
+            return 1
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
@@ -148,12 +182,13 @@ def load_components(path: str, family: str, init: str = "pretrained", seed: int 
     """
     root = resolve_model_path(path)
     check_model_dir(root, family, init)
+    pixel = is_pixel_space(root)
     encoders = _TEXT_ENCODERS[family]
     if init == "pretrained":
         # Explicit fp32: transformers 5 defaults to dtype="auto" (the checkpoint's, often fp16).
         kw = {"local_files_only": True, "torch_dtype": torch.float32}
         unet = UNet2DConditionModel.from_pretrained(root / "unet", **kw)
-        vae = AutoencoderKL.from_pretrained(root / "vae", **kw)
+        vae = None if pixel else AutoencoderKL.from_pretrained(root / "vae", **kw)
         text_encoders = [
             cls.from_pretrained(root / enc, local_files_only=True, dtype=torch.float32)
             for enc, _, cls in encoders
@@ -162,7 +197,7 @@ def load_components(path: str, family: str, init: str = "pretrained", seed: int 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet"))
-            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae"))
+            vae = None if pixel else AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae"))
             text_encoders = [cls(CLIPTextConfig.from_pretrained(root / e)) for e, _, cls in encoders]
     tokenizers = [CLIPTokenizer.from_pretrained(root / tok) for _, tok, _ in encoders]
     for (enc_name, tok_name, _), enc, tok in zip(encoders, text_encoders, tokenizers):
@@ -173,10 +208,26 @@ def load_components(path: str, family: str, init: str = "pretrained", seed: int 
             )
     sched_cfg = dict(DDIMScheduler.load_config(root / "scheduler"))
     sched_cfg.setdefault("clip_sample", False)  # DDIM defaults to clipping x0, wrong for latents
-    for module in (unet, vae, *text_encoders):
+    for module in (unet, *([vae] if vae is not None else []), *text_encoders):
         module.eval().requires_grad_(False)
     scheduler = DDIMScheduler.from_config(sched_cfg)
     return Components(family, unet, vae, text_encoders, tokenizers, scheduler)
+
+
+def decode_latents(comp: Components, latents: torch.Tensor) -> torch.Tensor:
+    """Latents (N, C, h, w) -> images (N, 3, H, W) in [-1, 1], fp32 (identity in pixel space)."""
+    if comp.vae is None:
+        return latents.float().clamp(-1, 1)
+    z = latents.to(comp.vae.dtype) / comp.vae.config.scaling_factor
+    return comp.vae.decode(z).sample.float().clamp(-1, 1)
+
+
+def encode_images(comp: Components, images: torch.Tensor) -> torch.Tensor:
+    """Images (N, 3, H, W) in [-1, 1] -> latents (the posterior mean, scaled; identity in pixel space)."""
+    if comp.vae is None:
+        return images.float()
+    z = comp.vae.encode(images.to(comp.vae.dtype)).latent_dist.mean
+    return z.float() * comp.vae.config.scaling_factor
 
 
 # --------------------------------------------------------------------------- conditioning

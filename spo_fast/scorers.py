@@ -66,7 +66,13 @@ class ColorScorer:
         return self.scale * torch.where(target[:, 3] > 0, -dist, colourful)
 
 
-def build_scorer(cfg: ScorerConfig) -> Scorer:
+def build_scorer(cfg: ScorerConfig, device=None) -> Scorer:
+    """The configured scorer, on ``device``."""
     if cfg.name == "color":
         return ColorScorer(cfg.scale)
-    raise ValueError(f"scorer.name={cfg.name!r} is not known; accepted: color")
+    if cfg.name == "spm":
+        from .models import resolve_model_path
+        from .spm import SPMScorer
+
+        return SPMScorer.from_pretrained(resolve_model_path(cfg.path), device=device)
+    raise ValueError(f"scorer.name={cfg.name!r} is not known; accepted: spm, color")

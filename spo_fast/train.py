@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import os
 import signal
@@ -29,7 +30,8 @@ from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, available_recipes, load_config, save_config
 from .data import PromptSampler, load_prompts
 from .kernels.spo_loss import spo_loss
-from .models import Components, ModelDirError, check_model_dir, encode_prompts, load_components, resolve_model_path
+from .models import (Components, ModelDirError, check_model_dir, decode_latents, encode_prompts, load_components,
+                     resolve_model_path)
 from .rollout import RolloutBuffer, rollout
 from .sampling import DDIMSchedule, cfg_model_output, ddim_step_stats, sample
 from .scorers import build_scorer
@@ -50,15 +52,49 @@ def check_output_dir(path: str) -> Path:
 
 
 def preflight(cfg: Config) -> tuple[Path, list[str], Path]:
-    """Every cheap check of the inputs: output dir, prompts, model directory layout."""
+    """Every cheap check of the inputs: output dir, prompts, model directory layout, scorer, evaluation."""
     out = check_output_dir(cfg.log.output_dir)
     prompts = load_prompts(cfg.data.prompts)
+    if cfg.scorer.name == "spm":
+        spm_dir = resolve_model_path(cfg.scorer.path)
+        if not (spm_dir / "config.json").is_file():
+            raise ConfigError(f"scorer.path={cfg.scorer.path!r}: {spm_dir} is not a CLIP/SPM directory (no "
+                              "config.json); give a local SPM directory or toyworld:spm")
+    if cfg.eval.enabled:
+        eval_prompts(cfg)
     model_dir = resolve_model_path(cfg.model.path)
     check_model_dir(model_dir, cfg.model.family, cfg.model.init)
     if cfg.train.batch_size > len(prompts):
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(prompts)} prompts of "
                           f"data.prompts={cfg.data.prompts!r}; lower the batch size or add prompts")
     return out, prompts, model_dir
+
+
+def eval_prompts(cfg: Config) -> list[str]:
+    """The evaluation prompts; with the ground-truth reward every one must be a toy-world prompt."""
+    prompts = load_prompts(cfg.eval.prompts)[:cfg.eval.n_prompts]
+    if cfg.eval.reward == "ground_truth":
+        from .toyworld import world
+
+        for p in prompts:
+            try:
+                world.parse_prompt(p)
+            except ValueError as e:
+                raise ConfigError(f"eval.reward=ground_truth needs toy-world prompts (eval.prompts=toyworld:heldout); "
+                                  f"{e}; use eval.reward=scorer for other prompts") from e
+    return prompts
+
+
+def run_eval(cfg: Config, s: Setup, accelerator, scorer, out: Path) -> dict:
+    """The end-of-run evaluation: base (adapters off) vs trained on the same noise (spo_fast.evaluate)."""
+    from .evaluate import evaluate, ground_truth_reward, scorer_reward
+
+    reward = ground_truth_reward if cfg.eval.reward == "ground_truth" else scorer_reward(scorer)
+    s.raw_unet.eval()
+    with accelerator.autocast():
+        return evaluate(s.comp, reference_unet(s), contextlib.nullcontext(s.raw_unet), eval_prompts(cfg),
+                        cfg.eval.seeds, reward, out, cfg.sampling, cfg.eval.batch_size, accelerator.device,
+                        latent_shape=s.latent_shape)
 
 
 # ----------------------------------------------------------------------------- model setup
@@ -83,7 +119,8 @@ def build(cfg: Config, accelerator) -> Setup:
     dev = accelerator.device
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
     comp = load_components(cfg.model.path, cfg.model.family, cfg.model.init, cfg.model.seed)
-    _place(comp.vae, dev, torch.float32 if comp.vae.config.get("force_upcast", False) else weight_dtype)
+    if comp.vae is not None:
+        _place(comp.vae, dev, torch.float32 if comp.vae.config.get("force_upcast", False) else weight_dtype)
     for te in comp.text_encoders:
         _place(te, dev, weight_dtype)
     unet, ref_unet = comp.unet, None
@@ -140,13 +177,7 @@ def reference_unet(s: Setup):
 
 
 def decoder(comp: Components):
-    vae = comp.vae
-
-    def decode(latents: torch.Tensor) -> torch.Tensor:
-        z = latents.to(vae.dtype) / vae.config.scaling_factor
-        return vae.decode(z).sample.float().clamp(-1, 1)
-
-    return decode
+    return functools.partial(decode_latents, comp)
 
 
 def image_resolution(s: Setup) -> int:
@@ -307,7 +338,7 @@ def run(cfg: Config) -> tuple[dict, Setup]:
         save_config(cfg, out / "config.yaml")
 
     s = build(cfg, accelerator)
-    scorer = build_scorer(cfg.scorer)
+    scorer = build_scorer(cfg.scorer, accelerator.device)
     sampler = PromptSampler(prompts, cfg.train.batch_size, accelerator.num_processes, accelerator.process_index,
                             cfg.train.seed)
     total = sampler.iterations_for(cfg.train.epochs)
@@ -413,6 +444,13 @@ def run(cfg: Config) -> tuple[dict, Setup]:
         summary["lora_dir"] = str(save_lora(s, out))
         if cfg.log.sample_prompts:
             summary["samples"] = sample_grid(cfg, s, accelerator, prompts, scorer, out)
+        if cfg.eval.enabled:
+            from .evaluate import summary_line
+
+            say(f"evaluating base vs trained on {cfg.eval.n_prompts} x {cfg.eval.seeds} held-out prompt/seed pairs")
+            result = run_eval(cfg, s, accelerator, scorer, out)
+            summary["eval"] = {k: v for k, v in result.items() if k != "prompts"}
+            say("eval: " + summary_line(result))
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         say(f"done: {total} iterations; weights in {summary['lora_dir']}; outputs in {out.resolve()}")
     accelerator.wait_for_everyone()

@@ -1,0 +1,329 @@
+"""Build the toy world's shipped weights: ``python -m spo_fast.toyworld build [--out DIR] [--smoke]``.
+
+Stages (each deterministic for a given seed, torch version and thread count; run in order):
+
+1. ``base``: a tiny pixel-space text-to-image model (CLIP BPE tokenizer over the toy vocabulary,
+   a 2-layer CLIP text encoder, a ~1M-parameter UNet on 3x24x24 RGB, DDIM scheduler) trained
+   jointly from scratch on rendered images of *all* toy prompts with mixed picture quality
+   (``world.sample_quality``) and 10% empty-prompt dropout for classifier-free guidance. It is
+   stopped early on purpose: its samples are recognisable but often wrong in colour, place,
+   size or shape, and inherit the mixed quality of its data, so preference optimisation has
+   room to improve it.
+2. ``pairs``: two base-model samples per prompt (same sampler as the SPO rollouts: DDIM, 20
+   steps, eta 1, CFG 5), JPEG-encoded and labelled by the ground-truth score of the stored
+   (decoded) JPEGs, written in the Pick-a-Pic schema (``caption, jpg_0, jpg_1, label_0,
+   label_1``; ties 0.5/0.5, plus ``score_0``, ``score_1``, ``split``) as
+   ``pairs_train.parquet`` (train-split prompts) and ``pairs_heldout.parquet`` (held-out split).
+3. ``spm``: a tiny CLIP (ViT on 24 px, 4 layers) pre-trained contrastively on rendered
+   (image, caption) pairs -- the stand-in for PickScore's CLIP backbone -- then turned into a
+   step-aware preference model and trained on the noisy train pairs by ``spo_fast.train_spm``;
+   its held-out accuracy per timestep bucket is written to ``spm/spm_eval.json``.
+
+The output directory (default: the packaged ``spo_fast/toyworld/assets``) holds ``base/`` (a
+diffusers-layout model directory without ``vae/``: pixel space), ``spm/``, the two parquet
+files and ``build.json`` (settings, timings, metrics). ``--smoke`` runs every stage with tiny
+step counts into a scratch directory (the tests use it).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models import encode_prompts, load_components, toyworld_assets, write_clip_tokenizer
+from ..sampling import DDIMSchedule, sample
+from . import world
+
+FAMILY = "sd15"
+TEXT_MAX_LEN = 16  # "a small red circle on the left, black background" is 13 tokens with bos/eos
+
+UNET_CONFIG = {
+    "sample_size": world.RESOLUTION, "in_channels": 3, "out_channels": 3, "layers_per_block": 1,
+    "block_out_channels": [32, 64], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 64,
+    "attention_head_dim": 8, "norm_num_groups": 8,
+}
+TEXT_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "max_position_embeddings": TEXT_MAX_LEN, "projection_dim": 64}
+SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+                    "prediction_type": "epsilon", "clip_sample": False, "set_alpha_to_one": False,
+                    "steps_offset": 1}
+SAMPLER = {"num_steps": 20, "eta": 1.0, "guidance_scale": 5.0}  # the toy recipe's rollout sampler
+
+
+@dataclass
+class BuildConfig:
+    seed: int = 0
+    base_steps: int = 2500
+    base_batch: int = 64
+    base_lr: float = 2e-3
+    cond_dropout: float = 0.1
+    pairs_per_train_prompt: int = 2
+    heldout_pair_prompts: int = 0  # 0 = every held-out prompt, one pair each
+    sample_batch: int = 128
+    clip_steps: int = 1500
+    clip_batch: int = 128
+    clip_lr: float = 1e-3
+    spm_steps: int = 1500
+    spm_batch: int = 64
+    spm_lr: float = 3e-4
+
+    @classmethod
+    def smoke(cls) -> BuildConfig:
+        return cls(base_steps=3, base_batch=8, pairs_per_train_prompt=0, heldout_pair_prompts=4, sample_batch=8,
+                   clip_steps=3, clip_batch=8, spm_steps=3, spm_batch=4)
+
+
+def _log(msg: str) -> None:
+    print(f"[toyworld build] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- stage 1: base model
+def write_base_configs(out: Path) -> None:
+    """Tokenizer, text-encoder, UNet and scheduler configs of the tiny base model (no weights)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    size = write_clip_tokenizer(out / "tokenizer", world.words(), max_length=TEXT_MAX_LEN)
+    CLIPTextConfig(vocab_size=size, bos_token_id=size - 2, eos_token_id=size - 1, pad_token_id=size - 1,
+                   **TEXT_CONFIG).save_pretrained(out / "text_encoder")
+    UNet2DConditionModel.from_config(UNET_CONFIG).save_config(out / "unet")
+    DDIMScheduler.from_config(SCHEDULER_CONFIG).save_config(out / "scheduler")
+
+
+def train_base(out: Path, cfg: BuildConfig) -> dict:
+    """Train UNet + text encoder from scratch on renders (epsilon MSE); saves ``out`` (diffusers layout)."""
+    write_base_configs(out)
+    torch.manual_seed(cfg.seed)
+    comp = load_components(str(out), FAMILY, init="random", seed=cfg.seed)
+    unet, text = comp.unet.train().requires_grad_(True), comp.text_encoders[0].train().requires_grad_(True)
+    params = [*unet.parameters(), *text.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.base_lr, weight_decay=1e-4)
+    warmup = max(1, cfg.base_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.base_steps) / cfg.base_steps)))
+    attrs = world.all_attributes()
+    tok = comp.tokenizers[0]
+    ids = tok([a.prompt for a in attrs] + [""], padding="max_length", max_length=TEXT_MAX_LEN, truncation=True,
+              return_tensors="pt").input_ids
+    alphas = comp.scheduler.alphas_cumprod.float()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0, losses = time.perf_counter(), []
+    for step in range(cfg.base_steps):
+        pick = torch.randint(len(attrs), (cfg.base_batch,), generator=gen)
+        images = world.render([attrs[i] for i in pick.tolist()], gen, world.sample_quality(cfg.base_batch, gen))
+        drop = torch.rand(cfg.base_batch, generator=gen) < cfg.cond_dropout
+        tokens = torch.where(drop[:, None], ids[-1], ids[pick])
+        t = torch.randint(0, len(alphas), (cfg.base_batch,), generator=gen)
+        noise = torch.randn(images.shape, generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * images + (1 - a).sqrt() * noise
+        pred = unet(x_t, t, encoder_hidden_states=text(tokens).last_hidden_state).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0 or step + 1 == cfg.base_steps:
+            _log(f"base step {step + 1}/{cfg.base_steps} loss {np.mean(losses[-100:]):.4f} "
+                 f"({time.perf_counter() - t0:.0f} s)")
+    unet.save_pretrained(out / "unet")
+    text.save_pretrained(out / "text_encoder")
+    return {"steps": cfg.base_steps, "final_loss": float(np.mean(losses[-100:])),
+            "seconds": time.perf_counter() - t0,
+            "unet_params": sum(p.numel() for p in unet.parameters()),
+            "text_encoder_params": sum(p.numel() for p in text.parameters())}
+
+
+# ----------------------------------------------------------------------------- stage 2: pairs
+def jpeg_bytes(image: torch.Tensor, quality: int = 95) -> bytes:
+    """(3, H, W) in [-1, 1] -> JPEG bytes."""
+    from PIL import Image
+
+    arr = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=quality, subsampling=0)  # 4:4:4: no chroma blur at 24 px
+    return buf.getvalue()
+
+
+@torch.no_grad()
+def sample_images(comp, prompts: list[str], seed: int, batch: int, num_steps: int = SAMPLER["num_steps"],
+                  eta: float = SAMPLER["eta"], guidance_scale: float = SAMPLER["guidance_scale"],
+                  unet=None) -> torch.Tensor:
+    """One sample per prompt, (N, 3, R, R) in [-1, 1]; the noise of prompt i depends on (seed, i // batch)."""
+    from ..models import decode_latents
+
+    unet = unet if unet is not None else comp.unet
+    schedule = DDIMSchedule.from_scheduler(comp.scheduler, num_steps)
+    out = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + start)
+        cond = encode_prompts(comp, chunk, "cpu", world.RESOLUTION)
+        uncond = encode_prompts(comp, [""] * len(chunk), "cpu", world.RESOLUTION)
+        x = torch.randn((len(chunk), *comp.latent_shape), generator=gen)
+        out.append(decode_latents(comp, sample(unet, schedule, cond, uncond, x, guidance_scale, eta, gen)))
+    return torch.cat(out)
+
+
+def decode_jpeg(data: bytes) -> torch.Tensor:
+    """JPEG/PNG bytes -> (3, H, W) float in [-1, 1]."""
+    from PIL import Image
+
+    arr = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1
+
+
+TIE_MARGIN = 0.05  # ground-truth scores closer than this (on the 0-10 scale) are a tie
+
+
+def make_pairs(comp, prompts: list[str], seed: int, batch: int, split_name: str) -> dict[str, list]:
+    """Two samples per prompt, labelled by the ground truth of their stored JPEGs (Pick-a-Pic schema)."""
+    imgs0 = sample_images(comp, prompts, seed, batch)
+    imgs1 = sample_images(comp, prompts, seed + 1, batch)
+    jpg0, jpg1 = [jpeg_bytes(x) for x in imgs0], [jpeg_bytes(x) for x in imgs1]
+    s0 = world.score_prompts(torch.stack([decode_jpeg(b) for b in jpg0]), prompts)
+    s1 = world.score_prompts(torch.stack([decode_jpeg(b) for b in jpg1]), prompts)
+    label0 = torch.where((s0 - s1).abs() < TIE_MARGIN, 0.5, (s0 > s1).float())
+    return {"caption": prompts, "jpg_0": jpg0, "jpg_1": jpg1, "label_0": label0.tolist(),
+            "label_1": (1 - label0).tolist(), "score_0": s0.tolist(), "score_1": s1.tolist(),
+            "split": [split_name] * len(prompts)}
+
+
+def write_parquet(columns: dict[str, list], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("caption", pa.string()), ("jpg_0", pa.binary()), ("jpg_1", pa.binary()),
+                        ("label_0", pa.float64()), ("label_1", pa.float64()), ("score_0", pa.float64()),
+                        ("score_1", pa.float64()), ("split", pa.string())])
+    pq.write_table(pa.table(columns, schema=schema), path)
+
+
+def build_pairs(out: Path, cfg: BuildConfig) -> dict:
+    comp = load_components(str(out / "base"), FAMILY)
+    t0 = time.perf_counter()
+    train_prompts = [p for p in world.prompts("train") for _ in range(cfg.pairs_per_train_prompt)]
+    held = world.prompts("heldout")
+    held = held[:cfg.heldout_pair_prompts] if cfg.heldout_pair_prompts else held
+    info = {}
+    for name, prompts, seed in (("train", train_prompts, cfg.seed + 100), ("heldout", held, cfg.seed + 200)):
+        if not prompts:
+            prompts = world.prompts(name)[:2]  # smoke mode: keep the file non-empty
+        cols = make_pairs(comp, prompts, seed, cfg.sample_batch, name)
+        write_parquet(cols, out / f"pairs_{name}.parquet")
+        s = torch.tensor(cols["score_0"] + cols["score_1"])
+        lab = torch.tensor(cols["label_0"])
+        info[name] = {"pairs": len(prompts), "ties": int((lab == 0.5).sum()), "gt_score_mean": s.mean().item(),
+                      "gt_score_std": s.std().item() if len(s) > 1 else 0.0}
+        _log(f"pairs {name}: {info[name]} ({time.perf_counter() - t0:.0f} s)")
+    info["seconds"] = time.perf_counter() - t0
+    return info
+
+
+# ----------------------------------------------------------------------------- stage 3: SPM
+def pretrain_clip(tokenizer, cfg: BuildConfig):
+    """Tiny CLIP, contrastive on rendered (image, caption) pairs of mixed quality: the backbone."""
+    from ..spm import StepAwarePreferenceModel
+
+    spm = StepAwarePreferenceModel.tiny(tokenizer, image_size=world.RESOLUTION, max_text_len=TEXT_MAX_LEN,
+                                        seed=cfg.seed)
+    clip = spm.clip.train()
+    opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_lr, weight_decay=1e-4)
+    attrs = world.all_attributes()
+    ids = tokenizer([a.prompt for a in attrs], padding="max_length", max_length=TEXT_MAX_LEN, truncation=True,
+                    return_tensors="pt").input_ids
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    t0, losses, accs = time.perf_counter(), [], []
+    for step in range(cfg.clip_steps):
+        pick = torch.randperm(len(attrs), generator=gen)[:cfg.clip_batch]
+        images = world.render([attrs[i] for i in pick.tolist()], gen, world.sample_quality(len(pick), gen))
+        img = spm.image_features(spm.preprocess(images))  # timesteps=None: plain CLIP, normalised
+        txt = spm.text_features(ids[pick])
+        logits = clip.logit_scale.exp() * img @ txt.T
+        target = torch.arange(len(pick))
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            clip.logit_scale.clamp_(0, math.log(100))
+        losses.append(loss.item())
+        accs.append((logits.argmax(1) == target).float().mean().item())
+        if (step + 1) % 100 == 0 or step + 1 == cfg.clip_steps:
+            _log(f"clip step {step + 1}/{cfg.clip_steps} loss {np.mean(losses[-100:]):.3f} "
+                 f"top1 {np.mean(accs[-100:]):.3f} ({time.perf_counter() - t0:.0f} s)")
+    clip.eval()
+    return spm, {"steps": cfg.clip_steps, "final_loss": float(np.mean(losses[-100:])),
+                 "final_top1": float(np.mean(accs[-100:])), "seconds": time.perf_counter() - t0}
+
+
+def build_spm(out: Path, cfg: BuildConfig) -> dict:
+    from transformers import CLIPTokenizer
+
+    from ..train_spm import SPMTrainConfig, train_spm
+
+    tokenizer = CLIPTokenizer.from_pretrained(out / "base" / "tokenizer")
+    spm, clip_info = pretrain_clip(tokenizer, cfg)
+    comp = load_components(str(out / "base"), FAMILY)
+    tcfg = SPMTrainConfig(steps=cfg.spm_steps, batch_size=cfg.spm_batch, lr=cfg.spm_lr, seed=cfg.seed,
+                          guidance_scale=SAMPLER["guidance_scale"])
+    result = train_spm(spm, tokenizer, comp, out / "pairs_train.parquet", out / "pairs_heldout.parquet",
+                       out / "spm", tcfg)
+    return {"clip_pretrain": clip_info, **result}
+
+
+# ----------------------------------------------------------------------------- driver
+STAGES = ("base", "pairs", "spm")
+
+
+def build(out: Path, cfg: BuildConfig, stages: tuple[str, ...] = STAGES) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    meta_file = out / "build.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta.update(config=asdict(cfg), torch=torch.__version__, threads=torch.get_num_threads())
+    for stage in stages:
+        _log(f"stage {stage} -> {out}")
+        if stage == "base":
+            meta["base"] = train_base(out / "base", cfg)
+        elif stage == "pairs":
+            meta["pairs"] = build_pairs(out, cfg)
+        elif stage == "spm":
+            meta["spm"] = build_spm(out, cfg)
+        meta_file.write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m spo_fast.toyworld",
+                                     description="Toy world: rebuild the shipped base model, pairs and SPM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="train the base model, sample labelled pairs, train the SPM")
+    b.add_argument("--out", type=Path, default=None, help="output dir (default: the packaged assets dir)")
+    b.add_argument("--smoke", action="store_true", help="tiny step counts (seconds; for tests)")
+    b.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    b.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    stages = tuple(s for s in args.stages.split(",") if s)
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        parser.error(f"--stages: unknown stage(s) {bad}; accepted: {', '.join(STAGES)}")
+    cfg = BuildConfig.smoke() if args.smoke else BuildConfig()
+    cfg = replace(cfg, seed=args.seed)
+    out = args.out or toyworld_assets()
+    if args.smoke and args.out is None:
+        parser.error("--smoke needs --out (it must not overwrite the shipped weights)")
+    meta = build(out, cfg, stages)
+    _log(f"done: {json.dumps({k: v for k, v in meta.items() if k != 'config'}, default=str)[:2000]}")
+    return 0

@@ -1,0 +1,294 @@
+"""Train a step-aware preference model (SPM): ``python -m spo_fast.train_spm --pairs P.parquet ...``.
+
+Each preference pair (caption, jpg_0, jpg_1, label_0, label_1 -- the Pick-a-Pic schema) is made
+noisy the way the paper does it: both images are encoded (VAE, or identity for a pixel-space
+model), noised at one t ~ U[0, T) with the *same* noise, one classifier-free-guided noise
+prediction of the frozen base model gives x0_hat for each, which is decoded and scored by the SPM
+at t. Loss: the Bradley-Terry two-way cross-entropy of the two scores against (label_0, label_1),
+ties 0.5/0.5 (``spm.pair_loss``). Every parameter of the SPM trains (AdamW, constant lr after a
+short warm-up).
+
+Evaluation: pairwise accuracy on held-out pairs (ties excluded) per timestep bucket
+[0, 250), [250, 500), [500, 750), [750, 1000) -- one fixed t and noise per pair and bucket --
+plus ``clean`` (the stored images themselves at t = 0). Written to ``<out>/spm_eval.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .models import Components, ModelDirError, decode_latents, encode_images, encode_prompts, load_components
+from .sampling import cfg_model_output, predict_x0_eps
+
+PAIR_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
+BUCKETS = ((0, 250), (250, 500), (500, 750), (750, 1000))
+
+
+@dataclass
+class SPMTrainConfig:
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 3e-4
+    warmup_steps: int = 50
+    weight_decay: float = 1e-4
+    seed: int = 0
+    guidance_scale: float = 5.0
+    log_every: int = 100
+
+
+class PairsError(ValueError):
+    """A pairs file is missing or not in the Pick-a-Pic schema."""
+
+
+@dataclass
+class Pairs:
+    captions: list[str]
+    jpg_0: list[bytes]
+    jpg_1: list[bytes]
+    label_0: torch.Tensor  # (N,) in {0, 0.5, 1}
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def load_pairs(path) -> Pairs:
+    """Read a Pick-a-Pic-schema parquet file (images stay encoded until a batch needs them)."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise PairsError(f"pairs file {path} does not exist; expected a parquet file with columns "
+                         f"{', '.join(PAIR_COLUMNS)}")
+    table = pq.read_table(path)
+    missing = [c for c in PAIR_COLUMNS if c not in table.column_names]
+    if missing:
+        raise PairsError(f"pairs file {path} lacks column(s) {missing}; it has {table.column_names}, expected "
+                         f"the Pick-a-Pic schema {', '.join(PAIR_COLUMNS)}")
+    if table.num_rows == 0:
+        raise PairsError(f"pairs file {path} has no rows")
+    label0 = torch.tensor(table.column("label_0").to_pylist(), dtype=torch.float32)
+    bad = ~((label0 == 0) | (label0 == 0.5) | (label0 == 1))
+    if bad.any():
+        raise PairsError(f"pairs file {path}: label_0 must be 0, 0.5 or 1; row {int(bad.nonzero()[0])} has "
+                         f"{label0[bad][0].item()}")
+    return Pairs(table.column("caption").to_pylist(), table.column("jpg_0").to_pylist(),
+                 table.column("jpg_1").to_pylist(), label0)
+
+
+def decode_image(data: bytes, size: int) -> torch.Tensor:
+    """Encoded image bytes -> (3, size, size) in [-1, 1] (centre crop to square, then resize)."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = img.size
+    if w != h:
+        s = min(w, h)
+        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC)
+    arr = np.asarray(img, dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1
+
+
+def image_resolution(comp: Components) -> int:
+    return comp.latent_shape[1] * comp.vae_scale_factor
+
+
+@torch.no_grad()
+def noisy_x0_hat(comp: Components, images: torch.Tensor, prompts: list[str], t: torch.Tensor,
+                 noise: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Images (N, 3, H, W) -> decoded x0_hat after noising at t (N,) with ``noise`` (N, C, h, w)
+    and one CFG prediction of the base model. t = 0 entries are passed through clean."""
+    z = encode_images(comp, images)
+    alphas = comp.scheduler.alphas_cumprod.to(z.device, torch.float32)
+    a = alphas[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * z + (1 - a).sqrt() * noise
+    res = image_resolution(comp)
+    cond = encode_prompts(comp, prompts, z.device, res)
+    uncond = encode_prompts(comp, [""] * len(prompts), z.device, res)
+    out = cfg_model_output(comp.unet, x_t, t, cond, uncond, guidance_scale)
+    schedule = _Alphas(alphas, comp.scheduler.config.prediction_type)
+    x0, _ = predict_x0_eps(schedule, out, x_t, t)
+    x0 = torch.where((t == 0).view(-1, 1, 1, 1), z, x0)
+    return decode_latents(comp, x0)
+
+
+@dataclass
+class _Alphas:
+    """The two fields of DDIMSchedule that ``predict_x0_eps`` reads (any t, not only DDIM steps)."""
+
+    alphas_cumprod: torch.Tensor
+    prediction_type: str
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return self.alphas_cumprod[t]
+
+
+def _batch_inputs(pairs: Pairs, idx: list[int], res: int):
+    caps = [pairs.captions[i] for i in idx]
+    img0 = torch.stack([decode_image(pairs.jpg_0[i], res) for i in idx])
+    img1 = torch.stack([decode_image(pairs.jpg_1[i], res) for i in idx])
+    return caps, img0, img1, pairs.label_0[idx]
+
+
+def _text_feats(spm, tokenizer, captions: list[str], device):
+    """Unique captions -> (U, D) features and (N,) index; each caption's text runs once."""
+    unique = sorted(set(captions))
+    where = {c: i for i, c in enumerate(unique)}
+    max_len = min(tokenizer.model_max_length, spm.clip.config.text_config.max_position_embeddings)
+    ids = tokenizer(unique, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
+    feats = spm.text_features(ids.input_ids.to(device), ids.attention_mask.to(device))
+    return feats, torch.tensor([where[c] for c in captions], device=device)
+
+
+def _pair_scores(spm, tokenizer, comp, caps, img0, img1, t, noise, guidance_scale):
+    n = len(caps)
+    x0 = noisy_x0_hat(comp, torch.cat([img0, img1]), caps + caps, torch.cat([t, t]), torch.cat([noise, noise]),
+                      guidance_scale)
+    feats, index = _text_feats(spm, tokenizer, caps, img0.device)
+    s = spm.scores(spm.preprocess(x0), torch.cat([t, t]), feats, torch.cat([index, index]))
+    return s[:n], s[n:]
+
+
+@torch.no_grad()
+def evaluate_spm(spm, tokenizer, comp: Components, pairs: Pairs, seed: int = 0, batch_size: int = 64,
+                 guidance_scale: float = 5.0) -> dict:
+    """Held-out pairwise accuracy (ties excluded) per timestep bucket and on the clean images."""
+    from .spm import pair_loss
+
+    spm.eval()
+    res, device = image_resolution(comp), comp.unet.device
+    latent = comp.latent_shape
+    gen = torch.Generator().manual_seed(seed + 777)
+    keep = [i for i in range(len(pairs)) if pairs.label_0[i] != 0.5]
+    result = {"pairs": len(keep), "ties_excluded": len(pairs) - len(keep)}
+    for name, (lo, hi) in [("clean", (0, 1)), *((f"t{lo}-{hi}", (lo, hi)) for lo, hi in BUCKETS)]:
+        correct = []
+        for start in range(0, len(keep), batch_size):
+            idx = keep[start:start + batch_size]
+            caps, img0, img1, lab = _batch_inputs(pairs, idx, res)
+            t = torch.randint(lo, hi, (len(idx),), generator=gen)
+            noise = torch.randn((len(idx), *latent), generator=gen)
+            s0, s1 = _pair_scores(spm, tokenizer, comp, caps, img0.to(device), img1.to(device), t.to(device),
+                                  noise.to(device), guidance_scale)
+            correct.append(pair_loss(s0, s1, lab.to(device))[1])
+        result[name] = torch.cat(correct).float().nanmean().item() if correct else float("nan")
+    return result
+
+
+def train_spm(spm, tokenizer, comp: Components, train_pairs, eval_pairs, out: Path, cfg: SPMTrainConfig) -> dict:
+    """Train ``spm`` in place on ``train_pairs`` (path or Pairs); evaluate on ``eval_pairs``; save to ``out``."""
+    from .spm import pair_loss
+
+    train_set = train_pairs if isinstance(train_pairs, Pairs) else load_pairs(train_pairs)
+    eval_set = eval_pairs if isinstance(eval_pairs, Pairs) or eval_pairs is None else load_pairs(eval_pairs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = comp.unet.device
+    res, latent = image_resolution(comp), comp.latent_shape
+    T = len(comp.scheduler.alphas_cumprod)
+    params = [p for p in spm.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    gen = torch.Generator().manual_seed(cfg.seed + 31)
+    before = evaluate_spm(spm, tokenizer, comp, eval_set, cfg.seed, guidance_scale=cfg.guidance_scale) \
+        if eval_set is not None else None
+    if before is not None:
+        print(f"[train_spm] before: {json.dumps(before)}", flush=True)
+    log, t0 = [], time.perf_counter()
+    metrics = open(out / "metrics.jsonl", "w")
+    try:
+        for step in range(cfg.steps):
+            spm.train()
+            idx = torch.randint(len(train_set), (min(cfg.batch_size, len(train_set)),), generator=gen).tolist()
+            caps, img0, img1, lab = _batch_inputs(train_set, idx, res)
+            t = torch.randint(0, T, (len(idx),), generator=gen)
+            noise = torch.randn((len(idx), *latent), generator=gen)
+            s0, s1 = _pair_scores(spm, tokenizer, comp, caps, img0.to(device), img1.to(device), t.to(device),
+                                  noise.to(device), cfg.guidance_scale)
+            loss, correct = pair_loss(s0, s1, lab.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                spm.clip.logit_scale.clamp_(0, 4.6052)  # CLIP's cap: exp(scale) <= 100
+            log.append((loss.item(), correct.nanmean().item()))
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                recent = np.array(log[-cfg.log_every:])
+                row = {"step": step + 1, "loss": float(recent[:, 0].mean()), "acc": float(np.nanmean(recent[:, 1])),
+                       "seconds": time.perf_counter() - t0}
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                print(f"[train_spm] {json.dumps(row)}", flush=True)
+    finally:
+        metrics.close()
+    spm.eval()
+    for p in params:
+        p.requires_grad_(False)
+    spm.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    after = evaluate_spm(spm, tokenizer, comp, eval_set, cfg.seed, guidance_scale=cfg.guidance_scale) \
+        if eval_set is not None else None
+    result = {"config": asdict(cfg), "train_pairs": len(train_set), "seconds": time.perf_counter() - t0,
+              "eval_before": before, "eval": after}
+    (out / "spm_eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"[train_spm] held-out accuracy: {json.dumps(after)}", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m spo_fast.train_spm",
+        description="Train a step-aware preference model on Pick-a-Pic-schema preference pairs.",
+        epilog="Example (toy world): python -m spo_fast.train_spm --pairs spo_fast/toyworld/assets/pairs_train.parquet "
+               "--eval-pairs spo_fast/toyworld/assets/pairs_heldout.parquet --model toyworld:base "
+               "--init toyworld:spm --out outputs/spm")
+    parser.add_argument("--pairs", required=True, type=Path, help="training pairs (parquet, Pick-a-Pic schema)")
+    parser.add_argument("--eval-pairs", type=Path, help="held-out pairs for per-timestep accuracy")
+    parser.add_argument("--model", required=True, help="base diffusion model dir (or toyworld:base / arch:...) "
+                                                       "used to make the noisy inputs")
+    parser.add_argument("--family", default="sd15", choices=("sd15", "sdxl"))
+    parser.add_argument("--init", required=True, help="CLIP / PickScore / SPM directory to start from "
+                                                      "(or toyworld:spm)")
+    parser.add_argument("--out", required=True, type=Path, help="output directory for the SPM")
+    for f in ("steps", "batch_size", "lr", "seed", "guidance_scale"):
+        default = getattr(SPMTrainConfig, f)
+        parser.add_argument("--" + f.replace("_", "-"), type=type(default), default=default,
+                            help=f"(default {default})")
+    args = parser.parse_args(argv)
+    from .models import resolve_model_path
+    from .spm import SPMScorer
+
+    try:
+        for path in (args.pairs, args.eval_pairs):
+            if path is not None:
+                load_pairs(path)  # fail fast on a bad file
+        comp = load_components(args.model, args.family)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        for m in (comp.unet, *comp.text_encoders, *([comp.vae] if comp.vae is not None else [])):
+            m.to(device)
+        scorer = SPMScorer.from_pretrained(resolve_model_path(args.init), device=device)
+    except (PairsError, ModelDirError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg = SPMTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         guidance_scale=args.guidance_scale)
+    train_spm(scorer.model, scorer.tokenizer, comp, args.pairs, args.eval_pairs, args.out, cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The toy-world build (smoke mode), SPM training CLI, evaluation CLI and the main job end to end."""
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from spo_fast import evaluate, train, train_spm
+from spo_fast.models import ModelDirError, check_model_dir, load_components, resolve_model_path
+from spo_fast.toyworld import build, world
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy_build")
+    assert build.main(["build", "--out", str(out), "--smoke"]) == 0
+    return out
+
+
+def test_smoke_build_writes_every_artifact(smoke):
+    meta = json.loads((smoke / "build.json").read_text())
+    assert {"base", "pairs", "spm"} <= set(meta)
+    assert meta["base"]["steps"] == build.BuildConfig.smoke().base_steps and math.isfinite(meta["base"]["final_loss"])
+    comp = load_components(str(smoke / "base"), "sd15")
+    assert comp.vae is None and comp.vae_scale_factor == 1 and comp.latent_shape == (3, world.RESOLUTION,
+                                                                                      world.RESOLUTION)
+    assert len(comp.tokenizers[0]) == comp.text_encoders[0].config.vocab_size
+    ids = comp.tokenizers[0](world.prompts("train")[0]).input_ids
+    assert len(ids) <= build.TEXT_MAX_LEN and ids[0] == comp.tokenizers[0].bos_token_id
+    for name in ("train", "heldout"):
+        table = pq.read_table(smoke / f"pairs_{name}.parquet")
+        assert {"caption", "jpg_0", "jpg_1", "label_0", "label_1"} <= set(table.column_names)
+        rows = table.to_pylist()
+        assert rows and all(r["label_0"] + r["label_1"] == 1 and r["label_0"] in (0, 0.5, 1) for r in rows)
+        for r in rows:  # the label agrees with the ground truth of the stored JPEGs
+            s0, s1 = (world.score_prompts(build.decode_jpeg(r[k])[None], [r["caption"]]).item()
+                      for k in ("jpg_0", "jpg_1"))
+            assert abs(s0 - r["score_0"]) < 1e-4 and abs(s1 - r["score_1"]) < 1e-4
+            want = 0.5 if abs(s0 - s1) < build.TIE_MARGIN else float(s0 > s1)
+            assert r["label_0"] == want
+        assert set(r["caption"] for r in rows) <= set(world.prompts(name))
+    ev = json.loads((smoke / "spm" / "spm_eval.json").read_text())
+    assert {"clean", "t0-250", "t250-500", "t500-750", "t750-1000"} <= set(ev["eval"])
+
+
+def test_build_is_deterministic(smoke, tmp_path):
+    build.build(tmp_path, build.BuildConfig.smoke(), stages=("base",))
+    from safetensors.torch import load_file
+
+    for sub, fname in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        a, b = load_file(smoke / "base" / sub / fname), load_file(tmp_path / "base" / sub / fname)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_build_cli_rejects_bad_stage_and_smoke_into_assets(capsys):
+    with pytest.raises(SystemExit):
+        build.main(["build", "--stages", "base,nope", "--out", "/tmp/x"])
+    assert "nope" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build.main(["build", "--smoke"])
+
+
+def test_pixel_space_dir_needs_rgb_unet(smoke, tmp_path):
+    import shutil
+
+    check_model_dir(smoke / "base", "sd15", "pretrained")
+    bad = tmp_path / "bad"
+    shutil.copytree(smoke / "base", bad)
+    cfg = json.loads((bad / "unet" / "config.json").read_text())
+    cfg["in_channels"] = 4
+    (bad / "unet" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelDirError, match="vae"):
+        check_model_dir(bad, "sd15", "pretrained")
+
+
+def test_train_spm_cli(smoke, tmp_path):
+    out = tmp_path / "spm2"
+    rc = train_spm.main(["--pairs", str(smoke / "pairs_train.parquet"), "--eval-pairs",
+                         str(smoke / "pairs_heldout.parquet"), "--model", str(smoke / "base"),
+                         "--init", str(smoke / "spm"), "--out", str(out), "--steps", "2", "--batch-size", "2"])
+    assert rc == 0
+    assert (out / "spm.safetensors").is_file() and (out / "spm_eval.json").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2 and math.isfinite(rows[-1]["loss"])
+
+
+def test_train_spm_rejects_bad_pairs(smoke, tmp_path, capsys):
+    import pyarrow as pa
+
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"caption": ["a"], "jpg_0": [b""]}), bad)
+    rc = train_spm.main(["--pairs", str(bad), "--model", str(smoke / "base"), "--init", str(smoke / "spm"),
+                         "--out", str(tmp_path / "o")])
+    assert rc == 2 and "jpg_1" in capsys.readouterr().err
+    rc = train_spm.main(["--pairs", str(tmp_path / "missing.parquet"), "--model", str(smoke / "base"),
+                         "--init", str(smoke / "spm"), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "missing.parquet" in capsys.readouterr().err
+
+
+def test_noisy_x0_hat_is_clean_at_t0_and_shares_noise(smoke):
+    comp = load_components(str(smoke / "base"), "sd15")
+    gen = torch.Generator().manual_seed(0)
+    attrs = world.split("train")[:3]
+    imgs = world.render(attrs, gen)
+    noise = torch.randn(imgs.shape, generator=gen)
+    prompts = [a.prompt for a in attrs]
+    clean = train_spm.noisy_x0_hat(comp, imgs, prompts, torch.zeros(3, dtype=torch.long), noise, 5.0)
+    assert torch.allclose(clean, imgs.clamp(-1, 1))
+    noisy = train_spm.noisy_x0_hat(comp, imgs, prompts, torch.full((3,), 900), noise, 5.0)
+    assert not torch.allclose(noisy, clean, atol=1e-2)
+
+
+def _stats(n_seeds=3):
+    prompts = world.prompts("heldout")[:4]
+    gen = torch.Generator().manual_seed(0)
+    attrs = [world.parse_prompt(p) for p in prompts]
+    good = torch.stack([world.render(attrs, gen) for _ in range(n_seeds)])
+    bad = torch.stack([world.render(attrs, gen, torch.zeros(len(attrs), len(world.QUALITY_FIELDS)))
+                       for _ in range(n_seeds)])
+    return prompts, good, bad
+
+
+def test_compare_statistics():
+    prompts, good, bad = _stats()
+    r = evaluate.compare(bad, good, prompts, evaluate.ground_truth_reward)
+    assert r["n_prompts"] == 4 and r["n_seeds"] == 3
+    assert r["reward_trained"] > r["reward_base"] and r["win_rate"] > 0.9
+    assert r["margin"] == pytest.approx(r["reward_trained"] - r["reward_base"])
+    per_seed = torch.tensor(r["reward_base_per_seed"], dtype=torch.float64)
+    assert r["reward_base_seed_spread"] == pytest.approx(per_seed.std().item())
+    same = evaluate.compare(good, good, prompts, evaluate.ground_truth_reward)
+    assert same["win_rate"] == 0 and same["ties"] == 12 and same["margin"] == 0
+
+
+def test_main_job_reduced_end_to_end(tmp_path):
+    """The shipped toy world: SPO with the SPM, then the held-out evaluation, in a few seconds."""
+    out = tmp_path / "run"
+    summary = train.train(train.load_config(None, [
+        f"log.output_dir={out}", "train.max_iterations=1", "sampling.num_steps=4", "spo.divert_start_step=2",
+        "train.batch_size=2", "train.train_batch_size=2", "eval.n_prompts=4", "eval.seeds=2", "log.progress=false",
+        "log.sample_prompts=2"]))
+    ev = json.loads((out / "eval.json").read_text())
+    for key in ("n_prompts", "reward_base", "reward_trained", "win_rate", "seconds", "reward_base_seed_spread"):
+        assert key in ev, key
+    assert ev["n_prompts"] == 4 and ev["n_seeds"] == 2 and 0 <= ev["win_rate"] <= 1 and ev["seconds"] > 0
+    assert 0 <= ev["reward_base"] <= 10 and 0 <= ev["reward_trained"] <= 10
+    assert set(ev["prompts"]) <= set(world.prompts("heldout"))
+    for f in ("eval_grid.png", "samples.png", "metrics.jsonl", "config.yaml", "lora/pytorch_lora_weights.safetensors"):
+        assert (out / f).is_file(), f
+    assert summary["eval"]["n_prompts"] == 4
+    # the evaluation CLI reproduces the end-of-run numbers from the saved LoRA
+    rc = evaluate.main(["--lora", str(out / "lora"), "--n-prompts", "4", "--seeds", "2", "--num-steps", "4",
+                        "--out", str(tmp_path / "ev")])
+    assert rc == 0
+    again = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert again["reward_base"] == pytest.approx(ev["reward_base"], abs=1e-5)
+    assert again["reward_trained"] == pytest.approx(ev["reward_trained"], abs=1e-4)
+
+
+def test_shipped_assets_present():
+    for name in ("base", "spm"):
+        assert (resolve_model_path(f"toyworld:{name}") / ("unet" if name == "base" else "spm.safetensors")).exists()
+    with pytest.raises(ModelDirError, match="toyworld:base"):
+        resolve_model_path("toyworld:nope")
