@@ -162,8 +162,8 @@ def _adapters_disabled(unet):
 def main(argv: list[str] | None = None) -> int:
     from types import SimpleNamespace
 
-    from .data import load_prompts
     from .config import ConfigError
+    from .data import load_prompts
 
     parser = argparse.ArgumentParser(prog="python -m spo_fast.evaluate", description=__doc__.splitlines()[0],
                                      epilog="Example: python -m spo_fast.evaluate --lora outputs/toy_spo/lora")

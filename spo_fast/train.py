@@ -30,8 +30,15 @@ from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, available_recipes, load_config, save_config
 from .data import PromptSampler, load_prompts
 from .kernels.spo_loss import spo_loss
-from .models import (Components, ModelDirError, check_model_dir, decode_latents, encode_prompts, load_components,
-                     resolve_model_path)
+from .models import (
+    Components,
+    ModelDirError,
+    check_model_dir,
+    decode_latents,
+    encode_prompts,
+    load_components,
+    resolve_model_path,
+)
 from .rollout import RolloutBuffer, rollout
 from .sampling import DDIMSchedule, cfg_model_output, ddim_step_stats, sample
 from .scorers import build_scorer
@@ -371,7 +378,7 @@ def run(cfg: Config) -> tuple[dict, Setup]:
     accum = cfg.train.grad_accum
     stop = StopFlag()
     stop.install()
-    metrics_file = open(out / "metrics.jsonl", "a") if main else None
+    metrics_file = open(out / "metrics.jsonl", "a") if main else None  # noqa: SIM115 (closed in finally)
     bar = tqdm(total=total, initial=start_iter, disable=not (main and cfg.log.progress), desc="SPO", unit="it")
     profiler = _profiler(cfg, out) if cfg.profile.enabled else contextlib.nullcontext()
     last = {}

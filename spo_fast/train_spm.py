@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .models import Components, ModelDirError, decode_latents, encode_images, encode_prompts, load_components
 from .sampling import cfg_model_output, predict_x0_eps
@@ -43,6 +42,8 @@ class SPMTrainConfig:
     seed: int = 0
     guidance_scale: float = 5.0
     log_every: int = 100
+    extra_fraction: float = 0.0
+    """Share of each batch drawn from ``extra_pairs`` (a generator of labelled pairs) instead of the file."""
 
 
 class PairsError(ValueError):
@@ -185,8 +186,12 @@ def evaluate_spm(spm, tokenizer, comp: Components, pairs: Pairs, seed: int = 0, 
     return result
 
 
-def train_spm(spm, tokenizer, comp: Components, train_pairs, eval_pairs, out: Path, cfg: SPMTrainConfig) -> dict:
-    """Train ``spm`` in place on ``train_pairs`` (path or Pairs); evaluate on ``eval_pairs``; save to ``out``."""
+def train_spm(spm, tokenizer, comp: Components, train_pairs, eval_pairs, out: Path, cfg: SPMTrainConfig,
+              extra_pairs=None) -> dict:
+    """Train ``spm`` in place on ``train_pairs`` (path or Pairs); evaluate on ``eval_pairs``; save to ``out``.
+
+    ``extra_pairs(n, generator) -> (captions, img0, img1, label_0)``, when given, supplies
+    ``cfg.extra_fraction`` of every batch (the toy world's rendered hard negatives)."""
     from .spm import pair_loss
 
     train_set = train_pairs if isinstance(train_pairs, Pairs) else load_pairs(train_pairs)
@@ -207,14 +212,18 @@ def train_spm(spm, tokenizer, comp: Components, train_pairs, eval_pairs, out: Pa
     if before is not None:
         print(f"[train_spm] before: {json.dumps(before)}", flush=True)
     log, t0 = [], time.perf_counter()
-    metrics = open(out / "metrics.jsonl", "w")
-    try:
+    with open(out / "metrics.jsonl", "w") as metrics:
         for step in range(cfg.steps):
             spm.train()
-            idx = torch.randint(len(train_set), (min(cfg.batch_size, len(train_set)),), generator=gen).tolist()
+            n_extra = round(cfg.batch_size * cfg.extra_fraction) if extra_pairs is not None else 0
+            n_file = min(cfg.batch_size - n_extra, len(train_set))
+            idx = torch.randint(len(train_set), (n_file,), generator=gen).tolist()
             caps, img0, img1, lab = _batch_inputs(train_set, idx, res)
-            t = torch.randint(0, T, (len(idx),), generator=gen)
-            noise = torch.randn((len(idx), *latent), generator=gen)
+            if n_extra:
+                e_caps, e0, e1, e_lab = extra_pairs(n_extra, gen)
+                caps, img0, img1, lab = caps + e_caps, torch.cat([img0, e0]), torch.cat([img1, e1]), torch.cat([lab, e_lab])
+            t = torch.randint(0, T, (len(caps),), generator=gen)
+            noise = torch.randn((len(caps), *latent), generator=gen)
             s0, s1 = _pair_scores(spm, tokenizer, comp, caps, img0.to(device), img1.to(device), t.to(device),
                                   noise.to(device), cfg.guidance_scale)
             loss, correct = pair_loss(s0, s1, lab.to(device))
@@ -228,13 +237,12 @@ def train_spm(spm, tokenizer, comp: Components, train_pairs, eval_pairs, out: Pa
             log.append((loss.item(), correct.nanmean().item()))
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 recent = np.array(log[-cfg.log_every:])
-                row = {"step": step + 1, "loss": float(recent[:, 0].mean()), "acc": float(np.nanmean(recent[:, 1])),
-                       "seconds": time.perf_counter() - t0}
+                acc = recent[:, 1][~np.isnan(recent[:, 1])]  # steps of ties only have no accuracy
+                row = {"step": step + 1, "loss": float(recent[:, 0].mean()),
+                       "acc": float(acc.mean()) if len(acc) else None, "seconds": time.perf_counter() - t0}
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
                 print(f"[train_spm] {json.dumps(row)}", flush=True)
-    finally:
-        metrics.close()
     spm.eval()
     for p in params:
         p.requires_grad_(False)

@@ -6,8 +6,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # (diffusers imports it through torch). With it, `auto` runs every CPU kernel call through the interpreter.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 def pytest_collection_modifyitems(config, items):

@@ -2,9 +2,10 @@
 import importlib.metadata
 from pathlib import Path
 
-import spo_fast
 import spo_fast.configs
 import spo_fast.kernels
+
+import spo_fast
 
 REPO = Path(__file__).resolve().parents[1]
 

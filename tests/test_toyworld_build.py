@@ -41,7 +41,7 @@ def test_smoke_build_writes_every_artifact(smoke):
             assert abs(s0 - r["score_0"]) < 1e-4 and abs(s1 - r["score_1"]) < 1e-4
             want = 0.5 if abs(s0 - s1) < build.TIE_MARGIN else float(s0 > s1)
             assert r["label_0"] == want
-        assert set(r["caption"] for r in rows) <= set(world.prompts(name))
+        assert {r["caption"] for r in rows} <= set(world.prompts(name))
     ev = json.loads((smoke / "spm" / "spm_eval.json").read_text())
     assert {"clean", "t0-250", "t250-500", "t500-750", "t750-1000"} <= set(ev["eval"])
 
@@ -165,3 +165,45 @@ def test_shipped_assets_present():
         assert (resolve_model_path(f"toyworld:{name}") / ("unet" if name == "base" else "spm.safetensors")).exists()
     with pytest.raises(ModelDirError, match="toyworld:base"):
         resolve_model_path("toyworld:nope")
+
+
+def test_rendered_pairs_are_labelled_by_ground_truth():
+    caps, img0, img1, lab = build.rendered_pairs(64, torch.Generator().manual_seed(3))
+    attrs = [world.parse_prompt(c) for c in caps]
+    s0, s1 = world.score(img0, attrs), world.score(img1, attrs)
+    want = torch.where((s0 - s1).abs() < build.TIE_MARGIN, 0.5, (s0 > s1).float())
+    assert torch.equal(lab, want) and 0.3 < lab.mean() < 0.7  # both orders occur
+    assert set(caps) <= set(world.prompts("train"))
+
+
+def test_toy_prompts_scorer_and_config_checks(tmp_path):
+    from spo_fast.config import ConfigError, load_config
+    from spo_fast.data import load_prompts
+    from spo_fast.scorers import build_scorer
+    from spo_fast.spm import SPMScorer
+
+    assert load_prompts("toyworld:heldout") == world.prompts("heldout")
+    with pytest.raises(ConfigError, match="toyworld:train"):
+        load_prompts("toyworld:test")
+    cfg = load_config(None)
+    assert cfg.scorer.name == "spm" and cfg.eval.enabled and cfg.eval.n_prompts >= 64
+    scorer = build_scorer(cfg.scorer)
+    assert isinstance(scorer, SPMScorer)
+    assert len(scorer.tokenizer) == scorer.model.clip.config.text_config.vocab_size
+    with pytest.raises(ConfigError, match="scorer.path"):
+        load_config(None, ["scorer.path="])
+    with pytest.raises(ConfigError, match="eval.n_prompts"):
+        load_config(None, ["eval.n_prompts=0"])
+    bad = tmp_path / "p.txt"
+    bad.write_text("a photo of a cat\n")
+    with pytest.raises(ConfigError, match="a photo of a cat"):
+        train.preflight(load_config(None, [f"eval.prompts={bad}", f"log.output_dir={tmp_path / 'o'}"]))
+    with pytest.raises(ConfigError, match="scorer.path"):
+        train.preflight(load_config(None, [f"scorer.path={tmp_path}", f"log.output_dir={tmp_path / 'o'}"]))
+
+
+def test_shipped_spm_beats_chance_near_t0():
+    """The shipped SPM's recorded held-out accuracy (build.json) is above chance at small t."""
+    meta = json.loads((resolve_model_path("toyworld:spm").parent / "build.json").read_text())
+    ev = meta["spm"]["eval"]
+    assert ev["pairs"] >= 100 and ev["clean"] > 0.7 and ev["t0-250"] > 0.7

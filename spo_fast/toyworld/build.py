@@ -62,19 +62,20 @@ SAMPLER = {"num_steps": 20, "eta": 1.0, "guidance_scale": 5.0}  # the toy recipe
 @dataclass
 class BuildConfig:
     seed: int = 0
-    base_steps: int = 2500
-    base_batch: int = 64
+    base_steps: int = 1500
+    base_batch: int = 48
     base_lr: float = 2e-3
     cond_dropout: float = 0.1
-    pairs_per_train_prompt: int = 2
+    pairs_per_train_prompt: int = 1
     heldout_pair_prompts: int = 0  # 0 = every held-out prompt, one pair each
     sample_batch: int = 128
-    clip_steps: int = 1500
+    clip_steps: int = 1000
     clip_batch: int = 128
     clip_lr: float = 1e-3
-    spm_steps: int = 1500
-    spm_batch: int = 64
+    spm_steps: int = 800
+    spm_batch: int = 32
     spm_lr: float = 3e-4
+    spm_rendered_fraction: float = 0.5
 
     @classmethod
     def smoke(cls) -> BuildConfig:
@@ -268,6 +269,44 @@ def pretrain_clip(tokenizer, cfg: BuildConfig):
                  "final_top1": float(np.mean(accs[-100:])), "seconds": time.perf_counter() - t0}
 
 
+def rendered_pairs(n: int, gen: torch.Generator):
+    """Labelled pairs of *rendered* images (train-split prompts): a render against a hard negative.
+
+    The negative is, at random: the same prompt with one attribute changed, another render of
+    different quality, the image flooded towards the object colour (partly or fully), or the
+    background alone with noise. Both sides are labelled by the ground truth like the sampled
+    pairs; the order is random. This teaches the SPM the failure modes a policy drifts into
+    (blobs of colour, empty frames) that base-model samples alone rarely show it.
+    """
+    train = world.split("train")
+    attrs = [train[i] for i in torch.randint(len(train), (n,), generator=gen).tolist()]
+    good = world.render(attrs, gen, world.sample_quality(n, gen))
+    kind = torch.randint(4, (n,), generator=gen)
+    other = []
+    fields = ("color", "shape", "size", "position", "background")
+    choices = {"color": world.COLORS, "shape": world.SHAPES, "size": world.SIZES, "position": world.POSITIONS,
+               "background": world.BACKGROUNDS}
+    for a in attrs:
+        f = fields[int(torch.randint(len(fields), (1,), generator=gen))]
+        vals = [v for v in choices[f] if v != getattr(a, f)]
+        other.append(replace(a, **{f: vals[int(torch.randint(len(vals), (1,), generator=gen))]}))
+    mismatched = world.render(other, gen, world.sample_quality(n, gen))
+    requality = world.render(attrs, gen, world.sample_quality(n, gen))
+    colour = torch.tensor([world.COLOR_RGB[a.color] for a in attrs]).view(n, 3, 1, 1) * 2 - 1
+    bg = torch.tensor([world.BACKGROUND_RGB[a.background] for a in attrs]).view(n, 3, 1, 1) * 2 - 1
+    amount = torch.rand(n, 1, 1, 1, generator=gen) * 0.7 + 0.3
+    noise = torch.randn(good.shape, generator=gen) * torch.rand(n, 1, 1, 1, generator=gen) * 0.3
+    flood = (good * (1 - amount) + colour * amount + noise).clamp(-1, 1)
+    empty = (bg.expand_as(good) + noise).clamp(-1, 1)
+    neg = torch.stack([mismatched, requality, flood, empty])[kind, torch.arange(n)]
+    swap = torch.rand(n, generator=gen) < 0.5
+    img0 = torch.where(swap.view(n, 1, 1, 1), neg, good)
+    img1 = torch.where(swap.view(n, 1, 1, 1), good, neg)
+    s0, s1 = world.score(img0, attrs), world.score(img1, attrs)
+    label0 = torch.where((s0 - s1).abs() < TIE_MARGIN, 0.5, (s0 > s1).float())
+    return [a.prompt for a in attrs], img0, img1, label0
+
+
 def build_spm(out: Path, cfg: BuildConfig) -> dict:
     from transformers import CLIPTokenizer
 
@@ -277,9 +316,9 @@ def build_spm(out: Path, cfg: BuildConfig) -> dict:
     spm, clip_info = pretrain_clip(tokenizer, cfg)
     comp = load_components(str(out / "base"), FAMILY)
     tcfg = SPMTrainConfig(steps=cfg.spm_steps, batch_size=cfg.spm_batch, lr=cfg.spm_lr, seed=cfg.seed,
-                          guidance_scale=SAMPLER["guidance_scale"])
+                          guidance_scale=SAMPLER["guidance_scale"], extra_fraction=cfg.spm_rendered_fraction)
     result = train_spm(spm, tokenizer, comp, out / "pairs_train.parquet", out / "pairs_heldout.parquet",
-                       out / "spm", tcfg)
+                       out / "spm", tcfg, extra_pairs=rendered_pairs)
     return {"clip_pretrain": clip_info, **result}
 
 
