@@ -29,7 +29,7 @@ def test_official_hyperparameters():
 
 
 def test_overrides_are_typed():
-    cfg = load_config("toy_spo", ["train.lr=3e-5", "spo.k=2", "lora.enabled=false", "lora.targets=[to_q,to_v]",
+    cfg = load_config("tiny_sd15_color", ["train.lr=3e-5", "spo.k=2", "lora.enabled=false", "lora.targets=[to_q,to_v]",
                                   "log.output_dir=/tmp/x"])
     assert cfg.train.lr == 3e-5 and cfg.spo.k == 2 and cfg.lora.enabled is False
     assert cfg.lora.targets == ["to_q", "to_v"] and cfg.log.output_dir == "/tmp/x"
@@ -51,7 +51,7 @@ def test_overrides_are_typed():
 ])
 def test_config_errors_name_the_problem(override, needle):
     with pytest.raises(ConfigError, match=None) as e:
-        load_config("toy_spo", [override])
+        load_config("tiny_sd15_color", [override])
     assert needle in str(e.value)
 
 
@@ -71,4 +71,4 @@ def test_unknown_recipe_lists_the_known_ones():
 
 
 def test_defaults_equal_dataclass_defaults_where_recipe_is_silent():
-    assert load_config("toy_spo").train.adam_beta2 == Config().train.adam_beta2
+    assert load_config("tiny_sd15_color").train.adam_beta2 == Config().train.adam_beta2

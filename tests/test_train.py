@@ -66,7 +66,7 @@ def test_resume_continues_the_same_trajectory(tmp_path):
 
 
 def _cli(out, *extra):
-    return [sys.executable, "-m", "spo_fast.train", *FAST, f"log.output_dir={out}", *extra]
+    return [sys.executable, "-m", "spo_fast.train", "tiny_sd15_color", *FAST, f"log.output_dir={out}", *extra]
 
 
 def _wait_for(path: Path, proc, timeout=120):
@@ -113,13 +113,14 @@ def test_two_processes_through_accelerate(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "spo_fast.train", *FAST,
-           f"log.output_dir={out}", "train.max_iterations=2"]
+           f"log.output_dir={out}", "train.max_iterations=2", "eval.n_prompts=2", "eval.seeds=2"]  # the toy world
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     state = json.loads((out / "checkpoints" / "iter_0000002" / "state.json").read_text())
     assert state["world_size"] == 2
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # main process only
+    assert json.loads((out / "eval.json").read_text())["n_prompts"] == 2  # written once, by the main process
     w = final_weights(out)
     assert any(v.abs().max() > 0 for k, v in w.items() if "lora_B" in k)
 
