@@ -30,3 +30,16 @@ def test_installed_distribution_has_no_top_level_kernels():
 def test_setup_maps_packages_with_package_dir():
     text = (REPO / "setup.py").read_text()
     assert '"spo_fast.kernels": "kernels"' in text and "find_packages" not in text
+
+
+def test_package_data_globs_ship_every_toyworld_asset():
+    """A non-editable install ships the toy world's weights: setup.py's globs cover every asset file."""
+    import ast
+    import re
+
+    text = (REPO / "setup.py").read_text()
+    globs = ast.literal_eval(re.search(r'"spo_fast\.toyworld": (\[[^\]]*\])', text).group(1))
+    root = REPO / "spo_fast" / "toyworld"
+    shipped = {p for g in globs for p in root.glob(g) if p.is_file()}
+    assets = {p for p in (root / "assets").rglob("*") if p.is_file()}
+    assert assets and assets == shipped, sorted(str(p.relative_to(root)) for p in assets - shipped)
