@@ -4,7 +4,7 @@ setup (config -> checks -> models -> LoRA -> optimizer -> resume), then per iter
 prompts -> text embeddings (once per prompt) -> rollout (no grad) -> shuffled fixed-size
 micro-batches of transitions -> one reference and one policy forward each -> SPO loss ->
 backward -> (accumulate) clip, step -> metrics, checkpoint. At the end: LoRA weights in
-diffusers format and a before/after sample grid.
+diffusers format, a before/after sample grid and, with eval.enabled, the held-out evaluation.
 
 Multi-process: ``accelerate launch -m spo_fast.train RECIPE ...`` (any accelerate config).
 """
