@@ -1,0 +1,358 @@
+"""Pooled candidate denoising step: one guided DDIM step from x_t that draws k candidates x_{t-1} per sample
+(SPO's candidate pool) together with their Gaussian log-densities. The PyTorch reference (the specification,
+which takes the noise z explicitly), the fused Triton kernel (noise drawn in-kernel with Philox), and the public
+``pooled_ddim_step`` / ``ddim_step`` that dispatch between them.
+
+Formula, per sample b (a_t = alpha_t[b], a_p = alpha_prev[b]: alphas_cumprod at t and at the previous timestep,
+as ``DDIMSchedule.alpha`` gives them; the math is ``spo_fast.sampling``'s)::
+
+    o      = out_u + g * (out_c - out_u)          model_out = [uncond; cond] (cfg_model_output's order)
+    epsilon:       eps = o,                               x0 = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)
+    v_prediction:  eps = sqrt(a_t) * o + sqrt(1 - a_t) * x_t,  x0 = sqrt(a_t) * x_t - sqrt(1 - a_t) * o
+    var    = (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
+    std    = eta * sqrt(max(var, 0))
+    mean   = sqrt(a_p) * x0 + sqrt(max(1 - a_p - std^2, 0)) * eps
+    x_prev[b, j] = round_to_dtype(mean + std * z[b, j]),   z ~ N(0, I), j = 0 .. k-1
+    log_prob[b, j] = mean_CHW( -(x_prev[b, j] - mean)^2 / (2 std^2) - log std - log(2 pi) / 2 )
+
+log_prob is ``spo_fast.sampling.ddim_log_prob`` of the stored (dtype-rounded) candidate under the fp32 mean,
+constants included (std = 0, i.e. eta = 0, gives NaN there as in ddim_log_prob).
+
+Shapes: x_t (B, C, H, W) (any trailing dims: everything after B is "CHW"); model_out (2B, C, H, W) laid out as
+[uncond; cond]; alpha_t, alpha_prev (B,). Outputs (``PooledStep``): x0 (B, C, H, W) fp32, mean (B, C, H, W) in
+the input dtype, std (B,) fp32, x_prev (B, k, C, H, W) in the input dtype, log_prob (B, k) fp32.
+
+Dtype policy: x_t and model_out in fp32, fp16 or bf16, both the same; the kernel reads them in that dtype and
+does all math in fp32 (CFG included); alpha_t/alpha_prev any float dtype, upcast to fp32. The per-sample
+coefficients (sqrt a_t, sqrt(1 - a_t), sqrt a_p, the eps coefficient, std) are computed once in torch by the
+code the reference runs, so kernel and reference share them bit for bit.
+
+Noise: the Triton kernel draws z[b, j, e] = ``tl.randn(seed, offset + (b * k + j) * CHW + e)`` (Triton's
+Philox, int64 counters): nothing of size (B, k, C, H, W) is materialised besides the candidates.
+``philox_normal(seed, offset, shape, device)`` reproduces those draws (same Triton RNG) so the kernel can be
+checked exactly against the reference. The torch backend draws z with ``torch.randn`` from a
+``torch.Generator`` on the tensors' device seeded with ``_torch_seed(seed, offset)``. The two backends therefore
+draw DIFFERENT noise for the same (seed, offset); each is reproducible, and within each a different seed or
+offset gives different noise. A caller that steps several times should advance offset by B * k * CHW per step
+(or change the seed) so steps do not reuse counters.
+
+The Triton path (``backend`` / ``SPO_FAST_KERNELS`` / ``auto``: see ``_dispatch.py``): grid (B, n_chunks);
+program (b, c) reads chunk c (BLOCK * BLOCKS_PER_PROGRAM elements) of x_t and both CFG halves once, writes x0
+and mean, then for each of the k candidates draws z, writes x_prev and the fp32 sum over each block of
+(x_prev - mean)^2 to partial[b, j, c * BLOCKS_PER_PROGRAM + i]. torch sums the partials in a fixed order (no
+atomics: bitwise reproducible) and applies the per-sample log-density epilogue. Stores round to nearest even
+like torch's casts (Triton's interpreter truncates fp32 -> bf16, so under it the kernel rounds bf16 by hand; NaN
+payloads aside the result is the same).
+Limits: CHW >= 1 and n_chunks <= 65535 (the grid's second axis, CHW up to ~2.7e8); 0 <= seed < 2^63,
+offset >= 0 and offset + B * k * CHW < 2^63; k >= 1; each sample's CHW elements must be contiguous (anything
+else is copied by .contiguous() first). All tensors on one device. Block sizes untuned (no GPU measured yet).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ._dispatch import resolve_backend
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_INT63 = 2**63
+
+
+@dataclass
+class PooledStep:
+    x0: torch.Tensor  # (B, C, H, W) fp32
+    mean: torch.Tensor  # (B, C, H, W) input dtype
+    std: torch.Tensor  # (B,) fp32
+    x_prev: torch.Tensor  # (B, k, C, H, W) input dtype (ddim_step: (B, C, H, W))
+    log_prob: torch.Tensor  # (B, k) fp32 (ddim_step: (B,))
+
+
+# ----------------------------------------------------------------------------- reference (the specification)
+def _check_shapes(x_t: torch.Tensor, model_out: torch.Tensor, alpha_t: torch.Tensor, alpha_prev: torch.Tensor,
+                  prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type is {prediction_type!r}; expected one of {'|'.join(PREDICTION_TYPES)}")
+    if x_t.dim() < 2:
+        raise ValueError(f"x_t has shape {tuple(x_t.shape)}; expected (B, C, H, W)")
+    b = x_t.shape[0]
+    want = (2 * b, *x_t.shape[1:])
+    if tuple(model_out.shape) != want:
+        raise ValueError(f"model_out has shape {tuple(model_out.shape)}; expected {want} = [uncond; cond] for "
+                         f"x_t {tuple(x_t.shape)}")
+    for name, t in (("alpha_t", alpha_t), ("alpha_prev", alpha_prev)):
+        if tuple(t.shape) != (b,):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected ({b},)")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} is {t.dtype}; expected a floating dtype")
+
+
+def step_coefficients(alpha_t: torch.Tensor, alpha_prev: torch.Tensor, eta: float) -> torch.Tensor:
+    """(5, B) fp32: sqrt(a_t), sqrt(1 - a_t), sqrt(a_p), sqrt(max(1 - a_p - std^2, 0)), std. Shared by the
+    reference and the kernel launcher (the same code as DDIMSchedule.std / ddim_step_stats)."""
+    a_t, a_p = alpha_t.float(), alpha_prev.float()
+    var = (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
+    std = eta * var.clamp(min=0).sqrt()
+    direction = (1 - a_p - std**2).clamp(min=0).sqrt()
+    return torch.stack([a_t.sqrt(), (1 - a_t).sqrt(), a_p.sqrt(), direction, std])
+
+
+def _log_prob_epilogue(sum_sq: torch.Tensor, std: torch.Tensor, chw: int) -> torch.Tensor:
+    """(B, k) log-density averaged over CHW from the (B, k) sums of (x_prev - mean)^2."""
+    s = std[:, None]
+    return -(sum_sq / chw) / (2 * s**2) - s.log() - _HALF_LOG_2PI
+
+
+def pooled_ddim_step_reference(x_t: torch.Tensor, model_out: torch.Tensor, guidance_scale: float,
+                               alpha_t: torch.Tensor, alpha_prev: torch.Tensor, eta: float, z: torch.Tensor,
+                               prediction_type: str = "epsilon") -> PooledStep:
+    """The step in plain PyTorch, fp32 math, with the noise given: z (B, k, C, H, W) (any float dtype)."""
+    _check_shapes(x_t, model_out, alpha_t, alpha_prev, prediction_type)
+    b = x_t.shape[0]
+    if z.dim() != x_t.dim() + 1 or z.shape[0] != b or z.shape[2:] != x_t.shape[1:] or z.shape[1] < 1:
+        raise ValueError(f"z has shape {tuple(z.shape)}; expected ({b}, k, {', '.join(map(str, x_t.shape[1:]))})"
+                         f" with k >= 1")
+    sqrt_a, sqrt_1ma, sqrt_ap, direction, std = (c.view(-1, *[1] * (x_t.dim() - 1))
+                                                  for c in step_coefficients(alpha_t, alpha_prev, eta))
+    x = x_t.float()
+    out_u, out_c = model_out.float().chunk(2)
+    o = out_u + guidance_scale * (out_c - out_u)
+    if prediction_type == "epsilon":
+        eps = o
+        x0 = (x - sqrt_1ma * eps) / sqrt_a
+    else:
+        x0 = sqrt_a * x - sqrt_1ma * o
+        eps = sqrt_a * o + sqrt_1ma * x
+    mean = sqrt_ap * x0 + direction * eps  # fp32
+    x_prev = (mean[:, None] + std[:, None] * z.float()).to(x_t.dtype)  # (B, k, ...)
+    d = x_prev.float() - mean[:, None]
+    sum_sq = (d * d).flatten(2).sum(2)  # (B, k)
+    std1 = std.flatten()
+    log_prob = _log_prob_epilogue(sum_sq, std1, math.prod(x_t.shape[1:]))
+    return PooledStep(x0, mean.to(x_t.dtype), std1, x_prev, log_prob)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+# triton.language, bound by _kernels() on first use (see spo_loss.py: the interpreter looks it up in the
+# kernels' module globals, so it is a global here).
+tl = None
+
+_MAX_BLOCK = 1024
+_BLOCKS_PER_PROGRAM = 4
+_MAX_GRID_AXIS1 = 65535
+
+
+def _pooled_step_kernel(x_ptr, out_ptr, coef_ptr, x0_ptr, mean_ptr, xprev_ptr, partial_ptr,
+                        CHW, B, K, n_parts, guidance, seed, offset, x_sb, out_sb, cond_off,
+                        V_PRED: tl.constexpr, MANUAL_RTNE: tl.constexpr, BLOCK: tl.constexpr,
+                        BLOCKS_PER_PROGRAM: tl.constexpr):
+    # x0, mean: contiguous (B, CHW); x_prev contiguous (B, K, CHW); partial (B, K, n_parts) fp32
+    b = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    sqrt_a = tl.load(coef_ptr + b)
+    sqrt_1ma = tl.load(coef_ptr + B + b)
+    sqrt_ap = tl.load(coef_ptr + 2 * B + b)
+    direction = tl.load(coef_ptr + 3 * B + b)
+    std = tl.load(coef_ptr + 4 * B + b)
+    x_ptr += b * x_sb
+    out_ptr += b * out_sb
+    start = chunk * (BLOCK * BLOCKS_PER_PROGRAM)
+    for i in tl.static_range(BLOCKS_PER_PROGRAM):
+        offs = start + i * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < CHW
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        out_u = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        out_c = tl.load(out_ptr + cond_off + offs, mask=mask, other=0.0).to(tl.float32)
+        o = out_u + guidance * (out_c - out_u)
+        if V_PRED:
+            x0 = sqrt_a * x - sqrt_1ma * o
+            eps = sqrt_a * o + sqrt_1ma * x
+        else:
+            eps = o
+            x0 = (x - sqrt_1ma * eps) / sqrt_a
+        mean = sqrt_ap * x0 + direction * eps
+        tl.store(x0_ptr + b * CHW + offs, x0, mask=mask)
+        if MANUAL_RTNE:  # bf16 under the interpreter, which truncates fp32 -> bf16: round to nearest even
+            bits = mean.to(tl.int32, bitcast=True)
+            bits += 0x7FFF + ((bits >> 16) & 1)
+            mean_out = (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        else:
+            mean_out = mean.to(mean_ptr.dtype.element_ty)
+        tl.store(mean_ptr + b * CHW + offs, mean_out, mask=mask)
+        for j in range(K):
+            row = b * K + j
+            z = tl.randn(seed, offset + row * CHW + offs.to(tl.int64))
+            xp = mean + std * z
+            if MANUAL_RTNE:
+                bits = xp.to(tl.int32, bitcast=True)
+                bits += 0x7FFF + ((bits >> 16) & 1)
+                xp = (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            else:
+                xp = xp.to(xprev_ptr.dtype.element_ty)
+            tl.store(xprev_ptr + row * CHW + offs, xp, mask=mask)
+            d = tl.where(mask, xp.to(tl.float32) - mean, 0.0)
+            tl.store(partial_ptr + row * n_parts + chunk * BLOCKS_PER_PROGRAM + i, tl.sum(d * d, axis=0))
+
+
+def _philox_normal_kernel(z_ptr, n, seed, offset, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(z_ptr + offs, tl.randn(seed, offset + offs), mask=offs < n)
+
+
+_KERNELS: dict[bool, tuple] = {}
+
+
+def _kernels() -> tuple:
+    """(step, philox_normal) jitted on first use, one pair per setting of TRITON_INTERPRET."""
+    global tl
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if interpret not in _KERNELS:
+        import triton
+        import triton.language as tl
+
+        _KERNELS[interpret] = (triton.jit(_pooled_step_kernel), triton.jit(_philox_normal_kernel))
+    return _KERNELS[interpret]
+
+
+def _blocks(chw: int) -> tuple[int, int, int]:
+    """(BLOCK, BLOCKS_PER_PROGRAM, n_chunks) for CHW elements per sample."""
+    block = min(_MAX_BLOCK, max(16, 1 << (chw - 1).bit_length()))
+    per_program = min(_BLOCKS_PER_PROGRAM, -(-chw // block))
+    return block, per_program, -(-chw // (block * per_program))
+
+
+def _describe(name: str, t: torch.Tensor) -> str:
+    return f"{name} {tuple(t.shape)} {t.dtype} on {t.device}"
+
+
+def _on_device(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _check_rng(seed: int, offset: int, n_draws: int) -> None:
+    if not 0 <= seed < _MAX_INT63:
+        raise ValueError(f"seed is {seed}; expected 0 <= seed < 2**63")
+    if offset < 0 or offset + n_draws >= _MAX_INT63:
+        raise ValueError(f"offset is {offset}; expected offset >= 0 and offset + {n_draws} draws < 2**63")
+
+
+def _check_kernel_inputs(x_t: torch.Tensor, model_out: torch.Tensor, alpha_t: torch.Tensor,
+                         alpha_prev: torch.Tensor) -> None:
+    """What the Triton path needs beyond the shapes; TypeError on dtypes, ValueError on devices and sizes."""
+    for name, t in (("x_t", x_t), ("model_out", model_out)):
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{_describe(name, t)}: the Triton step reads float32, float16 or bfloat16; "
+                            f"cast it, or use backend='torch' (SPO_FAST_KERNELS=torch)")
+    if model_out.dtype != x_t.dtype:
+        raise TypeError(f"{_describe('model_out', model_out)} differs in dtype from {_describe('x_t', x_t)}; "
+                        f"the Triton step takes x_t and model_out in one dtype")
+    for name, t in (("model_out", model_out), ("alpha_t", alpha_t), ("alpha_prev", alpha_prev)):
+        if t.device != x_t.device:
+            raise ValueError(f"{_describe(name, t)} is not on x_t's device {x_t.device}; move all inputs to one "
+                             f"device")
+    chw = math.prod(x_t.shape[1:])
+    if chw == 0:
+        raise ValueError(f"{_describe('x_t', x_t)} has no elements per sample")
+    if _blocks(chw)[2] > _MAX_GRID_AXIS1:
+        raise ValueError(f"{_describe('x_t', x_t)} has {chw} elements per sample; the Triton step takes at most "
+                         f"{_MAX_GRID_AXIS1 * _MAX_BLOCK * _BLOCKS_PER_PROGRAM}")
+
+
+def _flat(t: torch.Tensor, chw: int) -> torch.Tensor:
+    """(rows, CHW) with unit stride along CHW; copies only when needed."""
+    f = t.reshape(t.shape[0], chw)
+    return f if f.stride(-1) == 1 else f.contiguous()
+
+
+def philox_normal(seed: int, offset: int, shape, device="cpu") -> torch.Tensor:
+    """fp32 tensor of ``shape`` holding ``tl.randn(seed, offset + i)`` at flat index i: exactly the noise the
+    Triton step draws for (seed, offset) when ``shape`` is (B, k, C, H, W). Runs a Triton kernel (CUDA, or CPU
+    under TRITON_INTERPRET=1)."""
+    shape = tuple(shape)
+    n = math.prod(shape)
+    _check_rng(seed, offset, n)
+    z = torch.empty(shape, dtype=torch.float32, device=device)
+    if n > 0:
+        _, kernel = _kernels()
+        block = 1024
+        with _on_device(z):
+            kernel[(-(-n // block),)](z, n, seed, offset, BLOCK=block)
+    return z
+
+
+def _pooled_ddim_step_triton(x_t: torch.Tensor, model_out: torch.Tensor, guidance_scale: float,
+                             alpha_t: torch.Tensor, alpha_prev: torch.Tensor, eta: float, k: int, seed: int,
+                             offset: int, prediction_type: str) -> PooledStep:
+    """The launcher: validates, computes the per-sample coefficients, runs the fused kernel, then the epilogue."""
+    _check_kernel_inputs(x_t, model_out, alpha_t, alpha_prev)
+    b, chw = x_t.shape[0], math.prod(x_t.shape[1:])
+    _check_rng(seed, offset, b * k * chw)
+    coef = step_coefficients(alpha_t, alpha_prev, eta).contiguous()  # (5, B) fp32
+    block, per_program, n_chunks = _blocks(chw)
+    n_parts = n_chunks * per_program
+    dev, dtype = x_t.device, x_t.dtype
+    x0 = torch.empty(b, chw, dtype=torch.float32, device=dev)
+    mean = torch.empty(b, chw, dtype=dtype, device=dev)
+    x_prev = torch.empty(b, k, chw, dtype=dtype, device=dev)
+    partial = torch.zeros(b, k, n_parts, dtype=torch.float32, device=dev)  # parts past CHW stay 0
+    if b > 0:
+        kernel, _ = _kernels()
+        x, out = _flat(x_t, chw), _flat(model_out, chw)
+        with _on_device(x):
+            kernel[(b, n_chunks)](x, out, coef, x0, mean, x_prev, partial, chw, b, k, n_parts, float(guidance_scale),
+                                  seed, offset, x.stride(0), out.stride(0), b * out.stride(0),
+                                  V_PRED=prediction_type == "v_prediction",
+                                  MANUAL_RTNE=dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+                                  BLOCK=block,
+                                  BLOCKS_PER_PROGRAM=per_program)
+    std = coef[4]
+    log_prob = _log_prob_epilogue(partial.sum(-1), std, chw)
+    rest = x_t.shape[1:]
+    return PooledStep(x0.view(b, *rest), mean.view(b, *rest), std, x_prev.view(b, k, *rest), log_prob)
+
+
+def _torch_seed(seed: int, offset: int) -> int:
+    """The torch.Generator seed of the torch backend for (seed, offset) (a fixed mix of the two)."""
+    return (seed * 0x9E3779B97F4A7C15 + offset) % _MAX_INT63
+
+
+def pooled_ddim_step(x_t: torch.Tensor, model_out: torch.Tensor, guidance_scale: float, alpha_t: torch.Tensor,
+                     alpha_prev: torch.Tensor, eta: float, k: int, seed: int, offset: int = 0, *,
+                     prediction_type: str = "epsilon", backend: str | None = None) -> PooledStep:
+    """One guided DDIM step from x_t drawing k candidates per sample (see the module docstring).
+
+    ``backend``: ``torch`` | ``triton`` | ``auto`` | None (None: SPO_FAST_KERNELS, else auto). The two backends
+    draw different noise for the same (seed, offset); each is reproducible.
+    Raises ValueError on inconsistent shapes, k < 1, bad seed/offset, prediction_type or backend; on the Triton
+    path also TypeError on unsupported or mixed dtypes and ValueError on mixed devices; RuntimeError if Triton
+    cannot run here.
+    """
+    _check_shapes(x_t, model_out, alpha_t, alpha_prev, prediction_type)
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k is {k!r}; expected an int >= 1 (candidates per sample)")
+    if eta < 0:
+        raise ValueError(f"eta is {eta}; expected eta >= 0")
+    x_t, model_out = x_t.detach(), model_out.detach()
+    if resolve_backend(backend, (x_t, model_out, alpha_t, alpha_prev)) == "triton":
+        return _pooled_ddim_step_triton(x_t, model_out, guidance_scale, alpha_t, alpha_prev, eta, k, seed, offset,
+                                        prediction_type)
+    chw = math.prod(x_t.shape[1:])
+    _check_rng(seed, offset, x_t.shape[0] * k * chw)
+    gen = torch.Generator(device=x_t.device).manual_seed(_torch_seed(seed, offset))
+    z = torch.randn((x_t.shape[0], k, *x_t.shape[1:]), generator=gen, dtype=torch.float32, device=x_t.device)
+    return pooled_ddim_step_reference(x_t, model_out, guidance_scale, alpha_t, alpha_prev, eta, z, prediction_type)
+
+
+def ddim_step(x_t: torch.Tensor, model_out: torch.Tensor, guidance_scale: float, alpha_t: torch.Tensor,
+              alpha_prev: torch.Tensor, eta: float, seed: int, offset: int = 0, *, prediction_type: str = "epsilon",
+              backend: str | None = None) -> PooledStep:
+    """The plain one-sample step (non-branching steps, evaluation): ``pooled_ddim_step`` with k = 1, returning
+    x_prev (B, C, H, W) and log_prob (B,)."""
+    s = pooled_ddim_step(x_t, model_out, guidance_scale, alpha_t, alpha_prev, eta, 1, seed, offset,
+                         prediction_type=prediction_type, backend=backend)
+    return PooledStep(s.x0, s.mean, s.std, s.x_prev[:, 0], s.log_prob[:, 0])
