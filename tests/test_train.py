@@ -224,3 +224,17 @@ def test_bad_inputs_fail_fast_with_a_named_problem(tmp_path, capsys, override, n
     assert code == 2
     assert needle in capsys.readouterr().err
     assert time.time() - t0 < 5  # before any model is built
+
+
+def test_loss_curve_same_with_torch_and_triton_kernels(tmp_path):
+    """The trainer gives the same loss curve with the PyTorch reference and the Triton kernels (interpreter)."""
+    curves = {}
+    for backend in ("torch", "triton"):
+        out = tmp_path / backend
+        run(cfg_for(out, "train.max_iterations=3", f"train.kernels={backend}"))
+        curves[backend] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(curves["torch"]) == 3 and any(r["valid_ratio"] > 0 for r in curves["torch"])
+    for a, b in zip(curves["torch"], curves["triton"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+        assert a["implicit_acc"] == pytest.approx(b["implicit_acc"], abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
