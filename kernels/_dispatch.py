@@ -15,6 +15,7 @@ imports every op. triton is imported only when the tensors could run it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
 
@@ -78,3 +79,25 @@ def resolve_backend(backend: str | None, tensors: Iterable[torch.Tensor]) -> str
                            f"set TRITON_INTERPRET=1 before the first kernel call (slow: tests only), "
                            f"move the tensors to CUDA, or use {ENV_VAR}=torch (or backend='torch')")
     return "triton"
+
+
+# ----------------------------------------------------------------------------- launcher helpers shared by the ops
+MAX_INT63 = 2**63
+
+
+def describe(name: str, t: torch.Tensor) -> str:
+    """``name (shape) dtype on device``: how launcher errors name a tensor."""
+    return f"{name} {tuple(t.shape)} {t.dtype} on {t.device}"
+
+
+def on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' one (cuda:1 inputs included)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def check_rng(seed: int, offset: int, n_draws: int) -> None:
+    """Philox seed/offset ranges (int64 counters): 0 <= seed < 2**63, offset + n_draws < 2**63."""
+    if not 0 <= seed < MAX_INT63:
+        raise ValueError(f"seed is {seed}; expected 0 <= seed < 2**63")
+    if offset < 0 or offset + n_draws >= MAX_INT63:
+        raise ValueError(f"offset is {offset}; expected offset >= 0 and offset + {n_draws} draws < 2**63")

@@ -49,19 +49,17 @@ else is copied by .contiguous() first). All tensors on one device. Block sizes u
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from dataclasses import dataclass
 
 import torch
 
-from ._dispatch import resolve_backend
+from ._dispatch import MAX_INT63, check_rng, describe, on_device, resolve_backend
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_INT63 = 2**63
 
 
 @dataclass
@@ -226,40 +224,25 @@ def _blocks(chw: int) -> tuple[int, int, int]:
     return block, per_program, -(-chw // (block * per_program))
 
 
-def _describe(name: str, t: torch.Tensor) -> str:
-    return f"{name} {tuple(t.shape)} {t.dtype} on {t.device}"
-
-
-def _on_device(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _check_rng(seed: int, offset: int, n_draws: int) -> None:
-    if not 0 <= seed < _MAX_INT63:
-        raise ValueError(f"seed is {seed}; expected 0 <= seed < 2**63")
-    if offset < 0 or offset + n_draws >= _MAX_INT63:
-        raise ValueError(f"offset is {offset}; expected offset >= 0 and offset + {n_draws} draws < 2**63")
-
-
 def _check_kernel_inputs(x_t: torch.Tensor, model_out: torch.Tensor, alpha_t: torch.Tensor,
                          alpha_prev: torch.Tensor) -> None:
     """What the Triton path needs beyond the shapes; TypeError on dtypes, ValueError on devices and sizes."""
     for name, t in (("x_t", x_t), ("model_out", model_out)):
         if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{_describe(name, t)}: the Triton step reads float32, float16 or bfloat16; "
+            raise TypeError(f"{describe(name, t)}: the Triton step reads float32, float16 or bfloat16; "
                             f"cast it, or use backend='torch' (SPO_FAST_KERNELS=torch)")
     if model_out.dtype != x_t.dtype:
-        raise TypeError(f"{_describe('model_out', model_out)} differs in dtype from {_describe('x_t', x_t)}; "
+        raise TypeError(f"{describe('model_out', model_out)} differs in dtype from {describe('x_t', x_t)}; "
                         f"the Triton step takes x_t and model_out in one dtype")
     for name, t in (("model_out", model_out), ("alpha_t", alpha_t), ("alpha_prev", alpha_prev)):
         if t.device != x_t.device:
-            raise ValueError(f"{_describe(name, t)} is not on x_t's device {x_t.device}; move all inputs to one "
+            raise ValueError(f"{describe(name, t)} is not on x_t's device {x_t.device}; move all inputs to one "
                              f"device")
     chw = math.prod(x_t.shape[1:])
     if chw == 0:
-        raise ValueError(f"{_describe('x_t', x_t)} has no elements per sample")
+        raise ValueError(f"{describe('x_t', x_t)} has no elements per sample")
     if _blocks(chw)[2] > _MAX_GRID_AXIS1:
-        raise ValueError(f"{_describe('x_t', x_t)} has {chw} elements per sample; the Triton step takes at most "
+        raise ValueError(f"{describe('x_t', x_t)} has {chw} elements per sample; the Triton step takes at most "
                          f"{_MAX_GRID_AXIS1 * _MAX_BLOCK * _BLOCKS_PER_PROGRAM}")
 
 
@@ -275,12 +258,12 @@ def philox_normal(seed: int, offset: int, shape, device="cpu") -> torch.Tensor:
     under TRITON_INTERPRET=1)."""
     shape = tuple(shape)
     n = math.prod(shape)
-    _check_rng(seed, offset, n)
+    check_rng(seed, offset, n)
     z = torch.empty(shape, dtype=torch.float32, device=device)
     if n > 0:
         _, kernel = _kernels()
         block = 1024
-        with _on_device(z):
+        with on_device(z):
             kernel[(-(-n // block),)](z, n, seed, offset, BLOCK=block)
     return z
 
@@ -291,7 +274,7 @@ def _pooled_ddim_step_triton(x_t: torch.Tensor, model_out: torch.Tensor, guidanc
     """The launcher: validates, computes the per-sample coefficients, runs the fused kernel, then the epilogue."""
     _check_kernel_inputs(x_t, model_out, alpha_t, alpha_prev)
     b, chw = x_t.shape[0], math.prod(x_t.shape[1:])
-    _check_rng(seed, offset, b * k * chw)
+    check_rng(seed, offset, b * k * chw)
     coef = step_coefficients(alpha_t, alpha_prev, eta).contiguous()  # (5, B) fp32
     block, per_program, n_chunks = _blocks(chw)
     n_parts = n_chunks * per_program
@@ -303,7 +286,7 @@ def _pooled_ddim_step_triton(x_t: torch.Tensor, model_out: torch.Tensor, guidanc
     if b > 0:
         kernel, _ = _kernels()
         x, out = _flat(x_t, chw), _flat(model_out, chw)
-        with _on_device(x):
+        with on_device(x):
             kernel[(b, n_chunks)](x, out, coef, x0, mean, x_prev, partial, chw, b, k, n_parts, float(guidance_scale),
                                   seed, offset, x.stride(0), out.stride(0), b * out.stride(0),
                                   V_PRED=prediction_type == "v_prediction",
@@ -318,7 +301,7 @@ def _pooled_ddim_step_triton(x_t: torch.Tensor, model_out: torch.Tensor, guidanc
 
 def _torch_seed(seed: int, offset: int) -> int:
     """The torch.Generator seed of the torch backend for (seed, offset) (a fixed mix of the two)."""
-    return (seed * 0x9E3779B97F4A7C15 + offset) % _MAX_INT63
+    return (seed * 0x9E3779B97F4A7C15 + offset) % MAX_INT63
 
 
 def pooled_ddim_step(x_t: torch.Tensor, model_out: torch.Tensor, guidance_scale: float, alpha_t: torch.Tensor,
@@ -342,7 +325,7 @@ def pooled_ddim_step(x_t: torch.Tensor, model_out: torch.Tensor, guidance_scale:
         return _pooled_ddim_step_triton(x_t, model_out, guidance_scale, alpha_t, alpha_prev, eta, k, seed, offset,
                                         prediction_type)
     chw = math.prod(x_t.shape[1:])
-    _check_rng(seed, offset, x_t.shape[0] * k * chw)
+    check_rng(seed, offset, x_t.shape[0] * k * chw)
     gen = torch.Generator(device=x_t.device).manual_seed(_torch_seed(seed, offset))
     z = torch.randn((x_t.shape[0], k, *x_t.shape[1:]), generator=gen, dtype=torch.float32, device=x_t.device)
     return pooled_ddim_step_reference(x_t, model_out, guidance_scale, alpha_t, alpha_prev, eta, z, prediction_type)

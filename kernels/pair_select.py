@@ -38,17 +38,15 @@ Block sizes untuned (no GPU measured yet).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import resolve_backend
+from ._dispatch import MAX_INT63, check_rng, describe, on_device, resolve_backend
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_INT63 = 2**63
 _MAX_K = 1024
 _TILE = 4096  # elements of img one program holds per step of its loop over D (BLOCK_K * BLOCK_D)
 _NORM_EPS = 1e-12  # F.normalize's default
@@ -176,35 +174,20 @@ def _blocks(k: int, d: int) -> tuple[int, int]:
     return block_k, block_d
 
 
-def _describe(name: str, t: torch.Tensor) -> str:
-    return f"{name} {tuple(t.shape)} {t.dtype} on {t.device}"
-
-
-def _on_device(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _check_rng(seed: int, offset: int, n_draws: int) -> None:
-    if not 0 <= seed < _MAX_INT63:
-        raise ValueError(f"seed is {seed}; expected 0 <= seed < 2**63")
-    if offset < 0 or offset + n_draws >= _MAX_INT63:
-        raise ValueError(f"offset is {offset}; expected offset >= 0 and offset + {n_draws} draws < 2**63")
-
-
 def _check_kernel_inputs(img: torch.Tensor, txt: torch.Tensor, k: int, u: torch.Tensor | None) -> None:
     """What the Triton path needs beyond the shapes; TypeError on dtypes, ValueError on devices and sizes."""
     for name, t in (("img", img), ("txt", txt)):
         if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{_describe(name, t)}: the Triton pair selection reads float32, float16 or bfloat16; "
+            raise TypeError(f"{describe(name, t)}: the Triton pair selection reads float32, float16 or bfloat16; "
                             f"cast it, or use backend='torch' (SPO_FAST_KERNELS=torch)")
     for name, t in (("txt", txt), ("u", u)):
         if t is not None and t.device != img.device:
-            raise ValueError(f"{_describe(name, t)} is not on img's device {img.device}; move all inputs to one "
+            raise ValueError(f"{describe(name, t)} is not on img's device {img.device}; move all inputs to one "
                              f"device")
     if k > _MAX_K:
         raise ValueError(f"k is {k}; the Triton pair selection takes at most {_MAX_K} candidates per pool")
     if txt.shape[1] == 0:
-        raise ValueError(f"{_describe('txt', txt)} has no features (D = 0)")
+        raise ValueError(f"{describe('txt', txt)} has no features (D = 0)")
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -214,12 +197,12 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def philox_uniform(seed: int, offset: int, n: int, device="cpu") -> torch.Tensor:
     """(n,) fp32 holding ``tl.rand(seed, offset + i)``: exactly the u the Triton kernel draws for (seed, offset)
     when ``u`` is not given (n = B). Runs a Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1)."""
-    _check_rng(seed, offset, n)
+    check_rng(seed, offset, n)
     u = torch.empty(n, dtype=torch.float32, device=device)
     if n > 0:
         _, kernel = _kernels()
         block = 1024
-        with _on_device(u):
+        with on_device(u):
             kernel[(-(-n // block),)](u, n, seed, offset, BLOCK=block)
     return u
 
@@ -240,7 +223,7 @@ def _score_and_select_triton(img: torch.Tensor, txt: torch.Tensor, logit_scale: 
         img_r, txt_r = _rows(img), _rows(txt)
         u_r = u.contiguous() if u is not None else scores  # a dummy pointer when HAS_U is off
         block_k, block_d = _blocks(k, d)
-        with _on_device(img_r):
+        with on_device(img_r):
             kernel[(b,)](img_r, txt_r, u_r, scores, win, lose, valid, cont, d, k, img_r.stride(0), txt_r.stride(0),
                          float(logit_scale), float(threshold), seed, offset,
                          HAS_U=u is not None, BLOCK_K=block_k, BLOCK_D=block_d)
@@ -249,7 +232,7 @@ def _score_and_select_triton(img: torch.Tensor, txt: torch.Tensor, logit_scale: 
 
 def _torch_seed(seed: int, offset: int) -> int:
     """The torch.Generator seed of the torch backend for (seed, offset) (a fixed mix of the two)."""
-    return (seed * 0x9E3779B97F4A7C15 + offset) % _MAX_INT63
+    return (seed * 0x9E3779B97F4A7C15 + offset) % MAX_INT63
 
 
 def score_and_select(img: torch.Tensor, txt: torch.Tensor, logit_scale: float, k: int, threshold: float,
@@ -266,7 +249,7 @@ def score_and_select(img: torch.Tensor, txt: torch.Tensor, logit_scale: float, k
     """
     _check_shapes(img, txt, k, u)
     if u is None:
-        _check_rng(seed, offset, txt.shape[0])
+        check_rng(seed, offset, txt.shape[0])
     img, txt = img.detach(), txt.detach()
     tensors = (img, txt) if u is None else (img, txt, u)
     if resolve_backend(backend, tensors) == "triton":

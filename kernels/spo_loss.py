@@ -66,7 +66,6 @@ programs per sample.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -74,7 +73,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import resolve_backend
+from ._dispatch import describe, on_device, resolve_backend
 
 MODES = ("spo", "dpo")
 
@@ -262,10 +261,6 @@ def _flat(t: torch.Tensor, lead: int, chw: int) -> torch.Tensor:
     return f if f.stride(-1) == 1 else f.contiguous()
 
 
-def _describe(name: str, t: torch.Tensor) -> str:
-    return f"{name} {tuple(t.shape)} {t.dtype} on {t.device}"
-
-
 def _check_kernel_inputs(policy_mean: torch.Tensor, ref_mean: torch.Tensor, x_win: torch.Tensor,
                          x_lose: torch.Tensor, sigma: torch.Tensor, valid: torch.Tensor) -> None:
     """What the Triton path needs beyond the shapes the reference checks; raises TypeError on dtypes,
@@ -273,23 +268,23 @@ def _check_kernel_inputs(policy_mean: torch.Tensor, ref_mean: torch.Tensor, x_wi
     big = {"policy_mean": policy_mean, "ref_mean": ref_mean, "x_win": x_win, "x_lose": x_lose}
     for name, t in big.items():
         if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"{_describe(name, t)}: the Triton loss reads float32, float16 or bfloat16; "
+            raise TypeError(f"{describe(name, t)}: the Triton loss reads float32, float16 or bfloat16; "
                             f"cast it, or use backend='torch' (SPO_FAST_KERNELS=torch)")
         if t.dtype != policy_mean.dtype:
-            raise TypeError(f"{_describe(name, t)} differs in dtype from {_describe('policy_mean', policy_mean)}; "
+            raise TypeError(f"{describe(name, t)} differs in dtype from {describe('policy_mean', policy_mean)}; "
                             f"the Triton loss takes policy_mean, ref_mean, x_win, x_lose in one dtype")
     if not sigma.is_floating_point():
-        raise TypeError(f"{_describe('sigma', sigma)}: expected a floating dtype")
+        raise TypeError(f"{describe('sigma', sigma)}: expected a floating dtype")
     for name, t in {**big, "sigma": sigma, "valid": valid}.items():
         if t.device != policy_mean.device:
-            raise ValueError(f"{_describe(name, t)} is not on policy_mean's device {policy_mean.device}; "
+            raise ValueError(f"{describe(name, t)} is not on policy_mean's device {policy_mean.device}; "
                              f"move all inputs to one device")
     chw = x_win[0].numel() if x_win.shape[0] > 0 else math.prod(x_win.shape[1:])
     if chw == 0:
-        raise ValueError(f"{_describe('x_win', x_win)} has no elements per sample")
+        raise ValueError(f"{describe('x_win', x_win)} has no elements per sample")
     n_chunks = _blocks(chw)[2]
     if n_chunks > _MAX_GRID_AXIS1:
-        raise ValueError(f"{_describe('x_win', x_win)} has {chw} elements per sample; the Triton loss takes at "
+        raise ValueError(f"{describe('x_win', x_win)} has {chw} elements per sample; the Triton loss takes at "
                          f"most {_MAX_GRID_AXIS1 * _MAX_BLOCK * _BLOCKS_PER_PROGRAM}")
 
 
@@ -298,11 +293,6 @@ def _side_strides(t: torch.Tensor) -> tuple[int, int, bool]:
     if t.dim() == 2:
         return 0, t.stride(0), True
     return t.stride(0), t.stride(1), False
-
-
-def _on_device(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the tensors' one (cuda:1 inputs included)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 class _WinLoseDiff(torch.autograd.Function):
@@ -321,7 +311,7 @@ class _WinLoseDiff(torch.autograd.Function):
             fwd, _ = _kernels()
             pol_ss, pol_sn, shared_pol = _side_strides(pol_f)
             ref_ss, ref_sn, shared_ref = _side_strides(ref_f)
-            with _on_device(xw):
+            with on_device(xw):
                 fwd[(n, n_chunks)](xw, xl, pol_f, ref_f, partial, chw, n, n_chunks,
                                    xw.stride(0), xl.stride(0), pol_ss, pol_sn, ref_ss, ref_sn,
                                    SHARED_POL=shared_pol, SHARED_REF=shared_ref,
@@ -342,7 +332,7 @@ class _WinLoseDiff(torch.autograd.Function):
             block, per_program, n_chunks = _blocks(chw)
             coef = (grad_d.float() * (2.0 / chw)).contiguous()  # (2, N): d mean/d pol = 2 (x - pol) / CHW
             pol_ss, pol_sn, shared_pol = _side_strides(pol_f)
-            with _on_device(xw):
+            with on_device(xw):
                 bwd[(n, n_chunks)](xw, xl, pol_f, coef, grad, chw, n, xw.stride(0), xl.stride(0), pol_ss, pol_sn,
                                    n * chw, SHARED_POL=shared_pol, BLOCK=block, BLOCKS_PER_PROGRAM=per_program)
         return grad.view(ctx.pol_shape), None, None, None
