@@ -31,7 +31,8 @@ Noise: the Triton kernel draws z[b, j, e] = ``tl.randn(seed, offset + (b * k + j
 Philox, int64 counters): nothing of size (B, k, C, H, W) is materialised besides the candidates.
 ``philox_normal(seed, offset, shape, device)`` reproduces those draws (same Triton RNG) so the kernel can be
 checked exactly against the reference. The torch backend draws z with ``torch.randn`` from a
-``torch.Generator`` on the tensors' device seeded with ``_torch_seed(seed, offset)``. The two backends therefore
+``torch.Generator`` on the tensors' device seeded with ``_torch_seed(seed, offset)``; ``torch_normal(seed,
+offset, shape, device)`` returns those draws. The two backends therefore
 draw DIFFERENT noise for the same (seed, offset); each is reproducible, and within each a different seed or
 offset gives different noise. A caller that steps several times should advance offset by B * k * CHW per step
 (or change the seed) so steps do not reuse counters.
@@ -304,6 +305,15 @@ def _torch_seed(seed: int, offset: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + offset) % MAX_INT63
 
 
+def torch_normal(seed: int, offset: int, shape, device="cpu") -> torch.Tensor:
+    """The fp32 noise z the torch backend draws for (seed, offset) and z's shape (B, k, C, H, W): the torch
+    counterpart of ``philox_normal`` (so a caller can rebuild a torch-backend step from the reference)."""
+    shape = tuple(shape)
+    check_rng(seed, offset, math.prod(shape))
+    gen = torch.Generator(device=device).manual_seed(_torch_seed(seed, offset))
+    return torch.randn(shape, generator=gen, dtype=torch.float32, device=device)
+
+
 def pooled_ddim_step(x_t: torch.Tensor, model_out: torch.Tensor, guidance_scale: float, alpha_t: torch.Tensor,
                      alpha_prev: torch.Tensor, eta: float, k: int, seed: int, offset: int = 0, *,
                      prediction_type: str = "epsilon", backend: str | None = None) -> PooledStep:
@@ -324,10 +334,7 @@ def pooled_ddim_step(x_t: torch.Tensor, model_out: torch.Tensor, guidance_scale:
     if resolve_backend(backend, (x_t, model_out, alpha_t, alpha_prev)) == "triton":
         return _pooled_ddim_step_triton(x_t, model_out, guidance_scale, alpha_t, alpha_prev, eta, k, seed, offset,
                                         prediction_type)
-    chw = math.prod(x_t.shape[1:])
-    check_rng(seed, offset, x_t.shape[0] * k * chw)
-    gen = torch.Generator(device=x_t.device).manual_seed(_torch_seed(seed, offset))
-    z = torch.randn((x_t.shape[0], k, *x_t.shape[1:]), generator=gen, dtype=torch.float32, device=x_t.device)
+    z = torch_normal(seed, offset, (x_t.shape[0], k, *x_t.shape[1:]), x_t.device)
     return pooled_ddim_step_reference(x_t, model_out, guidance_scale, alpha_t, alpha_prev, eta, z, prediction_type)
 
 

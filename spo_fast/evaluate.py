@@ -38,9 +38,10 @@ GRID_PROMPTS = 8
 @torch.no_grad()
 def generate(comp: Components, unet, schedule: DDIMSchedule, prompts: list[str], seeds: int, guidance_scale: float,
              eta: float, batch_size: int, device, base_seed: int = 0, resolution: int | None = None,
-             latent_shape=None) -> torch.Tensor:
+             latent_shape=None, backend: str | None = None) -> torch.Tensor:
     """(seeds, P, 3, H, W) images in [-1, 1]. The noise of (seed s, prompt chunk c) is a pure function of
-    (base_seed, s, c): two models called with the same arguments see identical noise."""
+    (base_seed, s, c) (and of the step op's backend, ``backend``): two models called with the same arguments see
+    identical noise."""
     latent_shape = latent_shape or comp.latent_shape
     res = resolution or latent_shape[1] * comp.vae_scale_factor
     out = []
@@ -52,7 +53,8 @@ def generate(comp: Components, unet, schedule: DDIMSchedule, prompts: list[str],
             cond = encode_prompts(comp, chunk, device, res)
             uncond = encode_prompts(comp, [""] * len(chunk), device, res)
             x = torch.randn((len(chunk), *latent_shape), generator=gen, device=device)
-            rows.append(decode_latents(comp, sample(unet, schedule, cond, uncond, x, guidance_scale, eta, gen)).cpu())
+            rows.append(decode_latents(comp, sample(unet, schedule, cond, uncond, x, guidance_scale, eta, gen,
+                                                           backend=backend)).cpu())
         out.append(torch.cat(rows))
     return torch.stack(out)
 
@@ -110,7 +112,7 @@ def save_grid(base: torch.Tensor, trained: torch.Tensor, path: Path, n: int = GR
 
 
 def evaluate(comp: Components, base_ctx, trained_ctx, prompts: list[str], seeds: int, reward: Callable,
-             out: Path, sampling, batch_size: int, device, latent_shape=None) -> dict:
+             out: Path, sampling, batch_size: int, device, latent_shape=None, backend: str | None = None) -> dict:
     """Run both models on the same noise, score, write eval.json and eval_grid.png into ``out``."""
     t0 = time.perf_counter()
     schedule = DDIMSchedule.from_scheduler(comp.scheduler, sampling.num_steps, device=device)
@@ -118,7 +120,7 @@ def evaluate(comp: Components, base_ctx, trained_ctx, prompts: list[str], seeds:
     for name, ctx in (("base", base_ctx), ("trained", trained_ctx)):
         with ctx as unet:
             images[name] = generate(comp, unet, schedule, prompts, seeds, sampling.guidance_scale, sampling.eta,
-                                    batch_size, device, latent_shape=latent_shape)
+                                    batch_size, device, latent_shape=latent_shape, backend=backend)
     result = compare(images["base"], images["trained"], prompts, reward)
     result["seconds"] = time.perf_counter() - t0
     result["prompts"] = prompts

@@ -26,9 +26,11 @@ from dataclasses import dataclass
 import torch
 
 from .config import SamplingConfig, SPOConfig
+from .kernels.ddim_step import pooled_ddim_step
+from .kernels.pair_select import score_and_select, select_from_scores
 from .models import Conditioning
-from .sampling import DDIMSchedule, cfg_model_output, ddim_step_stats, predict_x0_eps
-from .scorers import Scorer
+from .sampling import DDIMSchedule, cfg_halves, guide, predict_x0_eps, step_seed
+from .scorers import FeatureScorer, Scorer
 
 
 @dataclass
@@ -58,33 +60,57 @@ def _pick(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def select_pairs(scores: torch.Tensor, threshold: float, k: int, generator: torch.Generator | None):
     """Per pool: win/lose index, validity and the continuation index.
 
-    scores (B, k) -> win (B,), lose (B,), valid (B,) bool, cont (B,) uniform in [0, k).
+    scores (B, k) -> win (B,), lose (B,), valid (B,) bool, cont (B,) uniform in [0, k), from one uniform per
+    pool drawn from ``generator`` (``spo_fast.kernels.pair_select.select_from_scores``'s rules).
     """
-    win, lose = scores.argmax(1), scores.argmin(1)
-    s_w, s_l = _pick(scores, win), _pick(scores, lose)
-    valid = torch.tanh((s_w - s_l) / 2) > threshold
-    cont = torch.randint(k, (scores.shape[0],), generator=generator, device=scores.device)
-    return win, lose, valid, cont
+    u = torch.rand(scores.shape[0], generator=generator, device=scores.device)
+    return select_from_scores(scores, threshold, u)
 
 
 @torch.no_grad()
 def rollout(unet, schedule: DDIMSchedule, cond: Conditioning, uncond: Conditioning, scorer: Scorer,
             score_state: object, decode: Callable[[torch.Tensor], torch.Tensor], noise: torch.Tensor,
-            spo: SPOConfig, sampling: SamplingConfig, generator: torch.Generator | None) -> RolloutBuffer:
+            spo: SPOConfig, sampling: SamplingConfig, generator: torch.Generator | None,
+            backend: str | None = None) -> RolloutBuffer:
     """Run one SPO rollout from initial noise (B, C, H, W); see the module docstring.
 
-    ``decode`` maps latents (N, C, H, W) to images in [-1, 1]; ``scorer.score`` ranks them.
-    All per-step noise comes from ``generator``.
+    ``decode`` maps latents (N, C, H, W) to images in [-1, 1]; ``scorer`` ranks them.
+    Every DDIM step, plain or pooled, is one ``spo_fast.kernels.ddim_step.pooled_ddim_step`` call (guidance,
+    x0_hat, mean/std and the candidates, their noise drawn inside the op). Its noise is keyed by one seed drawn
+    from ``generator`` per rollout and a running offset; the continuation uniforms are drawn from ``generator``
+    too, so the rollout is a pure function of ``generator``'s state (the op's torch and Triton backends draw
+    different step noise for one seed: a CPU and a CUDA rollout differ, each reproducible).
+    A ``FeatureScorer`` (the SPM) is scored and its pairs selected by the fused
+    ``spo_fast.kernels.pair_select.score_and_select``; any other scorer by ``score`` then ``select_pairs``.
+    ``backend`` (``torch`` | ``triton`` | ``auto`` | None) goes to both ops.
     """
     B, shape = noise.shape[0], tuple(noise.shape[1:])
     k, T, d, L = spo.k, len(schedule.timesteps), spo.divert_start_step, 1 + spo.num_inner_steps
     g, eta, ts, dev = sampling.guidance_scale, sampling.eta, schedule.timesteps, noise.device
     cond_k, uncond_k = cond.repeat_interleave(k), uncond.repeat_interleave(k)
     prompt_index = torch.arange(B, device=dev).repeat_interleave(k)  # (B*k,)
+    fused = isinstance(scorer, FeatureScorer)
+    seed, offset = step_seed(generator, dev), 0
 
-    def draw(mean, std):
-        z = torch.randn(mean.shape, generator=generator, device=dev, dtype=torch.float32)
-        return mean + std.view(-1, *([1] * (mean.dim() - 1))) * z
+    def step(x, halves, t, n):
+        """One DDIM step from x (N, ...) at t (N,) given both CFG halves (2N, ...): (N, n, ...) candidates."""
+        nonlocal offset
+        st = pooled_ddim_step(x, halves.to(x.dtype), g, schedule.alpha(t), schedule.alpha(schedule.prev(t)), eta, n,
+                              seed, offset, prediction_type=schedule.prediction_type, backend=backend)
+        offset += st.x_prev.numel()
+        return st.x_prev
+
+    def select(images, score_t):
+        """Score the B pools of k decoded images and pick the pairs: (scores (B, k), win, lose, valid, cont)."""
+        u = torch.rand(B, generator=generator, device=dev)
+        if fused:
+            feats = scorer.image_features(images, score_t)
+            txt = torch.as_tensor(score_state).to(feats.device)[:B]  # pool b scores against prompt b
+            sel = score_and_select(feats, txt, scorer.logit_scale, k, spo.threshold, u=u.to(feats.device),
+                                   backend=backend)
+            return tuple(v.to(dev) for v in (sel.scores, sel.win, sel.lose, sel.valid, sel.cont))
+        scores = scorer.score(images, score_t, score_state, prompt_index).float().view(B, k).to(dev)
+        return (scores, *select_from_scores(scores, spo.threshold, u))
 
     S = T - d
     x_t_buf = torch.empty((S, 2, B, *shape), device=dev)
@@ -97,34 +123,30 @@ def rollout(unet, schedule: DDIMSchedule, cond: Conditioning, uncond: Conditioni
     x = noise.float()
     for i in range(d):
         t = ts[i].expand(B)
-        _, mean, std = ddim_step_stats(schedule, cfg_model_output(unet, x, t, cond, uncond, g), x, t, eta)
-        x = draw(mean, std)
+        x = step(x, cfg_halves(unet, x, t, cond, uncond), t, 1)[:, 0]
 
-    out = None
+    halves = None  # both CFG halves at the shared x_t, reused from the previous segment's scoring call
     i = d
     while i < T:
         t = ts[i].expand(B)
-        if out is None:
-            out = cfg_model_output(unet, x, t, cond, uncond, g)
-        _, mean, std = ddim_step_stats(schedule, out, x, t, eta)
-        cands = draw(mean[:, None].expand(B, k, *shape), std)  # (B, k, C, H, W)
+        if halves is None:
+            halves = cfg_halves(unet, x, t, cond, uncond)
+        cands = step(x, halves, t, k)  # (B, k, C, H, W)
         seg_end = min(i + L, T)
         chain = [x[:, None].expand(B, k, *shape), cands]  # chain[j - i] = state at step j
         y = cands.reshape(B * k, *shape)
         for j in range(i + 1, seg_end):  # inner steps: each candidate on its own
             tj = ts[j].expand(B * k)
-            _, m, s = ddim_step_stats(schedule, cfg_model_output(unet, y, tj, cond_k, uncond_k, g), y, tj, eta)
-            y = draw(m, s)
+            y = step(y, cfg_halves(unet, y, tj, cond_k, uncond_k), tj, 1)[:, 0]
             chain.append(y.view(B, k, *shape))
         if seg_end < T:
             tj = ts[seg_end].expand(B * k)
-            out_y = cfg_model_output(unet, y, tj, cond_k, uncond_k, g)
-            x0_hat, _ = predict_x0_eps(schedule, out_y, y, tj)
+            halves_y = cfg_halves(unet, y, tj, cond_k, uncond_k)  # (2Bk, ...): [uncond; cond]
+            x0_hat, _ = predict_x0_eps(schedule, guide(halves_y, g), y, tj)
             score_t = tj
         else:
-            out_y, x0_hat, score_t = None, y, torch.zeros(B * k, dtype=torch.long, device=dev)
-        scores = scorer.score(decode(x0_hat), score_t, score_state, prompt_index).float().view(B, k)
-        win, lose, valid, cont = select_pairs(scores, spo.threshold, k, generator)
+            halves_y, x0_hat, score_t = None, y, torch.zeros(B * k, dtype=torch.long, device=dev)
+        scores, win, lose, valid, cont = select(decode(x0_hat), score_t)
         for j in range(i, seg_end):
             slot = j - d
             x_t_buf[slot, 0], x_t_buf[slot, 1] = _pick(chain[j - i], win), _pick(chain[j - i], lose)
@@ -133,6 +155,10 @@ def rollout(unet, schedule: DDIMSchedule, cond: Conditioning, uncond: Conditioni
             sw_buf[slot], sl_buf[slot] = _pick(scores, win), _pick(scores, lose)
             shared.append(j == i)
         x = _pick(chain[-1], cont)
-        out = None if out_y is None else _pick(out_y.view(B, k, *out_y.shape[1:]), cont)
+        if halves_y is not None:  # the chosen candidate's two halves: (2, B, k, ...) -> (2B, ...) = [uncond; cond]
+            h = halves_y.view(2, B, k, *halves_y.shape[1:])
+            halves = torch.cat([_pick(h[0], cont), _pick(h[1], cont)])
+        else:
+            halves = None
         i = seg_end
     return RolloutBuffer(x_t_buf, x_prev_buf, t_buf, valid_buf, sw_buf, sl_buf, shared, scores, x)

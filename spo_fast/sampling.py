@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler
 
+from .kernels.ddim_step import ddim_step
 from .models import Conditioning, unet_forward
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -109,23 +110,47 @@ def ddim_log_prob(x_prev: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -
     return lp.flatten(1).mean(1)
 
 
+def cfg_halves(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Conditioning) -> torch.Tensor:
+    """Both CFG halves from one UNet call on the 2N batch: (2N, C, H, W) laid out as [uncond; cond] (the layout the
+    step op ``spo_fast.kernels.ddim_step`` reads). x (N, C, H, W), t (N,)."""
+    return unet_forward(unet, torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat([uncond, cond]))
+
+
+def guide(halves: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """[uncond; cond] (2N, ...) -> the guided output out_u + g * (out_c - out_u) (N, ...)."""
+    out_u, out_c = halves.chunk(2)
+    return out_u + guidance_scale * (out_c - out_u)
+
+
 def cfg_model_output(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Conditioning,
                      guidance_scale: float) -> torch.Tensor:
     """Guided model output: one UNet call on [uncond; cond] (2N batch). x (N, C, H, W), t (N,)."""
-    out = unet_forward(unet, torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat([uncond, cond]))
-    out_u, out_c = out.chunk(2)
-    return out_u + guidance_scale * (out_c - out_u)
+    return guide(cfg_halves(unet, x, t, cond, uncond), guidance_scale)
+
+
+def step_seed(generator: torch.Generator | None, device) -> int:
+    """One Philox seed for the step op, drawn from ``generator`` (one host read): a sampler that draws it once
+    and advances the op's offset stays a pure function of the generator's state."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
 
 
 @torch.no_grad()
 def sample(unet, schedule: DDIMSchedule, cond: Conditioning, uncond: Conditioning, x: torch.Tensor,
-           guidance_scale: float, eta: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Plain DDIM sampling from noise x (N, C, H, W) to latents x0; noise drawn from ``generator``."""
+           guidance_scale: float, eta: float, generator: torch.Generator | None = None, *,
+           backend: str | None = None) -> torch.Tensor:
+    """Plain DDIM sampling from noise x (N, C, H, W) to latents x0.
+
+    Every step is one ``spo_fast.kernels.ddim_step.ddim_step`` call (guidance, mean/std and the noise drawn
+    inside the op; ``backend`` as for the kernels). Its noise is keyed by one seed drawn from ``generator`` and an
+    offset advanced by N*C*H*W per step. The op's torch and Triton backends draw different noise for one seed,
+    so a CPU run and a CUDA run of the same seed differ (each is reproducible)."""
     n = x.shape[0]
+    seed, offset = step_seed(generator, x.device), 0
     for t_scalar in schedule.timesteps:
         t = t_scalar.expand(n)
-        out = cfg_model_output(unet, x, t, cond, uncond, guidance_scale)
-        _, mean, std = ddim_step_stats(schedule, out, x, t, eta)
-        z = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        x = mean + _bcast(std, mean) * z
+        halves = cfg_halves(unet, x, t, cond, uncond)
+        st = ddim_step(x, halves.to(x.dtype), guidance_scale, schedule.alpha(t), schedule.alpha(schedule.prev(t)),
+                       eta, seed, offset, prediction_type=schedule.prediction_type, backend=backend)
+        offset += x.numel()
+        x = st.x_prev
     return x

@@ -9,12 +9,17 @@ Interface (what the rollout calls)::
         the prepared prompts. Returns (N,) fp32 scores: higher = preferred, on a logit scale
         (the pair threshold is applied to softmax([s_win, s_lose])).
 
-The step-aware preference model implements the same two methods.
+The step-aware preference model implements the same two methods, and also the optional feature-scorer
+interface (``FeatureScorer``): ``state`` is then the (P, D) L2-normalised text features and
+``image_features(images, timesteps)`` (N, D) with ``logit_scale`` give the scores as
+``logit_scale * <normalize(image_features), state[prompt_index]>``. For such a scorer the rollout runs the
+fused score-head + pair-selection op (``spo_fast.kernels.pair_select.score_and_select``) on the features instead
+of ``score``; any other scorer's scores go through the op's reference selection.
 """
 from __future__ import annotations
 
 import re
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -33,6 +38,13 @@ class Scorer(Protocol):
 
     def score(self, images: torch.Tensor, timesteps: torch.Tensor, state: object,
               prompt_index: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class FeatureScorer(Scorer, Protocol):
+    logit_scale: float
+
+    def image_features(self, images: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor: ...
 
 
 class ColorScorer:

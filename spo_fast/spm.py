@@ -242,9 +242,11 @@ class StepAwarePreferenceModel(nn.Module):
         h = h + (1 + g1) * layer.self_attn(layer.layer_norm1(h) * (1 + s1) + b1, attention_mask=None)[0]
         return h + (1 + g2) * layer.mlp(layer.layer_norm2(h) * (1 + s2) + b2)
 
-    def image_features(self, pixel_values: torch.Tensor, timesteps: torch.Tensor | float | None = None) -> torch.Tensor:
+    def image_features(self, pixel_values: torch.Tensor, timesteps: torch.Tensor | float | None = None,
+                       normalize: bool = True) -> torch.Tensor:
         """(N, 3, S, S) pixel_values (see :meth:`preprocess`), timesteps (N,) / scalar in [0, 1000) or None ->
-        (N, D) L2-normalised image features. ``None`` skips the modulation (= plain CLIP)."""
+        (N, D) image features, L2-normalised unless ``normalize=False`` (the projection's raw output, which the
+        fused scoring op normalises itself). ``None`` timesteps skip the modulation (= plain CLIP)."""
         vm = self.clip.vision_model
         h = vm.pre_layrnorm(vm.embeddings(pixel_values.to(self.device, self.dtype)))
         c = None
@@ -261,7 +263,8 @@ class StepAwarePreferenceModel(nn.Module):
         if c is not None:
             b, s = self.time_cond.pooled(c).chunk(2, dim=-1)
             pooled = pooled * (1 + s) + b
-        return F.normalize(self.clip.visual_projection(pooled), dim=-1)
+        proj = self.clip.visual_projection(pooled)
+        return F.normalize(proj, dim=-1) if normalize else proj
 
     def scores(self, pixel_values: torch.Tensor, timesteps: torch.Tensor | float | None, text_feats: torch.Tensor,
                prompt_index: torch.Tensor) -> torch.Tensor:
@@ -345,3 +348,17 @@ class SPMScorer:
         pixel_values = self.model.preprocess(images.to(self.device))
         t = torch.as_tensor(timesteps, device=self.device)
         return self.model.scores(pixel_values, t, state, torch.as_tensor(prompt_index)).float()
+
+    # the feature-scorer interface (spo_fast.scorers.FeatureScorer): the rollout then fuses the score head with
+    # pair selection (spo_fast.kernels.pair_select.score_and_select)
+    @property
+    def logit_scale(self) -> float:
+        """exp of the CLIP logit scale: score = logit_scale * cos(image features, text features)."""
+        return float(self.model.clip.logit_scale.detach().exp())
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) images in [-1, 1], (N,) timesteps -> (N, D) un-normalised image features, such that
+        ``score == logit_scale * <normalize(features), state[prompt_index]>``."""
+        pixel_values = self.model.preprocess(images.to(self.device))
+        return self.model.image_features(pixel_values, torch.as_tensor(timesteps, device=self.device), normalize=False)

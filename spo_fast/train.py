@@ -101,7 +101,7 @@ def run_eval(cfg: Config, s: Setup, accelerator, scorer, out: Path) -> dict:
     with accelerator.autocast():
         return evaluate(s.comp, reference_unet(s), contextlib.nullcontext(s.raw_unet), eval_prompts(cfg),
                         cfg.eval.seeds, reward, out, cfg.sampling, cfg.eval.batch_size, accelerator.device,
-                        latent_shape=s.latent_shape)
+                        latent_shape=s.latent_shape, backend=kernel_backend(cfg))
 
 
 # ----------------------------------------------------------------------------- model setup
@@ -224,7 +224,12 @@ def transition_loss(cfg: Config, s: Setup, buf: RolloutBuffer, cond, uncond, sha
     if not shared:
         mu_pol, mu_ref, std = mu_pol.view(2, n, *mu_pol.shape[1:]), mu_ref.view(2, n, *mu_ref.shape[1:]), std[:n]
     return spo_loss(mu_pol, mu_ref, x_prev[:, 0], x_prev[:, 1], std, buf.valid[slot, b].float(),
-                    cfg.spo.beta, cfg.spo.ratio_clip, backend=None if cfg.train.kernels == "auto" else cfg.train.kernels)
+                    cfg.spo.beta, cfg.spo.ratio_clip, backend=kernel_backend(cfg))
+
+
+def kernel_backend(cfg: Config) -> str | None:
+    """The kernels' ``backend`` argument: ``torch``/``triton`` win over SPO_FAST_KERNELS; ``auto`` defers to it."""
+    return None if cfg.train.kernels == "auto" else cfg.train.kernels
 
 
 def clip_gradients(accelerator, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -300,7 +305,8 @@ def sample_grid(cfg: Config, s: Setup, accelerator, prompts: list[str], scorer, 
         x = torch.randn((n, *s.latent_shape), generator=gen, device=accelerator.device)
         ctx = reference_unet(s) if name == "base" else contextlib.nullcontext(s.raw_unet)
         with ctx as unet, accelerator.autocast():
-            img = decode(sample(unet, s.schedule, cond, uncond, x, cfg.sampling.guidance_scale, cfg.sampling.eta, gen))
+            img = decode(sample(unet, s.schedule, cond, uncond, x, cfg.sampling.guidance_scale, cfg.sampling.eta, gen,
+                                backend=kernel_backend(cfg)))
         t0 = torch.zeros(n, dtype=torch.long, device=img.device)
         scores[name] = scorer.score(img, t0, state, torch.arange(n, device=img.device)).tolist()
         rows.append(((img + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
@@ -393,7 +399,7 @@ def run(cfg: Config) -> tuple[dict, Setup]:
                 s.raw_unet.eval()
                 with accelerator.autocast():
                     buf = rollout(s.raw_unet, s.schedule, cond, uncond, scorer, scorer.prepare(batch_prompts),
-                                  decode, noise, cfg.spo, cfg.sampling, gen)
+                                  decode, noise, cfg.spo, cfg.sampling, gen, backend=kernel_backend(cfg))
                 s.raw_unet.train()
                 shuffle = torch.Generator().manual_seed(cfg.train.seed * 7919 + it)
                 losses, accs, norms = [], [], []

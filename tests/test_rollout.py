@@ -3,6 +3,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -364,3 +365,70 @@ def test_select_pairs_continuation_uniform_and_seeded():
     _, _, _, other = select_pairs(scores, 0.3, k, torch.Generator().manual_seed(3))
     assert torch.equal(cont, again)
     assert not torch.equal(cont, other)
+
+
+# --------------------------------------------------------------------------- the fused score + select path
+class ScoreOnly:
+    """A scorer behind the plain interface only (no image_features / logit_scale): the unfused path."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def prepare(self, prompts):
+        return self.inner.prepare(prompts)
+
+    def score(self, images, timesteps, state, prompt_index):
+        return self.inner.score(images, timesteps, state, prompt_index)
+
+
+@pytest.mark.parametrize("inner", [0, 2])
+def test_feature_scorer_goes_through_the_fused_op_with_the_same_pairs(tiny, monkeypatch, inner):
+    """An SPM (a FeatureScorer) is scored by score_and_select on its features; the pairs, validity, continuation
+    and so the whole rollout equal those of the same SPM scored through ``score`` + select_pairs."""
+    from transformers import CLIPTokenizer
+
+    import spo_fast.rollout as rollout_mod
+    from spo_fast.scorers import FeatureScorer
+    from spo_fast.spm import SPMScorer, StepAwarePreferenceModel
+
+    tok = CLIPTokenizer.from_pretrained(Path(__file__).resolve().parents[1] / "configs/arch/tiny_sd15/tokenizer")
+    model = StepAwarePreferenceModel.tiny(tok, seed=3).eval()
+    with torch.no_grad():  # a non-identity time conditioning, so scores depend on t
+        for p in model.time_parameters():
+            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(5))
+    spm = SPMScorer(model, tok)
+    assert isinstance(spm, FeatureScorer) and not isinstance(ScoreOnly(spm), FeatureScorer)
+    calls = []
+    fused_op = rollout_mod.score_and_select
+
+    def spy(*a, **kw):
+        calls.append(a[0].shape)
+        return fused_op(*a, **kw)
+
+    monkeypatch.setattr(rollout_mod, "score_and_select", spy)
+    state = spm.prepare(PROMPTS)
+    fused, schedule = tiny["run"](spm, num_steps=8, k=3, divert=1, inner=inner, threshold=0.02, state=state)
+    assert len(calls) == -(-(8 - 1) // (1 + inner)) and calls[0] == (B * 3, model.clip.config.projection_dim)
+    plain, _ = tiny["run"](ScoreOnly(spm), num_steps=8, k=3, divert=1, inner=inner, threshold=0.02, state=state)
+    assert len(calls) == -(-(8 - 1) // (1 + inner))  # the plain path did not call the op
+    assert torch.allclose(fused.score_win, plain.score_win, atol=1e-5)
+    assert torch.allclose(fused.final_scores, plain.final_scores, atol=1e-5)
+    assert torch.equal(fused.valid, plain.valid) and 0 < fused.valid.float().mean() < 1
+    assert torch.equal(fused.x_prev, plain.x_prev) and torch.equal(fused.final, plain.final)
+
+
+def test_spm_image_features_give_its_scores():
+    """SPMScorer.score == logit_scale * <normalize(image_features), state[prompt_index]> (the fused op's inputs)."""
+    from transformers import CLIPTokenizer
+
+    from spo_fast.spm import SPMScorer, StepAwarePreferenceModel
+
+    tok = CLIPTokenizer.from_pretrained(Path(__file__).resolve().parents[1] / "configs/arch/tiny_sd15/tokenizer")
+    spm = SPMScorer(StepAwarePreferenceModel.tiny(tok, seed=1).eval(), tok)
+    state = spm.prepare(PROMPTS)
+    images = torch.rand(6, 3, 20, 20, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    t, idx = torch.tensor([0, 10, 200, 500, 900, 999]), torch.tensor([0, 1, 2, 2, 1, 0])
+    feats = spm.image_features(images, t)
+    assert feats.norm(dim=-1).sub(1).abs().max() > 1e-3  # un-normalised: the op normalises
+    got = spm.logit_scale * (torch.nn.functional.normalize(feats, dim=-1) * state[idx]).sum(-1)
+    assert torch.allclose(got, spm.score(images, t, state, idx), atol=1e-5)
