@@ -299,12 +299,16 @@ def _apply_mapping(obj: Any, data: dict, prefix: str = "") -> None:
             setattr(obj, name, _coerce(key, value, fields[name]))
 
 
+# top-level shorthands on the command line: output_dir=... is log.output_dir=...
+ALIASES = {"output_dir": "log.output_dir"}
+
+
 def apply_override(cfg: Config, item: str) -> None:
     """Apply one ``dotted.key=value`` override to ``cfg`` in place."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=3e-5)")
     key, raw = item.split("=", 1)
-    key = key.strip()
+    key = ALIASES.get(key.strip(), key.strip())
     obj: Any = cfg
     parts = key.split(".")
     for i, part in enumerate(parts):

@@ -33,6 +33,7 @@ def test_overrides_are_typed():
                                   "log.output_dir=/tmp/x"])
     assert cfg.train.lr == 3e-5 and cfg.spo.k == 2 and cfg.lora.enabled is False
     assert cfg.lora.targets == ["to_q", "to_v"] and cfg.log.output_dir == "/tmp/x"
+    assert load_config("tiny_sd15_color", ["output_dir=/tmp/y"]).log.output_dir == "/tmp/y"  # the shorthand
 
 
 @pytest.mark.parametrize("override, needle", [
