@@ -24,8 +24,9 @@ the input dtype, std (B,) fp32, x_prev (B, k, C, H, W) in the input dtype, log_p
 
 Dtype policy: x_t and model_out in fp32, fp16 or bf16, both the same; the kernel reads them in that dtype and
 does all math in fp32 (CFG included); alpha_t/alpha_prev any float dtype, upcast to fp32. The per-sample
-coefficients (sqrt a_t, sqrt(1 - a_t), sqrt a_p, the eps coefficient, std) are computed once in torch by the
-code the reference runs, so kernel and reference share them bit for bit.
+coefficients (sqrt a_t, sqrt(1 - a_t), sqrt a_p, the eps coefficient, std) are computed inside the kernel from
+alpha_t/alpha_prev with ``step_coefficients``' operation order and IEEE-rounded division and square root
+(``tl.div_rn``, ``tl.sqrt_rn``), so std equals the reference's bit for bit (tested).
 
 Noise: the Triton kernel draws z[b, j, e] = ``tl.randn(seed, offset + (b * k + j) * CHW + e)`` (Triton's
 Philox, int64 counters): nothing of size (B, k, C, H, W) is materialised besides the candidates.
@@ -40,8 +41,10 @@ offset gives different noise. A caller that steps several times should advance o
 The Triton path (``backend`` / ``SPO_FAST_KERNELS`` / ``auto``: see ``_dispatch.py``): grid (B, n_chunks);
 program (b, c) reads chunk c (BLOCK * BLOCKS_PER_PROGRAM elements) of x_t and both CFG halves once, writes x0
 and mean, then for each of the k candidates draws z, writes x_prev and the fp32 sum over each block of
-(x_prev - mean)^2 to partial[b, j, c * BLOCKS_PER_PROGRAM + i]. torch sums the partials in a fixed order (no
-atomics: bitwise reproducible) and applies the per-sample log-density epilogue. Stores round to nearest even
+(x_prev - mean)^2 to partial[b, j, c * BLOCKS_PER_PROGRAM + i]. A second kernel (grid (B,)) sums the partials
+in a fixed order (no atomics: bitwise reproducible) and applies the per-sample log-density epilogue. So the
+Triton path is two launches and four allocations (no torch arithmetic around them: at the recipe shapes the
+kernels move a few MB, and a launch costs about as much as that). Stores round to nearest even
 like torch's casts (Triton's interpreter truncates fp32 -> bf16, so under it the kernel rounds bf16 by hand; NaN
 payloads aside the result is the same).
 Limits: CHW >= 1 and n_chunks <= 65535 (the grid's second axis, CHW up to ~2.7e8); 0 <= seed < 2^63,
@@ -146,18 +149,25 @@ _BLOCKS_PER_PROGRAM = 4
 _MAX_GRID_AXIS1 = 65535
 
 
-def _pooled_step_kernel(x_ptr, out_ptr, coef_ptr, x0_ptr, mean_ptr, xprev_ptr, partial_ptr,
-                        CHW, B, K, n_parts, guidance, seed, offset, x_sb, out_sb, cond_off,
+def _pooled_step_kernel(x_ptr, out_ptr, at_ptr, ap_ptr, std_ptr, x0_ptr, mean_ptr, xprev_ptr, partial_ptr,
+                        CHW, K, n_parts, guidance, eta, seed, offset, x_sb, out_sb, cond_off,
                         V_PRED: tl.constexpr, MANUAL_RTNE: tl.constexpr, BLOCK: tl.constexpr,
                         BLOCKS_PER_PROGRAM: tl.constexpr):
-    # x0, mean: contiguous (B, CHW); x_prev contiguous (B, K, CHW); partial (B, K, n_parts) fp32
+    # x0, mean: contiguous (B, CHW); x_prev contiguous (B, K, CHW); partial (B, K, n_parts) fp32; std (B,) fp32
     b = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
-    sqrt_a = tl.load(coef_ptr + b)
-    sqrt_1ma = tl.load(coef_ptr + B + b)
-    sqrt_ap = tl.load(coef_ptr + 2 * B + b)
-    direction = tl.load(coef_ptr + 3 * B + b)
-    std = tl.load(coef_ptr + 4 * B + b)
+    # the per-sample coefficients, step_coefficients' formula and operation order with IEEE-rounded division and
+    # square root (torch's), so they equal the reference's bit for bit
+    a_t = tl.load(at_ptr + b).to(tl.float32)
+    a_p = tl.load(ap_ptr + b).to(tl.float32)
+    var = tl.div_rn(1.0 - a_p, 1.0 - a_t) * (1.0 - tl.div_rn(a_t, a_p))
+    std = eta * tl.sqrt_rn(tl.maximum(var, 0.0))
+    direction = tl.sqrt_rn(tl.maximum(1.0 - a_p - std * std, 0.0))
+    sqrt_a = tl.sqrt_rn(a_t)
+    sqrt_1ma = tl.sqrt_rn(1.0 - a_t)
+    sqrt_ap = tl.sqrt_rn(a_p)
+    if chunk == 0:
+        tl.store(std_ptr + b, std)
     x_ptr += b * x_sb
     out_ptr += b * out_sb
     start = chunk * (BLOCK * BLOCKS_PER_PROGRAM)
@@ -198,6 +208,21 @@ def _pooled_step_kernel(x_ptr, out_ptr, coef_ptr, x0_ptr, mean_ptr, xprev_ptr, p
             tl.store(partial_ptr + row * n_parts + chunk * BLOCKS_PER_PROGRAM + i, tl.sum(d * d, axis=0))
 
 
+def _log_prob_kernel(partial_ptr, std_ptr, lp_ptr, K, n_parts, inv_chw, BLOCK_P: tl.constexpr):
+    # lp (B, K) fp32 from the (B, K, n_parts) partial sums, summed in a fixed order (no atomics)
+    b = tl.program_id(0).to(tl.int64)
+    std = tl.load(std_ptr + b)
+    for j in range(K):
+        row = b * K + j
+        acc = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for p0 in range(0, n_parts, BLOCK_P):
+            offs = p0 + tl.arange(0, BLOCK_P)
+            acc += tl.load(partial_ptr + row * n_parts + offs, mask=offs < n_parts, other=0.0)
+        sum_sq = tl.sum(acc, axis=0)
+        lp = -(sum_sq * inv_chw) / (2.0 * std * std) - tl.log(std) - 0.9189385332046727  # 0.5 * log(2 pi)
+        tl.store(lp_ptr + row, lp)
+
+
 def _philox_normal_kernel(z_ptr, n, seed, offset, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     tl.store(z_ptr + offs, tl.randn(seed, offset + offs), mask=offs < n)
@@ -207,14 +232,15 @@ _KERNELS: dict[bool, tuple] = {}
 
 
 def _kernels() -> tuple:
-    """(step, philox_normal) jitted on first use, one pair per setting of TRITON_INTERPRET."""
+    """(step, philox_normal, log_prob) jitted on first use, one set per setting of TRITON_INTERPRET."""
     global tl
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if interpret not in _KERNELS:
         import triton
         import triton.language as tl
 
-        _KERNELS[interpret] = (triton.jit(_pooled_step_kernel), triton.jit(_philox_normal_kernel))
+        _KERNELS[interpret] = (triton.jit(_pooled_step_kernel), triton.jit(_philox_normal_kernel),
+                               triton.jit(_log_prob_kernel))
     return _KERNELS[interpret]
 
 
@@ -262,7 +288,7 @@ def philox_normal(seed: int, offset: int, shape, device="cpu") -> torch.Tensor:
     check_rng(seed, offset, n)
     z = torch.empty(shape, dtype=torch.float32, device=device)
     if n > 0:
-        _, kernel = _kernels()
+        _, kernel, _ = _kernels()
         block = 1024
         with on_device(z):
             kernel[(-(-n // block),)](z, n, seed, offset, BLOCK=block)
@@ -272,30 +298,31 @@ def philox_normal(seed: int, offset: int, shape, device="cpu") -> torch.Tensor:
 def _pooled_ddim_step_triton(x_t: torch.Tensor, model_out: torch.Tensor, guidance_scale: float,
                              alpha_t: torch.Tensor, alpha_prev: torch.Tensor, eta: float, k: int, seed: int,
                              offset: int, prediction_type: str) -> PooledStep:
-    """The launcher: validates, computes the per-sample coefficients, runs the fused kernel, then the epilogue."""
+    """The launcher: validates, allocates, runs the fused step kernel, then the log-density kernel."""
     _check_kernel_inputs(x_t, model_out, alpha_t, alpha_prev)
     b, chw = x_t.shape[0], math.prod(x_t.shape[1:])
     check_rng(seed, offset, b * k * chw)
-    coef = step_coefficients(alpha_t, alpha_prev, eta).contiguous()  # (5, B) fp32
     block, per_program, n_chunks = _blocks(chw)
     n_parts = n_chunks * per_program
     dev, dtype = x_t.device, x_t.dtype
     x0 = torch.empty(b, chw, dtype=torch.float32, device=dev)
     mean = torch.empty(b, chw, dtype=dtype, device=dev)
     x_prev = torch.empty(b, k, chw, dtype=dtype, device=dev)
-    partial = torch.zeros(b, k, n_parts, dtype=torch.float32, device=dev)  # parts past CHW stay 0
+    std = torch.empty(b, dtype=torch.float32, device=dev)
+    log_prob = torch.empty(b, k, dtype=torch.float32, device=dev)
+    partial = torch.empty(b, k, n_parts, dtype=torch.float32, device=dev)  # every part is written (masked: 0)
     if b > 0:
-        kernel, _ = _kernels()
+        kernel, _, lp_kernel = _kernels()
         x, out = _flat(x_t, chw), _flat(model_out, chw)
         with on_device(x):
-            kernel[(b, n_chunks)](x, out, coef, x0, mean, x_prev, partial, chw, b, k, n_parts, float(guidance_scale),
-                                  seed, offset, x.stride(0), out.stride(0), b * out.stride(0),
+            kernel[(b, n_chunks)](x, out, alpha_t.contiguous(), alpha_prev.contiguous(), std, x0, mean, x_prev,
+                                  partial, chw, k, n_parts, float(guidance_scale), float(eta), seed, offset,
+                                  x.stride(0), out.stride(0), b * out.stride(0),
                                   V_PRED=prediction_type == "v_prediction",
                                   MANUAL_RTNE=dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-                                  BLOCK=block,
-                                  BLOCKS_PER_PROGRAM=per_program)
-    std = coef[4]
-    log_prob = _log_prob_epilogue(partial.sum(-1), std, chw)
+                                  BLOCK=block, BLOCKS_PER_PROGRAM=per_program)
+            lp_kernel[(b,)](partial, std, log_prob, k, n_parts, 1.0 / chw,
+                            BLOCK_P=min(1024, max(16, 1 << (n_parts - 1).bit_length())))
     rest = x_t.shape[1:]
     return PooledStep(x0.view(b, *rest), mean.view(b, *rest), std, x_prev.view(b, k, *rest), log_prob)
 

@@ -308,3 +308,18 @@ def test_auto_dispatch(monkeypatch):
     a = pooled_ddim_step(x, out, G, at, ap, ETA, 2, 0)  # auto, interpreter off: the torch reference
     monkeypatch.setenv("SPO_FAST_KERNELS", "torch")
     assert torch.equal(a.x_prev, pooled_ddim_step(x, out, G, at, ap, ETA, 2, 0).x_prev)
+
+
+@needs_interpreter
+def test_in_kernel_coefficients_equal_the_reference_bitwise():
+    """The kernel computes std (and the other per-sample coefficients) itself with IEEE division and square root:
+    std equals step_coefficients' bit for bit, at ordinary, final (alpha_prev = 1) and near-zero-noise steps."""
+    from spo_fast.kernels.ddim_step import step_coefficients
+
+    sched = toy_schedule("epsilon")
+    t = torch.tensor([950, 500, 0, 1, 999])
+    at, ap = sched.alpha(t), sched.alpha(sched.prev(t))
+    x, out, _, _ = make_case(5, (3, 4, 4), seed=2)
+    for eta in (1.0, 0.3):
+        s = pooled_ddim_step(x, out, G, at, ap, eta, 2, 0, backend="triton")
+        assert torch.equal(s.std, step_coefficients(at, ap, eta)[4])
