@@ -216,7 +216,7 @@ def _score_and_select_triton(img: torch.Tensor, txt: torch.Tensor, logit_scale: 
     scores = torch.empty(b, k, dtype=torch.float32, device=dev)
     win = torch.empty(b, dtype=torch.int64, device=dev)
     lose = torch.empty(b, dtype=torch.int64, device=dev)
-    valid = torch.empty(b, dtype=torch.int8, device=dev)
+    valid = torch.empty(b, dtype=torch.bool, device=dev)  # the kernel stores 0/1 bytes through an int8 view
     cont = torch.empty(b, dtype=torch.int64, device=dev)
     if b > 0:
         kernel, _ = _kernels()
@@ -224,10 +224,10 @@ def _score_and_select_triton(img: torch.Tensor, txt: torch.Tensor, logit_scale: 
         u_r = u.contiguous() if u is not None else scores  # a dummy pointer when HAS_U is off
         block_k, block_d = _blocks(k, d)
         with on_device(img_r):
-            kernel[(b,)](img_r, txt_r, u_r, scores, win, lose, valid, cont, d, k, img_r.stride(0), txt_r.stride(0),
+            kernel[(b,)](img_r, txt_r, u_r, scores, win, lose, valid.view(torch.int8), cont, d, k, img_r.stride(0), txt_r.stride(0),
                          float(logit_scale), float(threshold), seed, offset,
                          HAS_U=u is not None, BLOCK_K=block_k, BLOCK_D=block_d)
-    return PairSelection(scores, win, lose, valid.bool(), cont)
+    return PairSelection(scores, win, lose, valid, cont)
 
 
 def _torch_seed(seed: int, offset: int) -> int:
