@@ -161,6 +161,18 @@ def _adapters_disabled(unet):
         unet.enable_adapters()
 
 
+def _all_toy(prompts: list[str]) -> bool:
+    """Every prompt is a toy-world prompt (so the ground truth can score it)."""
+    from .toyworld import world
+
+    try:
+        for p in prompts:
+            world.parse_prompt(p)
+    except ValueError:
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     from types import SimpleNamespace
 
@@ -176,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-prompts", type=int, default=64)
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--reward", choices=("ground_truth", "spm", "clip"), default=None,
-                        help="default: ground_truth for toy-world prompts, else spm")
+                        help="default: ground_truth when the model is a toyworld: one and every prompt is a toy-world "
+                             "prompt (toyworld:heldout or a file of them), else spm")
     parser.add_argument("--spm", default="toyworld:spm", help="SPM dir (reward at t = 0)")
     parser.add_argument("--clip-reward", default=None, help="a local CLIP-style reward model dir (e.g. PickScore)")
     parser.add_argument("--num-steps", type=int, default=20)
@@ -190,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.n_prompts < 1 or args.seeds < 1:
             raise ConfigError(f"--n-prompts={args.n_prompts} and --seeds={args.seeds} must be >= 1")
         prompts = load_prompts(args.prompts)[:args.n_prompts]
-        kind = args.reward or ("ground_truth" if args.prompts.startswith("toyworld:") else "spm")
+        kind = args.reward or ("ground_truth" if args.model.startswith("toyworld:") and _all_toy(prompts) else "spm")
         if args.clip_reward:
             kind = "clip"
         comp = load_components(args.model, args.family)

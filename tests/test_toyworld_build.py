@@ -158,6 +158,12 @@ def test_main_job_reduced_end_to_end(tmp_path):
     again = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert again["reward_base"] == pytest.approx(ev["reward_base"], abs=1e-5)
     assert again["reward_trained"] == pytest.approx(ev["reward_trained"], abs=1e-4)
+    # a file of the same toy-world prompts is scored by the ground truth too (not the SPM)
+    (tmp_path / "p.txt").write_text("\n".join(ev["prompts"]) + "\n")
+    assert evaluate.main(["--lora", str(out / "lora"), "--prompts", str(tmp_path / "p.txt"), "--seeds", "2",
+                          "--num-steps", "4", "--out", str(tmp_path / "ev2")]) == 0
+    from_file = json.loads((tmp_path / "ev2" / "eval.json").read_text())
+    assert from_file["reward_base"] == pytest.approx(ev["reward_base"], abs=1e-5)
 
 
 def test_shipped_assets_present():
