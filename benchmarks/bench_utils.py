@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import platform
 import statistics
 import time
@@ -54,6 +55,50 @@ def triton_version() -> str | None:
 def sync(device: torch.device) -> None:
     if is_cuda(device):
         torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- providers and skips
+COMPILE_ENV = "SPO_FAST_BENCH_COMPILE"
+
+
+def skip_reason(provider: str, shape_name: str, where: str, dtype_name: str, device: torch.device) -> str | None:
+    """Why a (provider, shape, dtype) case does not run on ``device``, or None. ``where``: the shape's
+    ``any`` | ``gpu`` (the GPU-filling size) | ``cpu`` (its CPU stand-in, ``small``). The rules every op's
+    benchmark shares: bf16 on GPU only; Triton on CUDA only and never interpreted; torch.compile on CPU only
+    with SPO_FAST_BENCH_COMPILE=1 and at ``sd15``."""
+    cuda = is_cuda(device)
+    if where == "gpu" and not cuda:
+        return f"'{shape_name}' is GPU-only (the CPU runs 'small' instead)"
+    if where == "cpu" and cuda:
+        return f"'{shape_name}' is the CPU stand-in for 'large'"
+    if dtype_name != "fp32" and not cuda:
+        return f"{dtype_name} is benchmarked on GPU only (CPU: fp32)"
+    if provider == "triton":
+        if not cuda:
+            return "Triton needs a CUDA GPU"
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return "TRITON_INTERPRET=1 is set: interpreted Triton timings are meaningless; unset it"
+        try:
+            import triton  # noqa: F401
+        except ImportError as e:
+            return f"triton cannot be imported ({e})"
+    if provider == "compile" and not cuda:
+        if os.environ.get(COMPILE_ENV) != "1":
+            return f"torch.compile on CPU is slow (tens of seconds to compile); set {COMPILE_ENV}=1 to run it at 'sd15'"
+        if shape_name != "sd15":
+            return "torch.compile on CPU runs at 'sd15' only"
+    return None
+
+
+@functools.cache
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn)``, once per function: one compiled function serves every shape and dtype of a
+    session, so dynamo's recompile limit is raised to allow them."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 64))
+    return torch.compile(fn, dynamic=False)
 
 
 # ----------------------------------------------------------------------------- timing

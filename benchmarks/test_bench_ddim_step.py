@@ -26,19 +26,17 @@ it returned.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import pytest
 import torch
-from bench_utils import fill_extra_info, is_cuda, sync, tensor_bytes
+from bench_utils import compiled, fill_extra_info, skip_reason, sync, tensor_bytes
 from spo_fast.kernels.ddim_step import philox_normal, pooled_ddim_step, pooled_ddim_step_reference, torch_normal
 
 GUIDANCE, ETA, PREDICTION_TYPE = 7.5, 1.0, "epsilon"  # the SD1.5 / SDXL recipes
 T, T_PREV = 501, 481  # a 50-step DDIM sampler's middle step (timestep spacing 20, steps_offset 1)
 BETA_START, BETA_END, TRAIN_STEPS = 0.00085, 0.012, 1000  # SD's scaled_linear schedule
 SEED, OFFSET = 1234, 0
-COMPILE_ENV = "SPO_FAST_BENCH_COMPILE"
 
 
 @dataclass(frozen=True)
@@ -78,55 +76,15 @@ def _step_drawing_noise(x_t: torch.Tensor, model_out: torch.Tensor, guidance_sca
     return pooled_ddim_step_reference(x_t, model_out, guidance_scale, alpha_t, alpha_prev, eta, z, PREDICTION_TYPE)
 
 
-_COMPILED = None
-
-
-def _compiled_step():
-    global _COMPILED
-    if _COMPILED is None:
-        cfg = torch._dynamo.config  # one compiled function serves every shape/dtype: allow the recompiles
-        for name in ("recompile_limit", "cache_size_limit"):
-            if hasattr(cfg, name):
-                setattr(cfg, name, max(getattr(cfg, name), 64))
-        _COMPILED = torch.compile(_step_drawing_noise, dynamic=False)
-    return _COMPILED
-
-
 def _step_fn(provider: str):
     """fn(x_t, model_out, guidance_scale, alpha_t, alpha_prev, eta, k) -> PooledStep."""
     if provider == "eager":
         return lambda *a: pooled_ddim_step(*a, SEED, OFFSET, prediction_type=PREDICTION_TYPE, backend="torch")
     if provider == "compile":
-        return _compiled_step()
+        return compiled(_step_drawing_noise)
     if provider == "triton":
         return lambda *a: pooled_ddim_step(*a, SEED, OFFSET, prediction_type=PREDICTION_TYPE, backend="triton")
     raise ValueError(provider)
-
-
-def _skip_reason(provider: str, shape_name: str, dtype_name: str, device: torch.device) -> str | None:
-    cuda = is_cuda(device)
-    where = SHAPES[shape_name].where
-    if where == "gpu" and not cuda:
-        return f"'{shape_name}' is GPU-only (the CPU runs 'small' instead)"
-    if where == "cpu" and cuda:
-        return f"'{shape_name}' is the CPU stand-in for 'large'"
-    if dtype_name != "fp32" and not cuda:
-        return f"{dtype_name} is benchmarked on GPU only (CPU: fp32)"
-    if provider == "triton":
-        if not cuda:
-            return "Triton needs a CUDA GPU"
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            return "TRITON_INTERPRET=1 is set: interpreted Triton timings are meaningless; unset it"
-        try:
-            import triton  # noqa: F401
-        except ImportError as e:
-            return f"triton cannot be imported ({e})"
-    if provider == "compile" and not cuda:
-        if os.environ.get(COMPILE_ENV) != "1":
-            return f"torch.compile on CPU is slow (tens of seconds to compile); set {COMPILE_ENV}=1 to run it at 'sd15'"
-        if shape_name != "sd15":
-            return "torch.compile on CPU runs at 'sd15' only"
-    return None
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -222,7 +180,7 @@ def _check_own_noise(out, args, provider: str, shape: Shape, dtype: torch.dtype)
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 def test_pooled_ddim_step(benchmark, device, copy_bandwidth, shape_name, dtype_name, provider):
-    reason = _skip_reason(provider, shape_name, dtype_name, device)
+    reason = skip_reason(provider, shape_name, SHAPES[shape_name].where, dtype_name, device)
     if reason:
         pytest.skip(reason)
     shape, dtype = SHAPES[shape_name], DTYPES[dtype_name]

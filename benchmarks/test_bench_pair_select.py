@@ -25,18 +25,16 @@ cannot post a fast number.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
-from bench_utils import fill_extra_info, is_cuda, sync, tensor_bytes
+from bench_utils import compiled, fill_extra_info, skip_reason, sync, tensor_bytes
 from spo_fast.kernels.pair_select import score_and_select, score_and_select_reference
 
 LOGIT_SCALE, THRESHOLD = 100.0, 0.3  # PickScore's logit scale; the recipes' selection threshold
 D = 1024
-COMPILE_ENV = "SPO_FAST_BENCH_COMPILE"
 
 
 @dataclass(frozen=True)
@@ -62,18 +60,6 @@ PROVIDERS = ("eager", "compile", "triton")
 
 
 # ----------------------------------------------------------------------------- providers
-_COMPILED = None
-
-
-def _compiled_reference():
-    global _COMPILED
-    if _COMPILED is None:
-        cfg = torch._dynamo.config  # one compiled function serves every shape/dtype: allow the recompiles
-        for name in ("recompile_limit", "cache_size_limit"):
-            if hasattr(cfg, name):
-                setattr(cfg, name, max(getattr(cfg, name), 64))
-        _COMPILED = torch.compile(score_and_select_reference, dynamic=False)
-    return _COMPILED
 
 
 def _select_fn(provider: str):
@@ -81,36 +67,10 @@ def _select_fn(provider: str):
     if provider == "eager":
         return lambda *a: score_and_select(*a, backend="torch")
     if provider == "compile":
-        return _compiled_reference()
+        return compiled(score_and_select_reference)
     if provider == "triton":
         return lambda *a: score_and_select(*a, backend="triton")
     raise ValueError(provider)
-
-
-def _skip_reason(provider: str, shape_name: str, dtype_name: str, device: torch.device) -> str | None:
-    cuda = is_cuda(device)
-    where = SHAPES[shape_name].where
-    if where == "gpu" and not cuda:
-        return f"'{shape_name}' is GPU-only (the CPU runs 'small' instead)"
-    if where == "cpu" and cuda:
-        return f"'{shape_name}' is the CPU stand-in for 'large'"
-    if dtype_name != "fp32" and not cuda:
-        return f"{dtype_name} is benchmarked on GPU only (CPU: fp32)"
-    if provider == "triton":
-        if not cuda:
-            return "Triton needs a CUDA GPU"
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            return "TRITON_INTERPRET=1 is set: interpreted Triton timings are meaningless; unset it"
-        try:
-            import triton  # noqa: F401
-        except ImportError as e:
-            return f"triton cannot be imported ({e})"
-    if provider == "compile" and not cuda:
-        if os.environ.get(COMPILE_ENV) != "1":
-            return f"torch.compile on CPU is slow (tens of seconds to compile); set {COMPILE_ENV}=1 to run it at 'sd15'"
-        if shape_name != "sd15":
-            return "torch.compile on CPU runs at 'sd15' only"
-    return None
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -177,7 +137,7 @@ def _check_against_reference(out, args, provider: str) -> None:
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 def test_score_and_select(benchmark, device, copy_bandwidth, shape_name, dtype_name, provider):
-    reason = _skip_reason(provider, shape_name, dtype_name, device)
+    reason = skip_reason(provider, shape_name, SHAPES[shape_name].where, dtype_name, device)
     if reason:
         pytest.skip(reason)
     shape, dtype = SHAPES[shape_name], DTYPES[dtype_name]

@@ -17,16 +17,14 @@ before timing, so a broken kernel cannot post a fast number.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import pytest
 import torch
-from bench_utils import fill_extra_info, is_cuda, sync, tensor_bytes
+from bench_utils import compiled, fill_extra_info, skip_reason, sync, tensor_bytes
 from spo_fast.kernels.spo_loss import spo_loss, spo_loss_reference
 
 BETA, RATIO_CLIP = 10.0, 0.1  # the SD1.5 / SDXL recipes
-COMPILE_ENV = "SPO_FAST_BENCH_COMPILE"
 
 
 @dataclass(frozen=True)
@@ -55,54 +53,16 @@ PROVIDERS = ("eager", "compile", "triton")
 
 
 # ----------------------------------------------------------------------------- providers
-_COMPILED = None
-
-
-def _compiled_reference():
-    global _COMPILED
-    if _COMPILED is None:
-        cfg = torch._dynamo.config  # one compiled function serves every shape/dtype: allow the recompiles
-        for name in ("recompile_limit", "cache_size_limit"):
-            if hasattr(cfg, name):
-                setattr(cfg, name, max(getattr(cfg, name), 64))
-        _COMPILED = torch.compile(spo_loss_reference, dynamic=False)
-    return _COMPILED
 
 
 def _loss_fn(provider: str):
     if provider == "eager":
         return lambda *a: spo_loss(*a, backend="torch")
     if provider == "compile":
-        return _compiled_reference()
+        return compiled(spo_loss_reference)
     if provider == "triton":
         return lambda *a: spo_loss(*a, backend="triton")
     raise ValueError(provider)
-
-
-def _skip_reason(provider: str, shape_name: str, dtype_name: str, device: torch.device) -> str | None:
-    cuda = is_cuda(device)
-    where = SHAPES[shape_name].where
-    if where == "gpu" and not cuda:
-        return f"'{shape_name}' is GPU-only (the CPU runs 'small' instead)"
-    if where == "cpu" and cuda:
-        return f"'{shape_name}' is the CPU stand-in for 'large'"
-    if dtype_name != "fp32" and not cuda:
-        return f"{dtype_name} is benchmarked on GPU only (CPU: fp32)"
-    if provider == "triton":
-        if not cuda:
-            return "Triton needs a CUDA GPU"
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            return "TRITON_INTERPRET=1 is set: interpreted Triton timings are meaningless; unset it"
-        try:
-            import triton  # noqa: F401
-        except ImportError as e:
-            return f"triton cannot be imported ({e})"
-    if provider == "compile" and not cuda:
-        if os.environ.get(COMPILE_ENV) != "1":
-            return f"torch.compile on CPU is slow (tens of seconds to compile); set {COMPILE_ENV}=1 to run it at 'sd15'"
-        if shape_name != "sd15":
-            return "torch.compile on CPU runs at 'sd15' only"
-    return None
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -143,7 +103,7 @@ def _check_against_eager(loss_fn, args, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 def test_spo_loss_fwd_bwd(benchmark, device, copy_bandwidth, shape_name, dtype_name, provider):
-    reason = _skip_reason(provider, shape_name, dtype_name, device)
+    reason = skip_reason(provider, shape_name, SHAPES[shape_name].where, dtype_name, device)
     if reason:
         pytest.skip(reason)
     shape, dtype = SHAPES[shape_name], DTYPES[dtype_name]

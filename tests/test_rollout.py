@@ -407,7 +407,7 @@ def test_feature_scorer_goes_through_the_fused_op_with_the_same_pairs(tiny, monk
 
     monkeypatch.setattr(rollout_mod, "score_and_select", spy)
     state = spm.prepare(PROMPTS)
-    fused, schedule = tiny["run"](spm, num_steps=8, k=3, divert=1, inner=inner, threshold=0.02, state=state)
+    fused, _ = tiny["run"](spm, num_steps=8, k=3, divert=1, inner=inner, threshold=0.02, state=state)
     assert len(calls) == -(-(8 - 1) // (1 + inner)) and calls[0] == (B * 3, model.clip.config.projection_dim)
     plain, _ = tiny["run"](ScoreOnly(spm), num_steps=8, k=3, divert=1, inner=inner, threshold=0.02, state=state)
     assert len(calls) == -(-(8 - 1) // (1 + inner))  # the plain path did not call the op

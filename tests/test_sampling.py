@@ -6,8 +6,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 from diffusers import DDIMScheduler
-
 from spo_fast.kernels.ddim_step import torch_normal
+
 from spo_fast.models import encode_prompts, load_components, unet_forward
 from spo_fast.sampling import (
     DDIMSchedule,
