@@ -43,8 +43,9 @@ program (b, c) reads chunk c (BLOCK * BLOCKS_PER_PROGRAM elements) of x_t and bo
 and mean, then for each of the k candidates draws z, writes x_prev and the fp32 sum over each block of
 (x_prev - mean)^2 to partial[b, j, c * BLOCKS_PER_PROGRAM + i]. A second kernel (grid (B,)) sums the partials
 in a fixed order (no atomics: bitwise reproducible) and applies the per-sample log-density epilogue. So the
-Triton path is two launches and four allocations (no torch arithmetic around them: at the recipe shapes the
-kernels move a few MB, and a launch costs about as much as that). Stores round to nearest even
+Triton path is two launches and four allocations (no torch arithmetic around them: at the SD1.5 recipe shape
+the kernels move ~6 MB, ~2 us at H100 bandwidth by that byte count, so launches would dominate; an estimate,
+not yet measured on a GPU: benchmarks/test_bench_ddim_step.py will). Stores round to nearest even
 like torch's casts (Triton's interpreter truncates fp32 -> bf16, so under it the kernel rounds bf16 by hand; NaN
 payloads aside the result is the same).
 Limits: CHW >= 1 and n_chunks <= 65535 (the grid's second axis, CHW up to ~2.7e8); 0 <= seed < 2^63,

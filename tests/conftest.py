@@ -27,3 +27,27 @@ def _fresh_accelerate_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+# ----------------------------------------------------------------------------- Triton kernel tests
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """TRITON_INTERPRET=1 and no SPO_FAST_KERNELS for one test (the kernel test modules set it at import time
+    only for their imports, so it does not leak into later modules' runs)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("SPO_FAST_KERNELS", raising=False)
+
+
+@pytest.fixture
+def interpreted_kernels(request):
+    """Skip unless the calling module's kernels (its ``triton_kernels()``) can run under the interpreter. Our
+    kernels are decorated on first use, under TRITON_INTERPRET=1, but triton.language's own @jit helpers
+    (tl.sum, tl.zeros) are decorated when triton is first imported: if an earlier import of triton happened
+    without TRITON_INTERPRET=1, they are compiled-mode functions the interpreter cannot call."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    funcs = (*request.module.triton_kernels(), tl.standard.sum, tl.standard.zeros)
+    if not all(isinstance(f, InterpretedFunction) for f in funcs):
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set (by an earlier test module), so "
+                    "triton.language's helpers are not interpretable: set TRITON_INTERPRET=1 in tests/conftest.py")

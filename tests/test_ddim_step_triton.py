@@ -23,7 +23,6 @@ import torch
 pytest.importorskip("triton")
 import spo_fast.kernels.ddim_step as step_mod
 from spo_fast.kernels.ddim_step import ddim_step, philox_normal, pooled_ddim_step, pooled_ddim_step_reference
-from triton.runtime.interpreter import InterpretedFunction
 
 from spo_fast.sampling import DDIMSchedule, ddim_log_prob, ddim_step_stats
 
@@ -33,23 +32,13 @@ else:
     os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
 
 
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("SPO_FAST_KERNELS", raising=False)
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
+needs_interpreter = pytest.mark.usefixtures("interpreted_kernels")  # conftest: skip unless interpretable
 
 
-@pytest.fixture
-def interpreted_kernels():
-    """Skip unless the kernels can run under the interpreter (see test_spo_loss_triton)."""
-    import triton.language as tl
-
-    kernels = step_mod._kernels()
-    if not all(isinstance(f, InterpretedFunction) for f in (*kernels, tl.standard.sum)):
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set (by an earlier test module)")
-
-
-needs_interpreter = pytest.mark.usefixtures("interpreted_kernels")
+def triton_kernels():
+    """The jitted kernels ``interpreted_kernels`` checks."""
+    return step_mod._kernels()
 
 G = 5.0  # guidance scale
 ETA = 1.0

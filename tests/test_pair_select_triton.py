@@ -28,7 +28,6 @@ from spo_fast.kernels.pair_select import (
     score_and_select_reference,
     select_from_scores,
 )
-from triton.runtime.interpreter import InterpretedFunction
 
 from spo_fast.rollout import select_pairs
 
@@ -38,23 +37,13 @@ else:
     os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
 
 
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("SPO_FAST_KERNELS", raising=False)
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
+needs_interpreter = pytest.mark.usefixtures("interpreted_kernels")  # conftest: skip unless interpretable
 
 
-@pytest.fixture
-def interpreted_kernels():
-    """Skip unless the kernels can run under the interpreter (see test_spo_loss_triton)."""
-    import triton.language as tl
-
-    kernels = ps_mod._kernels()
-    if not all(isinstance(f, InterpretedFunction) for f in (*kernels, tl.standard.sum)):
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set (by an earlier test module)")
-
-
-needs_interpreter = pytest.mark.usefixtures("interpreted_kernels")
+def triton_kernels():
+    """The jitted kernels ``interpreted_kernels`` checks."""
+    return ps_mod._kernels()
 
 SCALE = 5.0  # logit_scale: score gaps of a few units, so thresholds in [0, 1) split pools both ways
 

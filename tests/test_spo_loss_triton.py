@@ -35,7 +35,6 @@ pytest.importorskip("triton")
 import spo_fast.kernels.spo_loss as spo_loss_mod
 from spo_fast.kernels._dispatch import resolve_backend
 from spo_fast.kernels.spo_loss import spo_loss, spo_loss_reference
-from triton.runtime.interpreter import InterpretedFunction
 
 if _INTERPRET_BEFORE is None:
     del os.environ["TRITON_INTERPRET"]
@@ -43,28 +42,13 @@ else:
     os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
 
 
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("SPO_FAST_KERNELS", raising=False)
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
+needs_interpreter = pytest.mark.usefixtures("interpreted_kernels")  # conftest: skip unless interpretable
 
 
-@pytest.fixture
-def interpreted_kernels():
-    """Skip unless the kernels can run under the interpreter. Our kernels are decorated on first use, under
-    the variable set above, but triton.language's own @jit helpers (tl.sum, tl.zeros) are decorated when
-    triton is first imported: if an earlier test module imported triton (diffusers does, through torch)
-    without TRITON_INTERPRET=1, they are compiled-mode functions the interpreter cannot call."""
-    import triton.language as tl
-
-    fwd, bwd = spo_loss_mod._kernels()
-    helpers = (tl.standard.sum, tl.standard.zeros)
-    if not all(isinstance(f, InterpretedFunction) for f in (fwd, bwd, *helpers)):
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set (by an earlier test module), so "
-                    "triton.language's helpers are not interpretable: set TRITON_INTERPRET=1 in tests/conftest.py")
-
-
-needs_interpreter = pytest.mark.usefixtures("interpreted_kernels")
+def triton_kernels():
+    """The jitted kernels ``interpreted_kernels`` checks."""
+    return spo_loss_mod._kernels()
 
 
 BETA = {"spo": 10.0, "dpo": 5000.0}
