@@ -16,7 +16,7 @@ setup(
     version="0.1.0",
     description="Step-aware Preference Optimization (SPO) and Diffusion-DPO for Stable Diffusion, fast.",
     python_requires=">=3.10",
-    packages=["spo_fast", "spo_fast.kernels", "spo_fast.configs", "spo_fast.toyworld"],
+    packages=["spo_fast", "spo_fast.data", "spo_fast.kernels", "spo_fast.configs", "spo_fast.toyworld"],
     package_dir={"spo_fast": "spo_fast", "spo_fast.kernels": "kernels", "spo_fast.configs": "configs"},
     package_data={
         "spo_fast.configs": ["*.yaml", "*.txt", "arch/*.txt", "arch/*/*/*"],

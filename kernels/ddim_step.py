@@ -96,13 +96,25 @@ def _check_shapes(x_t: torch.Tensor, model_out: torch.Tensor, alpha_t: torch.Ten
 
 
 def step_coefficients(alpha_t: torch.Tensor, alpha_prev: torch.Tensor, eta: float) -> torch.Tensor:
-    """(5, B) fp32: sqrt(a_t), sqrt(1 - a_t), sqrt(a_p), sqrt(max(1 - a_p - std^2, 0)), std. Shared by the
-    reference and the kernel launcher (the same code as DDIMSchedule.std / ddim_step_stats)."""
+    """(5, B) fp32: sqrt(a_t), sqrt(1 - a_t), sqrt(a_p), sqrt(max(1 - a_p - std^2, 0)), std of the DDIM step from t
+    to t_prev (alpha_t, alpha_prev (B,)). The one implementation of the step's coefficients: the reference, the
+    kernel launcher and ``spo_fast.sampling`` (``DDIMSchedule.std``, ``ddim_step_stats``) all call it; the Triton
+    kernel repeats its operation order with IEEE-rounded division and square root."""
     a_t, a_p = alpha_t.float(), alpha_prev.float()
     var = (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
     std = eta * var.clamp(min=0).sqrt()
     direction = (1 - a_p - std**2).clamp(min=0).sqrt()
     return torch.stack([a_t.sqrt(), (1 - a_t).sqrt(), a_p.sqrt(), direction, std])
+
+
+def x0_and_eps(x: torch.Tensor, o: torch.Tensor, sqrt_a: torch.Tensor, sqrt_1ma: torch.Tensor,
+               prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0_hat, eps) from the (guided) model output o at x, fp32 in, fp32 out; sqrt_a = sqrt(a_t) and sqrt_1ma =
+    sqrt(1 - a_t) broadcast against x. The one implementation of the prediction-type algebra (the reference and
+    ``spo_fast.sampling.predict_x0_eps`` / ``ddim_step_stats`` call it)."""
+    if prediction_type == "epsilon":
+        return (x - sqrt_1ma * o) / sqrt_a, o
+    return sqrt_a * x - sqrt_1ma * o, sqrt_a * o + sqrt_1ma * x
 
 
 def _log_prob_epilogue(sum_sq: torch.Tensor, std: torch.Tensor, chw: int) -> torch.Tensor:
@@ -125,12 +137,7 @@ def pooled_ddim_step_reference(x_t: torch.Tensor, model_out: torch.Tensor, guida
     x = x_t.float()
     out_u, out_c = model_out.float().chunk(2)
     o = out_u + guidance_scale * (out_c - out_u)
-    if prediction_type == "epsilon":
-        eps = o
-        x0 = (x - sqrt_1ma * eps) / sqrt_a
-    else:
-        x0 = sqrt_a * x - sqrt_1ma * o
-        eps = sqrt_a * o + sqrt_1ma * x
+    x0, eps = x0_and_eps(x, o, sqrt_a, sqrt_1ma, prediction_type)
     mean = sqrt_ap * x0 + direction * eps  # fp32
     x_prev = (mean[:, None] + std[:, None] * z.float()).to(x_t.dtype)  # (B, k, ...)
     d = x_prev.float() - mean[:, None]

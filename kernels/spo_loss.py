@@ -10,7 +10,8 @@ Formula, ``mode="spo"`` (per transition n; all per-sample quantities are fp32)::
     c_w, c_l = clamp(log r_w | log r_l, log(1 - eps), log(1 + eps))     (clamped ratio, eps = ratio_clip)
     z[n]     = beta * (c_w - c_l)
 
-Formula, ``mode="dpo"`` (Diffusion-DPO, Wallace et al. 2023; the arguments are reused: policy_mean = the
+Formula, ``mode="dpo"`` (Diffusion-DPO, Wallace et al. 2023; ``dpo_loss`` below is its API with DPO's argument
+names; through ``spo_loss`` the arguments are reused: policy_mean = the
 policy's noise prediction eps_pol, ref_mean = the reference's eps_ref, x_win / x_lose = the target noise
 of the win / lose image, sigma = a per-sample weight w[n]; ratio_clip is ignored)::
 
@@ -365,3 +366,22 @@ def spo_loss(policy_mean: torch.Tensor, ref_mean: torch.Tensor, x_win: torch.Ten
     if resolve_backend(backend, (policy_mean, ref_mean, x_win, x_lose, sigma, valid)) == "triton":
         return _spo_loss_triton(policy_mean, ref_mean, x_win, x_lose, sigma, valid, beta, ratio_clip, mode)
     return spo_loss_reference(policy_mean, ref_mean, x_win, x_lose, sigma, valid, beta, ratio_clip, mode)
+
+
+def dpo_loss(pred_policy: torch.Tensor, pred_ref: torch.Tensor, target_win: torch.Tensor, target_lose: torch.Tensor,
+             valid: torch.Tensor, beta: float = 5000.0, weight: torch.Tensor | None = None, *,
+             backend: str | None = None) -> LossOutput:
+    """Diffusion-DPO's loss over N pairs through the same fused kernel (``mode="dpo"`` of ``spo_loss``).
+
+    pred_policy, pred_ref: (2, N, C, H, W) noise predictions on (winner, loser) (the reference's carries no
+    gradient); target_win, target_lose: (N, C, H, W) what each side should predict (the shared noise, or the
+    velocity for v-prediction models); valid: (N,) 1/True for a pair that counts; beta: the official convention
+    (5000: the MSE is a mean over C*H*W); weight: (N,) per-pair multiplier of beta (default 1, the official
+    implementation; a timestep weighting goes here).
+    L[n] = -log sigmoid(-beta/2 * w[n] * ((mse_pol_w - mse_ref_w) - (mse_pol_l - mse_ref_l))), averaged over valid
+    pairs; ``accuracy`` is the fraction of valid pairs whose policy improves on the reference more for the winner.
+    Raises as ``spo_loss``.
+    """
+    if weight is None:
+        weight = torch.ones(target_win.shape[0], dtype=torch.float32, device=target_win.device)
+    return spo_loss(pred_policy, pred_ref, target_win, target_lose, weight, valid, beta, mode="dpo", backend=backend)

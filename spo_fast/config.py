@@ -76,10 +76,20 @@ class SPOConfig:
 
 
 @dataclass
+class DPOConfig:
+    beta: float = 5000.0
+    """Diffusion-DPO's beta in the official convention: the per-sample noise-prediction MSE is a mean over C*H*W
+    and L = -log sigmoid(-beta/2 * ((mse_w - ref_w) - (mse_l - ref_l))); 5000 for SD1.5 and SDXL."""
+    empty_prompt_prob: float = 0.2
+    """Probability that a pair's caption is replaced by the empty prompt (the official script's default 0.2)."""
+
+
+@dataclass
 class ScorerConfig:
     name: str = "color"
     """``spm``: a step-aware preference model (spo_fast/spm.py) loaded from ``path``; ``color``: the
-    built-in prompt-colour scorer (spo_fast/scorers.py), weightless and step-agnostic."""
+    built-in prompt-colour scorer (spo_fast/scorers.py), weightless and step-agnostic; ``none``: no scorer
+    (Diffusion-DPO: only the sample grid and ``eval.reward=scorer`` use one)."""
     path: str = ""
     """``spm``: a local SPM directory (CLIP/PickScore layout plus spm.safetensors) or ``toyworld:spm``."""
     scale: float = 10.0
@@ -89,8 +99,21 @@ class ScorerConfig:
 @dataclass
 class DataConfig:
     prompts: str = "builtin:toy"
-    """A text file with one prompt per line, ``toyworld:train`` / ``toyworld:heldout`` (the toy world's
+    """SPO: a text file with one prompt per line, ``toyworld:train`` / ``toyworld:heldout`` (the toy world's
     prompt splits) or ``builtin:toy`` (96 colour/object prompts)."""
+    pairs: str = ""
+    """Diffusion-DPO: preference pairs in the Pick-a-Pic schema (caption, jpg_0, jpg_1, label_0, label_1): a
+    parquet file, a directory of parquet shards or a glob; ``toyworld:train`` is the toy world's shipped pairs."""
+    ties: str = "drop"
+    """Diffusion-DPO: ``drop`` pairs labelled 0.5/0.5 (the official setting) or ``keep`` them."""
+    bad_rows: str = "error"
+    """Diffusion-DPO: a row with an undecodable image or a label that is not a preference is an ``error``
+    naming its file and row, or is skipped and counted (``skip``)."""
+    cache_dir: str = ""
+    """Diffusion-DPO: a directory for the cache of VAE latents and text embeddings (built before the first step;
+    later epochs decode no image and run no encoder); empty = no cache."""
+    check_images: bool = True
+    """Diffusion-DPO without a cache: decode every image once before training so a bad one fails early."""
 
 
 @dataclass
@@ -117,6 +140,9 @@ class TrainConfig:
     """``no`` | ``fp16`` | ``bf16`` (accelerate)."""
     gradient_checkpointing: bool = False
     allow_tf32: bool = True
+    optimizer: str = "adamw"
+    """``adamw`` (torch) | ``adafactor`` (transformers; the official Diffusion-DPO SDXL setting) | ``adamw8bit``
+    (bitsandbytes, when installed)."""
     kernels: str = "auto"
     """Op backend: ``torch`` | ``triton`` win over the env var SPO_FAST_KERNELS; ``auto`` defers to it
     (unset: Triton on CUDA, Triton's interpreter on CPU when TRITON_INTERPRET=1, else PyTorch)."""
@@ -168,10 +194,14 @@ class ProfileConfig:
 
 @dataclass
 class Config:
+    method: str = "spo"
+    """``spo`` (Step-aware Preference Optimization: online rollouts scored by ``scorer``, prompts from
+    ``data.prompts``) or ``dpo`` (Diffusion-DPO: offline pairs from ``data.pairs``)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     spo: SPOConfig = field(default_factory=SPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -183,13 +213,33 @@ class Config:
 
 DEFAULT_RECIPE = "toy_spo"
 CHOICES = {
+    "method": ("spo", "dpo"),
     "model.family": ("sd15", "sdxl"),
     "model.init": ("pretrained", "random"),
-    "scorer.name": ("spm", "color"),
+    "scorer.name": ("spm", "color", "none"),
+    "data.ties": ("drop", "keep"),
+    "data.bad_rows": ("error", "skip"),
+    "train.optimizer": ("adamw", "adafactor", "adamw8bit"),
     "eval.reward": ("ground_truth", "scorer"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.kernels": ("auto", "torch", "triton"),
 }
+
+
+# Keys that belong to one method only: giving one to the other method is an error (validate), and the resolved
+# config written next to a run leaves the other method's keys out (save_config), so it loads back.
+METHOD_KEYS = {
+    "spo": ("spo", "data.prompts"),
+    "dpo": ("dpo", "data.pairs", "data.ties", "data.bad_rows", "data.cache_dir", "data.check_images"),
+}
+
+
+def _owner(key: str) -> str | None:
+    """The method a dotted key belongs to, or None for a shared key."""
+    for method, keys in METHOD_KEYS.items():
+        if any(key == k or key.startswith(k + ".") for k in keys):
+            return method
+    return None
 
 
 # ----------------------------------------------------------------------------- loading
@@ -284,7 +334,8 @@ def _unknown(key: str, accepted: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}{hint}; accepted keys here: {', '.join(accepted)}")
 
 
-def _apply_mapping(obj: Any, data: dict, prefix: str = "") -> None:
+def _apply_mapping(obj: Any, data: dict, prefix: str = "", given: set | None = None) -> None:
+    """Set the fields of ``data`` (a YAML mapping) on ``obj``; the dotted keys set are added to ``given``."""
     fields = _fields(obj)
     for name, value in data.items():
         key = f"{prefix}{name}"
@@ -294,17 +345,19 @@ def _apply_mapping(obj: Any, data: dict, prefix: str = "") -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
-            _apply_mapping(current, value, f"{key}.")
+            _apply_mapping(current, value, f"{key}.", given)
         else:
             setattr(obj, name, _coerce(key, value, fields[name]))
+            if given is not None:
+                given.add(key)
 
 
 # top-level shorthands on the command line: output_dir=... is log.output_dir=...
 ALIASES = {"output_dir": "log.output_dir"}
 
 
-def apply_override(cfg: Config, item: str) -> None:
-    """Apply one ``dotted.key=value`` override to ``cfg`` in place."""
+def apply_override(cfg: Config, item: str) -> str:
+    """Apply one ``dotted.key=value`` override to ``cfg`` in place; returns the dotted key."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=3e-5)")
     key, raw = item.split("=", 1)
@@ -327,6 +380,7 @@ def apply_override(cfg: Config, item: str) -> None:
     if raw.strip().startswith("["):
         value = yaml.safe_load(raw)
     setattr(obj, last, _coerce(key, value, _fields(obj)[last]))
+    return key
 
 
 def load_config(recipe: str | None = None, overrides: list[str] | None = None) -> Config:
@@ -339,54 +393,76 @@ def load_config(recipe: str | None = None, overrides: list[str] | None = None) -
         raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections, got {type(data).__name__}")
-    _apply_mapping(cfg, data)
+    given: set[str] = set()
+    _apply_mapping(cfg, data, given=given)
     for item in overrides or []:
-        apply_override(cfg, item)
-    validate(cfg)
+        given.add(apply_override(cfg, item))
+    validate(cfg, given)
     return cfg
 
 
 # ----------------------------------------------------------------------------- validation
-def validate(cfg: Config) -> None:
-    """Cross-field and range checks; cheap, runs before any model is built."""
+def validate(cfg: Config, given: set[str] | None = None) -> None:
+    """Cross-field and range checks; cheap, runs before any model is built. ``given``: the dotted keys the recipe
+    and the overrides set (a key of the other method among them is an error)."""
     for key, choices in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = get_key(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not accepted; choose one of {', '.join(choices)}")
+    foreign = sorted(k for k in given or () if _owner(k) not in (None, cfg.method))
+    if foreign:
+        other = _owner(foreign[0])
+        raise ConfigError(f"{', '.join(foreign)}: {'these are' if len(foreign) > 1 else 'this is a'} method={other} "
+                          f"key{'s' if len(foreign) > 1 else ''}, but the recipe says method={cfg.method}; remove "
+                          f"{'them' if len(foreign) > 1 else 'it'}, or set method={other}")
 
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise ConfigError(msg)
 
     s, t, sp = cfg.spo, cfg.train, cfg.sampling
-    need(s.k >= 2, f"spo.k={s.k}: a pool needs at least 2 candidates (official: 4 for SD1.5, 2 for SDXL)")
-    need(0.0 <= s.threshold < 1.0, f"spo.threshold={s.threshold}: must be in [0, 1) (official: 0.3 SD1.5, 0.4 SDXL)")
-    need(s.beta > 0, f"spo.beta={s.beta}: must be > 0 (official: 10)")
-    need(0.0 < s.ratio_clip < 1.0, f"spo.ratio_clip={s.ratio_clip}: must be in (0, 1) (official: 0.1)")
-    need(s.num_inner_steps >= 0, f"spo.num_inner_steps={s.num_inner_steps}: must be >= 0")
     need(sp.num_steps >= 1, f"sampling.num_steps={sp.num_steps}: must be >= 1")
-    need(0 <= s.divert_start_step < sp.num_steps,
-         f"spo.divert_start_step={s.divert_start_step}: must be in [0, sampling.num_steps={sp.num_steps})")
-    need(sp.eta > 0, f"sampling.eta={sp.eta}: SPO needs a stochastic sampler (eta > 0; official 1.0)")
+    need(sp.eta >= 0, f"sampling.eta={sp.eta}: must be >= 0")
+    if cfg.method == "spo":
+        need(s.k >= 2, f"spo.k={s.k}: a pool needs at least 2 candidates (official: 4 for SD1.5, 2 for SDXL)")
+        need(0.0 <= s.threshold < 1.0,
+             f"spo.threshold={s.threshold}: must be in [0, 1) (official: 0.3 SD1.5, 0.4 SDXL)")
+        need(s.beta > 0, f"spo.beta={s.beta}: must be > 0 (official: 10)")
+        need(0.0 < s.ratio_clip < 1.0, f"spo.ratio_clip={s.ratio_clip}: must be in (0, 1) (official: 0.1)")
+        need(s.num_inner_steps >= 0, f"spo.num_inner_steps={s.num_inner_steps}: must be >= 0")
+        need(0 <= s.divert_start_step < sp.num_steps,
+             f"spo.divert_start_step={s.divert_start_step}: must be in [0, sampling.num_steps={sp.num_steps})")
+        need(sp.eta > 0, f"sampling.eta={sp.eta}: SPO needs a stochastic sampler (eta > 0; official 1.0)")
     need(sp.guidance_scale >= 1.0, f"sampling.guidance_scale={sp.guidance_scale}: must be >= 1")
     need(t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1")
-    need(t.train_batch_size >= 1 and t.batch_size % t.train_batch_size == 0,
-         f"train.train_batch_size={t.train_batch_size} must divide train.batch_size={t.batch_size} "
-         "(micro-batches have fixed shapes)")
+    need(t.train_batch_size >= 1, f"train.train_batch_size={t.train_batch_size}: must be >= 1")
     need(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum}: must be >= 1")
-    micro = num_transition_slots(cfg) * (t.batch_size // t.train_batch_size)
-    need(micro % t.grad_accum == 0,
-         f"train.grad_accum={t.grad_accum} must divide the {micro} micro-batches of one rollout "
-         f"({num_transition_slots(cfg)} transition slots x {t.batch_size // t.train_batch_size}) so that "
-         "optimizer steps end on rollout boundaries (checkpoints lose nothing)")
+    if cfg.method == "dpo":
+        need(t.batch_size % t.train_batch_size == 0,
+             f"train.train_batch_size={t.train_batch_size} must divide train.batch_size={t.batch_size} (the pairs "
+             "of one iteration are split into micro-batches of one fixed shape)")
+        micro = t.batch_size // t.train_batch_size
+        need(micro % t.grad_accum == 0,
+             f"train.grad_accum={t.grad_accum} must divide the {micro} micro-batches of one iteration "
+             f"(train.batch_size={t.batch_size} / train.train_batch_size={t.train_batch_size}) so that optimizer "
+             "steps end on iteration boundaries (checkpoints lose nothing)")
+        need(bool(cfg.data.pairs), "method=dpo needs data.pairs: a parquet file, a directory of parquet shards or a "
+                                   "glob in the Pick-a-Pic schema (toyworld:train for the toy world's pairs)")
+        need(cfg.dpo.beta > 0, f"dpo.beta={cfg.dpo.beta}: must be > 0 (official: 5000)")
+        need(0.0 <= cfg.dpo.empty_prompt_prob < 1.0,
+             f"dpo.empty_prompt_prob={cfg.dpo.empty_prompt_prob}: must be in [0, 1) (official: 0.2)")
     need(t.lr > 0, f"train.lr={t.lr}: must be > 0")
     need(t.epochs > 0 or t.max_iterations > 0, "set train.epochs > 0 or train.max_iterations > 0")
     need(t.max_iterations >= 0, f"train.max_iterations={t.max_iterations}: must be >= 0")
     need(t.max_grad_norm >= 0, f"train.max_grad_norm={t.max_grad_norm}: must be >= 0 (0 disables clipping)")
     need(cfg.scorer.scale > 0, f"scorer.scale={cfg.scorer.scale}: must be > 0")
     need(cfg.scorer.name != "spm" or bool(cfg.scorer.path),
-         "scorer.name=spm needs scorer.path: a local SPM directory, or toyworld:spm for the toy world")
+         "scorer.name=spm needs scorer.path: a local step-aware preference model directory, or toyworld:spm for the "
+         "toy world")
+    need(cfg.method != "spo" or cfg.scorer.name != "none",
+         "scorer.name=none: SPO ranks its candidates with a scorer; use scorer.name=spm with scorer.path=DIR")
+    need(cfg.eval.reward != "scorer" or cfg.scorer.name != "none",
+         "eval.reward=scorer needs a scorer (scorer.name=spm, scorer.path=DIR), or use eval.reward=ground_truth")
     need(cfg.eval.n_prompts >= 1 and cfg.eval.seeds >= 1 and cfg.eval.batch_size >= 1,
          f"eval.n_prompts={cfg.eval.n_prompts}, eval.seeds={cfg.eval.seeds}, eval.batch_size="
          f"{cfg.eval.batch_size}: each must be >= 1")
@@ -403,14 +479,28 @@ def validate(cfg: Config) -> None:
                           "add model.init=random, or point model.path at a local diffusers directory")
 
 
-def num_transition_slots(cfg: Config) -> int:
-    """Transitions one prompt yields per rollout: one per step from divert_start_step on."""
-    return cfg.sampling.num_steps - cfg.spo.divert_start_step
-
-
 # ----------------------------------------------------------------------------- output
+def get_key(cfg: Config, key: str) -> Any:
+    """The value of a dotted key (``train.lr``, ``method``)."""
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as nested dicts, without the keys of the method it does not run (``METHOD_KEYS``)."""
+    d = dataclasses.asdict(cfg)
+    for method, keys in METHOD_KEYS.items():
+        if method == cfg.method:
+            continue
+        for key in keys:
+            *parents, last = key.split(".")
+            node = d
+            for p in parents:
+                node = node[p]
+            node.pop(last, None)
+    return d
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

@@ -159,6 +159,9 @@ class Components:
     text_encoders: list  # [CLIPTextModel] (sd15) or [CLIPTextModel, CLIPTextModelWithProjection] (sdxl)
     tokenizers: list  # one CLIPTokenizer per text encoder
     scheduler: DDIMScheduler
+    force_zeros_for_empty_prompt: bool = False
+    """SDXL: an empty negative prompt is all zeros, not the encoded "" (the pipeline's model_index.json option,
+    True by default in diffusers' SDXL pipeline); SD1.5 has no such option."""
 
     @property
     def vae_scale_factor(self) -> int:
@@ -211,7 +214,29 @@ def load_components(path: str, family: str, init: str = "pretrained", seed: int 
     for module in (unet, *([vae] if vae is not None else []), *text_encoders):
         module.eval().requires_grad_(False)
     scheduler = DDIMScheduler.from_config(sched_cfg)
-    return Components(family, unet, vae, text_encoders, tokenizers, scheduler)
+    return Components(family, unet, vae, text_encoders, tokenizers, scheduler, force_zeros_for_empty_prompt(root, family))
+
+
+def force_zeros_for_empty_prompt(root: Path, family: str) -> bool:
+    """SDXL: ``force_zeros_for_empty_prompt`` of the directory's model_index.json (diffusers' default, True, when
+    the file or the key is absent); always False for SD1.5."""
+    if family != "sdxl":
+        return False
+    index = Path(root) / "model_index.json"
+    try:
+        return bool(json.loads(index.read_text(encoding="utf-8")).get("force_zeros_for_empty_prompt", True))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return True
+
+
+def native_resolution(root: Path) -> tuple[int, int]:
+    """(image resolution in pixels, pixels per latent cell) read from a model directory's config files, without
+    building anything: the UNet's sample_size times the VAE factor (1 in pixel space)."""
+    root = Path(root)
+    size = json.loads((root / "unet" / "config.json").read_text(encoding="utf-8"))["sample_size"]
+    vae = root / "vae" / "config.json"
+    factor = 2 ** (len(json.loads(vae.read_text(encoding="utf-8"))["block_out_channels"]) - 1) if vae.is_file() else 1
+    return size * factor, factor
 
 
 def decode_latents(comp: Components, latents: torch.Tensor) -> torch.Tensor:
@@ -307,6 +332,18 @@ def encode_prompts(comp: Components, prompts: list[str], device, resolution: int
     time_ids = torch.tensor([r, r, 0, 0, r, r], dtype=embeds.dtype, device=device)
     # ``out`` is text_encoder_2's (CLIPTextModelWithProjection) output: its projected pooled state.
     return Conditioning(embeds, out.text_embeds, time_ids.repeat(len(prompts), 1))
+
+
+@torch.no_grad()
+def encode_negative(comp: Components, negative_prompt: str, n: int, device, resolution: int) -> Conditioning:
+    """The unconditional branch of classifier-free guidance for n samples: the encoded negative prompt, or, for an
+    SDXL pipeline with ``force_zeros_for_empty_prompt`` and an empty negative prompt, zeros for the embeddings and
+    the pooled embedding (the time ids stay), as diffusers' SDXL pipeline and the official SPO code do."""
+    cond = encode_prompts(comp, [negative_prompt] * n, device, resolution)
+    if negative_prompt or not comp.force_zeros_for_empty_prompt:
+        return cond
+    return Conditioning(torch.zeros_like(cond.embeds), None if cond.pooled is None else torch.zeros_like(cond.pooled),
+                        cond.time_ids)
 
 
 def unet_forward(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:

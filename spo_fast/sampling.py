@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler
 
-from .kernels.ddim_step import ddim_step
+from .kernels.ddim_step import ddim_step, step_coefficients, x0_and_eps
 from .models import Conditioning, unet_forward
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -70,9 +70,7 @@ class DDIMSchedule:
 
     def std(self, t: torch.Tensor, eta: float) -> torch.Tensor:
         """(N,) standard deviation of the step from t."""
-        a_t, a_prev = self.alpha(t), self.alpha(self.prev(t))
-        var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-        return eta * var.clamp(min=0).sqrt()
+        return step_coefficients(self.alpha(t), self.alpha(self.prev(t)), eta)[4]
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -81,26 +79,20 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def predict_x0_eps(schedule: DDIMSchedule, model_out: torch.Tensor, x: torch.Tensor, t: torch.Tensor):
     """(x0_hat, eps) from the model output at (x, t). Shapes (N, C, H, W); fp32 math."""
-    x32, out = x.float(), model_out.float()
+    x32 = x.float()
     a = _bcast(schedule.alpha(t), x32)
-    if schedule.prediction_type == "epsilon":
-        eps = out
-        x0 = (x32 - (1 - a).sqrt() * eps) / a.sqrt()
-    else:  # v_prediction
-        x0 = a.sqrt() * x32 - (1 - a).sqrt() * out
-        eps = a.sqrt() * out + (1 - a).sqrt() * x32
-    return x0, eps
+    return x0_and_eps(x32, model_out.float(), a.sqrt(), (1 - a).sqrt(), schedule.prediction_type)
 
 
 def ddim_step_stats(schedule: DDIMSchedule, model_out: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
                     eta: float):
-    """x0_hat (N, C, H, W), mean (N, C, H, W) and std (N,) of the DDIM step from x at t (fp32)."""
-    x0, eps = predict_x0_eps(schedule, model_out, x, t)
-    a_prev = _bcast(schedule.alpha(schedule.prev(t)), x0)
-    std = schedule.std(t, eta)
-    s = _bcast(std, x0)
-    mean = a_prev.sqrt() * x0 + (1 - a_prev - s**2).clamp(min=0).sqrt() * eps
-    return x0, mean, std
+    """x0_hat (N, C, H, W), mean (N, C, H, W) and std (N,) of the DDIM step from x at t (fp32): the kernels'
+    ``step_coefficients`` and ``x0_and_eps`` (one implementation of the DDIM math)."""
+    x32 = x.float()
+    coef = step_coefficients(schedule.alpha(t), schedule.alpha(schedule.prev(t)), eta)  # (5, N)
+    sqrt_a, sqrt_1ma, sqrt_ap, direction = (_bcast(c, x32) for c in coef[:4])
+    x0, eps = x0_and_eps(x32, model_out.float(), sqrt_a, sqrt_1ma, schedule.prediction_type)
+    return x0, sqrt_ap * x0 + direction * eps, coef[4]
 
 
 def ddim_log_prob(x_prev: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

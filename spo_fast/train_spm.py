@@ -15,7 +15,6 @@ plus ``clean`` (the stored images themselves at t = 0). Written to ``<out>/spm_e
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import time
@@ -25,10 +24,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models import Components, ModelDirError, decode_latents, encode_images, encode_prompts, load_components
+from .data.pairs import Pairs, PairsError, decode_image, load_all
+from .models import (
+    Components,
+    ModelDirError,
+    decode_latents,
+    encode_images,
+    encode_negative,
+    encode_prompts,
+    load_components,
+)
 from .sampling import cfg_model_output, predict_x0_eps
 
-PAIR_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 BUCKETS = ((0, 250), (250, 500), (500, 750), (750, 1000))
 
 
@@ -46,60 +53,6 @@ class SPMTrainConfig:
     """Share of each batch drawn from ``extra_pairs`` (a generator of labelled pairs) instead of the file."""
 
 
-class PairsError(ValueError):
-    """A pairs file is missing or not in the Pick-a-Pic schema."""
-
-
-@dataclass
-class Pairs:
-    captions: list[str]
-    jpg_0: list[bytes]
-    jpg_1: list[bytes]
-    label_0: torch.Tensor  # (N,) in {0, 0.5, 1}
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-
-def load_pairs(path) -> Pairs:
-    """Read a Pick-a-Pic-schema parquet file (images stay encoded until a batch needs them)."""
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    if not path.is_file():
-        raise PairsError(f"pairs file {path} does not exist; expected a parquet file with columns "
-                         f"{', '.join(PAIR_COLUMNS)}")
-    table = pq.read_table(path)
-    missing = [c for c in PAIR_COLUMNS if c not in table.column_names]
-    if missing:
-        raise PairsError(f"pairs file {path} lacks column(s) {missing}; it has {table.column_names}, expected "
-                         f"the Pick-a-Pic schema {', '.join(PAIR_COLUMNS)}")
-    if table.num_rows == 0:
-        raise PairsError(f"pairs file {path} has no rows")
-    label0 = torch.tensor(table.column("label_0").to_pylist(), dtype=torch.float32)
-    bad = ~((label0 == 0) | (label0 == 0.5) | (label0 == 1))
-    if bad.any():
-        raise PairsError(f"pairs file {path}: label_0 must be 0, 0.5 or 1; row {int(bad.nonzero()[0])} has "
-                         f"{label0[bad][0].item()}")
-    return Pairs(table.column("caption").to_pylist(), table.column("jpg_0").to_pylist(),
-                 table.column("jpg_1").to_pylist(), label0)
-
-
-def decode_image(data: bytes, size: int) -> torch.Tensor:
-    """Encoded image bytes -> (3, size, size) in [-1, 1] (centre crop to square, then resize)."""
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    w, h = img.size
-    if w != h:
-        s = min(w, h)
-        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BICUBIC)
-    arr = np.asarray(img, dtype=np.float32)
-    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1
-
-
 def image_resolution(comp: Components) -> int:
     return comp.latent_shape[1] * comp.vae_scale_factor
 
@@ -115,7 +68,7 @@ def noisy_x0_hat(comp: Components, images: torch.Tensor, prompts: list[str], t: 
     x_t = a.sqrt() * z + (1 - a).sqrt() * noise
     res = image_resolution(comp)
     cond = encode_prompts(comp, prompts, z.device, res)
-    uncond = encode_prompts(comp, [""] * len(prompts), z.device, res)
+    uncond = encode_negative(comp, "", len(prompts), z.device, res)
     out = cfg_model_output(comp.unet, x_t, t, cond, uncond, guidance_scale)
     schedule = _Alphas(alphas, comp.scheduler.config.prediction_type)
     x0, _ = predict_x0_eps(schedule, out, x_t, t)
@@ -194,8 +147,8 @@ def train_spm(spm, tokenizer, comp: Components, train_pairs, eval_pairs, out: Pa
     ``cfg.extra_fraction`` of every batch (the toy world's rendered hard negatives)."""
     from .spm import pair_loss
 
-    train_set = train_pairs if isinstance(train_pairs, Pairs) else load_pairs(train_pairs)
-    eval_set = eval_pairs if isinstance(eval_pairs, Pairs) or eval_pairs is None else load_pairs(eval_pairs)
+    train_set = train_pairs if isinstance(train_pairs, Pairs) else load_all(str(train_pairs), ties="keep")
+    eval_set = eval_pairs if isinstance(eval_pairs, Pairs) or eval_pairs is None else load_all(str(eval_pairs), ties="keep")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = comp.unet.device
@@ -283,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for path in (args.pairs, args.eval_pairs):
             if path is not None:
-                load_pairs(path)  # fail fast on a bad file
+                load_all(str(path), ties="keep")  # fail fast on a bad file
         comp = load_components(args.model, args.family)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         for m in (comp.unet, *comp.text_encoders, *([comp.vae] if comp.vae is not None else [])):

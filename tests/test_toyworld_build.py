@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from spo_fast import evaluate, train, train_spm
+from spo_fast import evaluate, evaluation, train, train_spm
 from spo_fast.models import ModelDirError, check_model_dir, load_components, resolve_model_path
 from spo_fast.toyworld import build, world
 
@@ -125,13 +125,13 @@ def _stats(n_seeds=3):
 
 def test_compare_statistics():
     prompts, good, bad = _stats()
-    r = evaluate.compare(bad, good, prompts, evaluate.ground_truth_reward)
+    r = evaluation.compare(bad, good, prompts, evaluation.ground_truth_reward)
     assert r["n_prompts"] == 4 and r["n_seeds"] == 3
     assert r["reward_trained"] > r["reward_base"] and r["win_rate"] > 0.9
     assert r["margin"] == pytest.approx(r["reward_trained"] - r["reward_base"])
     per_seed = torch.tensor(r["reward_base_per_seed"], dtype=torch.float64)
     assert r["reward_base_seed_spread"] == pytest.approx(per_seed.std().item())
-    same = evaluate.compare(good, good, prompts, evaluate.ground_truth_reward)
+    same = evaluation.compare(good, good, prompts, evaluation.ground_truth_reward)
     assert same["win_rate"] == 0 and same["ties"] == 12 and same["margin"] == 0
 
 

@@ -37,9 +37,16 @@ def assert_same(a: dict, b: dict):
         assert torch.equal(v, b[k]), k
 
 
+def metrics(out) -> list[dict]:
+    return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_train_changes_lora_and_leaves_base_untouched(tmp_path):
     summary, s = run(cfg_for(tmp_path, "train.max_iterations=2"))
-    assert summary["valid_ratio"] > 0 and summary["opt_step"] == 2 * 4
+    rows = metrics(tmp_path)
+    # valid transitions only, in micro-batches of 2: ceil(valid / 2) optimizer steps per rollout
+    assert summary["valid_ratio"] > 0 and all(r["opt_steps"] == -(-r["valid_pairs"] // 2) for r in rows)
+    assert summary["opt_step"] == sum(r["opt_steps"] for r in rows) > 0
     base = load_components("arch:tiny_sd15", "sd15", "random", seed=0).unet.state_dict()
     trained = s.raw_unet.state_dict()
     lora_b = [k for k in trained if "lora_B" in k]
@@ -128,7 +135,7 @@ def test_two_processes_through_accelerate(tmp_path):
 def test_sdxl_family_with_inner_steps_trains(tmp_path):
     summary, _ = run(cfg_for(tmp_path, "model.family=sdxl", "model.path=arch:tiny_sdxl", "spo.num_inner_steps=1",
                              "train.max_iterations=1", "log.sample_prompts=2"))
-    assert summary["opt_step"] == 4 and summary["valid_ratio"] > 0
+    assert summary["valid_ratio"] > 0 and summary["opt_step"] == metrics(tmp_path)[0]["opt_steps"] >= 1
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "samples.png").is_file()
 
@@ -136,7 +143,8 @@ def test_sdxl_family_with_inner_steps_trains(tmp_path):
 def test_grad_accum_and_gradient_checkpointing(tmp_path):
     summary, s = run(cfg_for(tmp_path, "train.grad_accum=2", "train.gradient_checkpointing=true",
                              "train.max_iterations=1"))
-    assert summary["opt_step"] == 4 // 2  # 4 micro-batches per rollout, one optimizer step per 2
+    micro = -(-metrics(tmp_path)[0]["valid_pairs"] // 2)  # micro-batches of 2 valid transitions
+    assert micro > 1 and summary["opt_step"] == -(-micro // 2)  # one optimizer step per 2 (the last may be short)
     assert s.raw_unet.is_gradient_checkpointing
     assert any(p.abs().max() > 0 for n, p in s.raw_unet.named_parameters() if "lora_B" in n)
 
@@ -208,6 +216,8 @@ def test_profile_writes_a_trace(tmp_path):
 
 @pytest.mark.parametrize("override, needle", [
     ("model.path=/nonexistent/sd15", "/nonexistent/sd15"),
+    ("model.resolution=20", "model.resolution=20"),
+    ("checkpoint.resume=/nonexistent/ckpt", "/nonexistent/ckpt"),
     ("data.prompts=EMPTY", "no prompts"),
     ("data.prompts=/nonexistent/prompts.txt", "/nonexistent/prompts.txt"),
     ("log.output_dir=FILE/sub", "not writable"),
@@ -245,3 +255,87 @@ def test_loss_curve_same_with_torch_and_triton_kernels(tmp_path, monkeypatch):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
         assert a["implicit_acc"] == pytest.approx(b["implicit_acc"], abs=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- SPO trains on valid pairs only
+def test_no_valid_pair_no_optimizer_step(tmp_path):
+    """A rollout without a valid pair runs no training forward and no optimizer step: the LoRA stays at its init
+    (AdamW's weight decay and momentum would otherwise move it)."""
+    from spo_fast.trainer import build  # noqa: F401 (the run below builds the same init)
+
+    summary, s = run(cfg_for(tmp_path, "train.max_iterations=2", "spo.threshold=0.99", "scorer.scale=1e-3"))
+    rows = metrics(tmp_path)
+    assert all(r["valid_pairs"] == 0 and r["opt_steps"] == 0 and r["loss"] is None for r in rows)
+    assert summary["opt_step"] == 0
+    lora_b = [p for n, p in s.raw_unet.named_parameters() if "lora_B" in n]
+    assert lora_b and all(torch.equal(p, torch.zeros_like(p)) for p in lora_b)
+
+
+def _buffer(valid: torch.Tensor, shared: list[bool]):
+    from spo_fast.rollout import RolloutBuffer
+
+    S, B = valid.shape
+    x = torch.randn(S, 2, B, 1, 2, 2)
+    return RolloutBuffer(x, x.clone(), torch.arange(S) * 50 + 50, valid, torch.zeros(S, B), torch.zeros(S, B),
+                         shared, torch.zeros(B, 2), torch.zeros(B, 1, 2, 2))
+
+
+def test_compact_valid_fixed_shapes_covers_valid_pairs_exactly():
+    from spo_fast.spo import compact_valid
+
+    g = torch.Generator().manual_seed(0)
+    valid = torch.rand(7, 5, generator=g) < 0.4
+    shared = [True, False, False, True, False, False, True]
+    batches = compact_valid(_buffer(valid, shared), 3, torch.Generator().manual_seed(1))
+    seen = []
+    for is_shared, slot, b, n in batches:
+        assert slot.shape == b.shape == (3,) and 1 <= n <= 3  # one fixed shape; never a batch without a pair
+        assert all(shared[int(i)] == is_shared for i in slot)
+        seen += list(zip(slot[:n].tolist(), b[:n].tolist()))
+    assert sorted(seen) == sorted(map(tuple, valid.nonzero().tolist()))  # each valid pair once, nothing else
+    for kind in (True, False):
+        n_kind = sum(int(valid[i].sum()) for i in range(7) if shared[i] == kind)
+        assert sum(1 for k, *_ in batches if k == kind) == -(-n_kind // 3)
+
+
+class _FakeMethod:
+    """Micro-batches whose per-pair losses are w . x_i: the loss of a micro-batch is their mean over valid pairs."""
+
+    def __init__(self, xs, masks):
+        from spo_fast.kernels.spo_loss import LossOutput
+
+        from spo_fast.trainer import MicroBatch
+
+        self.Out, self.micro = LossOutput, [MicroBatch((x, m), int(m.sum())) for x, m in zip(xs, masks)]
+        self.w = None
+
+    def loss(self, mb):
+        x, m = mb.data
+        per = x @ self.w
+        loss = (per * m).sum() / m.sum().clamp(min=1)
+        return self.Out(loss, torch.zeros(()), per, per)
+
+
+def test_loss_is_the_mean_over_the_optimizer_steps_valid_pairs():
+    """Two micro-batches (3 valid of 4, 1 valid of 4) in one optimizer step: the gradient is that of the mean over
+    the step's 4 valid pairs, not the mean of the two micro-batch means."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from spo_fast.trainer import Work, train_iteration
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(4, 3, generator=g) for _ in range(2)]
+    masks = [torch.tensor([1.0, 1.0, 0.0, 1.0]), torch.tensor([0.0, 1.0, 0.0, 0.0])]
+    w = torch.nn.Parameter(torch.zeros(3))
+    method = _FakeMethod(xs, masks)
+    method.w = w
+    opt = torch.optim.SGD([w], lr=1.0)
+    s = SimpleNamespace(unet=torch.nn.Linear(1, 1), params=[w], optimizer=opt,
+                        lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
+    cfg = load_config("tiny_sd15_color", ["train.grad_accum=2", "train.max_grad_norm=0"])
+    sums = train_iteration(cfg, s, Accelerator(cpu=True), method, Work(method.micro, {}, 8))
+    valid_x = torch.cat([x[m.bool()] for x, m in zip(xs, masks)])  # (4, 3)
+    torch.testing.assert_close(w.detach(), -valid_x.mean(0))  # SGD lr 1 from 0: w = -grad of the mean loss
+    assert sums["steps"] == 1 and sums["n_valid"] == 4

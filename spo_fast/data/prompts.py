@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
-from .scorers import COLORS
+from ..config import ConfigError
+from ..scorers import COLORS
 
 _SHAPES = ("circle", "square", "triangle", "star", "ball", "flower", "car", "house")
 
@@ -23,7 +23,7 @@ def load_prompts(spec: str) -> list[str]:
     if spec == "builtin:toy":
         return builtin_toy_prompts()
     if spec.startswith("toyworld:"):
-        from .toyworld import world
+        from ..toyworld import world
 
         name = spec.split(":", 1)[1]
         if name not in ("train", "heldout"):

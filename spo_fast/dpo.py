@@ -1,0 +1,184 @@
+"""Diffusion-DPO (Wallace et al. 2023) as a method of the trainer core (``spo_fast.trainer``): the baseline SPO is
+compared with, on the same models, the same CLI, outputs, checkpoints and LoRA export.
+
+Per iteration: ``train.batch_size`` preference pairs per process (``data.pairs``, Pick-a-Pic schema, read by
+``spo_fast.data.pairs``; the batch is a pure function of (seed, iteration, rank), so resuming replays nothing),
+their latents and caption embeddings from the on-disk cache (``data.cache_dir``, ``spo_fast.data.cache``) or
+encoded on the fly, captions replaced by the empty prompt with probability ``dpo.empty_prompt_prob`` (the official
+0.2), one t ~ U[0, T) and one noise per pair SHARED by winner and loser; split into micro-batches of
+``train.train_batch_size`` pairs.
+
+Per micro-batch: winner and loser noised to x_t, one policy forward and one reference forward (LoRA adapters
+disabled, or the frozen copy for full fine-tuning) over both sides (a batch of 2n), no classifier-free guidance
+(the official training), and the loss through the fused kernel's DPO mode (``spo_fast.kernels.spo_loss.dpo_loss``):
+
+    mse_* = mean_CHW (pred - target)^2      (target: the noise; the velocity for v-prediction models)
+    L = -log sigmoid(-beta/2 * ((mse_pol_w - mse_ref_w) - (mse_pol_l - mse_ref_l))),   beta = dpo.beta (5000)
+
+Decisions: the cached latents are the VAE posterior's mean (the official script samples the posterior at every
+step; a cache fixes one draw, so we use the mean), and there is no random horizontal flip (the official default
+flips; a flip of cached latents is not a flip of the image). An empty prompt is ``models.encode_negative("")``:
+zeros on SDXL, as the pipeline's unconditional branch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import Config
+from .data.cache import LatentCache, cache_key, encoders_for
+from .data.pairs import PairDataset, PairsError
+from .kernels.spo_loss import dpo_loss
+from .models import (
+    Conditioning,
+    encode_images,
+    encode_negative,
+    encode_prompts,
+    native_resolution,
+    resolve_model_path,
+    toyworld_assets,
+    unet_forward,
+)
+from .scorers import build_scorer
+from .trainer import MicroBatch, Setup, Work, kernel_backend, reference_unet
+
+TOYWORLD_PAIRS = ("train", "heldout")
+
+
+def resolve_pairs(spec: str) -> str:
+    """``toyworld:train`` / ``toyworld:heldout`` -> the toy world's shipped pairs file; anything else unchanged."""
+    if not spec.startswith("toyworld:"):
+        return spec
+    name = spec.split(":", 1)[1]
+    if name not in TOYWORLD_PAIRS:
+        raise PairsError(f"data.pairs={spec!r}: unknown toy-world pairs; accepted: "
+                         f"{', '.join('toyworld:' + n for n in TOYWORLD_PAIRS)}, or a parquet file/directory/glob")
+    return str(toyworld_assets() / f"pairs_{name}.parquet")
+
+
+@dataclass
+class PairMicroBatch:
+    """n pairs: clean latents of the winner and the loser, their conditioning, the shared noise and timestep."""
+
+    latents_win: torch.Tensor  # (n, C, h, w)
+    latents_lose: torch.Tensor  # (n, C, h, w)
+    cond: Conditioning  # n rows
+    noise: torch.Tensor  # (n, C, h, w), shared by winner and loser
+    t: torch.Tensor  # (n,) long, shared
+    weight: torch.Tensor  # (n,) 1 for a usable pair, 0 for a skipped bad row or padding
+
+
+class DiffusionDPO:
+    """Diffusion-DPO (see the module docstring)."""
+
+    name = "DPO"
+
+    def __init__(self):
+        self.scorer = None
+        self.cache = None
+
+    # -- checks and setup
+    def preflight(self, cfg: Config) -> None:
+        """The pairs' schema and labels (every shard), and with data.check_images and no cache every image."""
+        self.ds = PairDataset(resolve_pairs(cfg.data.pairs), ties=cfg.data.ties, bad_rows=cfg.data.bad_rows)
+        if len(self.ds) < cfg.train.batch_size:
+            raise PairsError(f"data.pairs={cfg.data.pairs!r} has {len(self.ds)} usable pairs, fewer than "
+                             f"train.batch_size={cfg.train.batch_size}; lower the batch size or add pairs")
+        if cfg.data.check_images and not cfg.data.cache_dir:
+            res = cfg.model.resolution or native_resolution(resolve_model_path(cfg.model.path))[0]
+            self.ds.verify(res, progress=cfg.log.progress)
+
+    def setup(self, cfg: Config, s: Setup, accelerator) -> None:
+        self.cfg, self.s, self.acc = cfg, s, accelerator
+        dev = accelerator.device
+        if cfg.scorer.name != "none":
+            self.scorer = build_scorer(cfg.scorer, dev)
+        self.alphas = s.comp.scheduler.alphas_cumprod.to(dev, torch.float32)
+        self.num_train_timesteps = s.comp.scheduler.config.num_train_timesteps
+        self.empty = encode_negative(s.comp, "", 1, dev, s.resolution)
+        if cfg.data.cache_dir:
+            model_id, enc_images, enc_text = encoders_for(s.comp, cfg.model.path, s.resolution, dev)
+            self.cache = LatentCache.open(cfg.data.cache_dir, cache_key(model_id, s.resolution, self.ds), self.ds,
+                                          enc_images, enc_text, progress=cfg.log.progress and accelerator.is_main_process,
+                                          world_size=accelerator.num_processes, rank=accelerator.process_index,
+                                          barrier=accelerator.wait_for_everyone)
+
+    def total_iterations(self, cfg: Config, world_size: int) -> int:
+        total = self.ds.iterations_for(cfg.train.epochs, cfg.train.batch_size, world_size)
+        if cfg.train.max_iterations:
+            total = min(total, cfg.train.max_iterations) if cfg.train.epochs > 0 else cfg.train.max_iterations
+        return total
+
+    def grid_prompts(self, n: int) -> list[str]:
+        return self.ds.load(list(range(min(n, len(self.ds)))), self.s.resolution).captions
+
+    # -- one iteration
+    def _batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, Conditioning, torch.Tensor]:
+        """Latents of winners and losers (n, C, h, w), their conditioning and the usable mask (n,)."""
+        s, dev = self.s, self.acc.device
+        if self.cache is not None:
+            cb = self.cache.load(indices)
+            text = {k: v.to(dev, s.weight_dtype) for k, v in cb.text.items()}
+            cond = Conditioning(text["embeds"], text.get("pooled"),
+                                None if "pooled" not in text else self.empty.time_ids.expand(len(indices), -1))
+            return cb.latents_win.to(dev), cb.latents_lose.to(dev), cond, cb.ok.to(dev)
+        pb = self.ds.load(indices, s.resolution)
+        m = self.cfg.train.train_batch_size
+        with torch.no_grad():  # the VAE sees one micro-batch of images at a time (memory)
+            lw, ll = (torch.cat([self._encode(x[i:i + m].to(dev)) for i in range(0, len(x), m)])
+                      for x in (pb.win, pb.lose))
+            cond = encode_prompts(s.comp, pb.captions, dev, s.resolution)
+        return lw, ll, cond, pb.ok.to(dev)
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        vae = self.s.comp.vae
+        return encode_images(self.s.comp, images if vae is None else images.to(vae.dtype))
+
+    def work(self, it: int) -> Work:
+        cfg, dev = self.cfg, self.acc.device
+        indices = self.ds.batch_indices(it, cfg.train.batch_size, self.acc.num_processes, self.acc.process_index,
+                                        cfg.train.seed)
+        lw, ll, cond, ok = self._batch(indices)
+        n = len(indices)
+        gen = torch.Generator(device=dev).manual_seed((cfg.train.seed * 1_000_003 + it) * 4099 + self.acc.process_index)
+        drop = torch.rand(n, generator=gen, device=dev) < cfg.dpo.empty_prompt_prob
+        cond = Conditioning(*(None if v is None else torch.where(drop.view(-1, *[1] * (v.dim() - 1)), e.to(v.dtype), v)
+                              for v, e in ((cond.embeds, self.empty.embeds), (cond.pooled, self.empty.pooled),
+                                           (cond.time_ids, self.empty.time_ids))))
+        noise = torch.randn(lw.shape, generator=gen, device=dev)
+        t = torch.randint(0, self.num_train_timesteps, (n,), generator=gen, device=dev)
+        weight = ok.float()
+        micro, m = [], cfg.train.train_batch_size
+        for i in range(0, n, m):
+            part = slice(i, i + m)
+            n_valid = int(ok[part].sum())
+            if n_valid:  # a micro-batch of skipped bad rows only trains nothing
+                micro.append(MicroBatch(PairMicroBatch(lw[part], ll[part], cond[part], noise[part], t[part],
+                                                       weight[part]), n_valid))
+        self.last = micro[0].data if micro else None
+        return Work(micro, {}, samples=n)
+
+    def padding(self) -> MicroBatch:
+        d = self.last
+        return MicroBatch(PairMicroBatch(d.latents_win, d.latents_lose, d.cond, d.noise, d.t,
+                                         torch.zeros_like(d.weight)), 0)
+
+    def loss(self, mb: MicroBatch):
+        """DPO loss of n pairs: one policy and one reference forward over winners and losers (2n)."""
+        s, p = self.s, mb.data
+        n = len(p.t)
+        a = self.alphas[p.t].view(-1, 1, 1, 1)
+        sqrt_a, sqrt_1ma = a.sqrt(), (1 - a).sqrt()
+        x_t = torch.cat([sqrt_a * p.latents_win + sqrt_1ma * p.noise, sqrt_a * p.latents_lose + sqrt_1ma * p.noise])
+        t2, c2 = torch.cat([p.t, p.t]), Conditioning.cat([p.cond, p.cond])
+        with torch.no_grad(), reference_unet(s) as ref:
+            pred_ref = unet_forward(ref, x_t, t2, c2).float().view(2, n, *p.noise.shape[1:])
+        pred_pol = unet_forward(s.unet, x_t, t2, c2).float().view(2, n, *p.noise.shape[1:])
+        if s.schedule.prediction_type == "epsilon":
+            target_w = target_l = p.noise
+        else:  # v-prediction: v = sqrt(a) * noise - sqrt(1 - a) * x0
+            target_w = sqrt_a * p.noise - sqrt_1ma * p.latents_win
+            target_l = sqrt_a * p.noise - sqrt_1ma * p.latents_lose
+        return dpo_loss(pred_pol, pred_ref, target_w, target_l, p.weight, self.cfg.dpo.beta,
+                        backend=kernel_backend(self.cfg))

@@ -1,0 +1,158 @@
+"""SPO as a method of the trainer core (``spo_fast.trainer``): what an iteration trains on and how a micro-batch of
+transitions becomes a loss.
+
+Per iteration: B prompts (``data.prompts``, a pure function of (seed, iteration, rank)) -> text embeddings once per
+prompt -> one rollout with the step-wise resampler (``spo_fast.rollout``: no grad, fixed shapes, invalid pairs kept
+with valid = False) -> the VALID transitions only, shuffled and compacted into micro-batches of
+``train.train_batch_size`` (the last one padded with masked entries), so the number of micro-batches follows the
+data (the official code's ceil(valid / micro-batch)) while every micro-batch keeps one shape. A rollout without a
+valid pair trains nothing: no forward, no optimizer step (AdamW's momentum and weight decay would otherwise move
+the weights).
+
+Per micro-batch: one reference forward (LoRA adapters disabled, or the frozen copy) and one policy forward, both
+with CFG, serve win and lose, which share x_t on branching steps; the SPO loss (``spo_fast.kernels.spo_loss``)
+compares the two DDIM means on both samples. SDXL inner steps (win and lose chains have their own x_t) run the
+two sides in one forward of twice the batch; those transitions form micro-batches of their own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import Config, ConfigError
+from .data import PromptSampler, load_prompts
+from .kernels.spo_loss import spo_loss
+from .models import encode_negative, encode_prompts, resolve_model_path
+from .rollout import RolloutBuffer, rollout
+from .sampling import cfg_model_output, ddim_step_stats
+from .scorers import build_scorer
+from .trainer import MicroBatch, Setup, Work, decoder, kernel_backend, reference_unet
+
+
+@dataclass
+class Transitions:
+    """A micro-batch of transitions (slot[n], b[n]) of one rollout buffer, all ``shared`` or all not."""
+
+    buf: RolloutBuffer
+    shared: bool
+    slot: torch.Tensor  # (micro,) long
+    b: torch.Tensor  # (micro,) long
+    weight: torch.Tensor  # (micro,) 1 for a valid pair, 0 for padding
+
+
+def compact_valid(buf: RolloutBuffer, micro: int, generator: torch.Generator) -> list[tuple[bool, torch.Tensor,
+                                                                                             torch.Tensor, int]]:
+    """The valid transitions of ``buf``, shuffled, in micro-batches of ``micro``: a list of (shared, slot (micro,),
+    b (micro,), n_valid). Within a micro-batch all transitions are ``shared`` or all are not; the last micro-batch
+    of each kind is padded by repeating its first transition (its weight is 0). One host read of the valid mask."""
+    valid = buf.valid.cpu()  # (S, B)
+    out = []
+    for shared in (True, False):
+        slots = torch.tensor([i for i, s in enumerate(buf.shared) if s == shared], dtype=torch.long)
+        if len(slots) == 0:
+            continue
+        idx = valid[slots].nonzero()  # (n, 2): (position in slots, b)
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        for chunk in idx.split(micro):
+            n = len(chunk)
+            if n == 0:  # split of an empty tensor yields one empty chunk
+                continue
+            chunk = torch.cat([chunk, chunk[:1].expand(micro - n, 2)])
+            out.append((shared, slots[chunk[:, 0]], chunk[:, 1], n))
+    return out
+
+
+class SPO:
+    """Step-aware Preference Optimization (see the module docstring)."""
+
+    name = "SPO"
+
+    def __init__(self):
+        self.scorer = None
+
+    # -- checks and setup
+    def preflight(self, cfg: Config) -> None:
+        self.prompts = load_prompts(cfg.data.prompts)
+        if cfg.train.batch_size > len(self.prompts):
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(self.prompts)} prompts of "
+                              f"data.prompts={cfg.data.prompts!r}; lower the batch size or add prompts")
+        if cfg.scorer.name == "spm":
+            spm_dir = resolve_model_path(cfg.scorer.path)
+            if not (spm_dir / "config.json").is_file():
+                raise ConfigError(f"scorer.path={cfg.scorer.path!r}: {spm_dir} is not a step-aware preference model "
+                                  "directory (no config.json); give a local SPM directory (or toyworld:spm for the "
+                                  "toy world)")
+
+    def setup(self, cfg: Config, s: Setup, accelerator) -> None:
+        self.cfg, self.s, self.acc = cfg, s, accelerator
+        self.scorer = build_scorer(cfg.scorer, accelerator.device)
+        self.sampler = PromptSampler(self.prompts, cfg.train.batch_size, accelerator.num_processes,
+                                     accelerator.process_index, cfg.train.seed)
+        # the negative prompt is the same every iteration: encode it once
+        self.uncond = encode_negative(s.comp, cfg.sampling.negative_prompt, cfg.train.batch_size, accelerator.device,
+                                      s.resolution)
+        self.decode = decoder(s.comp)
+
+    def total_iterations(self, cfg: Config, world_size: int) -> int:
+        total = self.sampler.iterations_for(cfg.train.epochs)
+        if cfg.train.max_iterations:
+            total = min(total, cfg.train.max_iterations) if cfg.train.epochs > 0 else cfg.train.max_iterations
+        return total
+
+    def grid_prompts(self, n: int) -> list[str]:
+        return self.prompts[:n]
+
+    def rollout_generator(self, it: int) -> torch.Generator:
+        """Noise of rollout ``it`` on this process: a pure function of (seed, iteration, rank)."""
+        seed = (self.cfg.train.seed * 1_000_003 + it) * 4099 + self.acc.process_index
+        return torch.Generator(device=self.acc.device).manual_seed(seed)
+
+    # -- one iteration
+    def work(self, it: int) -> Work:
+        cfg, s, dev = self.cfg, self.s, self.acc.device
+        prompts = self.sampler.batch(it)
+        gen = self.rollout_generator(it)
+        self.cond = encode_prompts(s.comp, prompts, dev, s.resolution)
+        noise = torch.randn((len(prompts), *s.latent_shape), generator=gen, device=dev)
+        s.raw_unet.eval()
+        with torch.no_grad(), self.acc.autocast():
+            buf = rollout(s.raw_unet, s.schedule, self.cond, self.uncond, self.scorer, self.scorer.prepare(prompts),
+                          self.decode, noise, cfg.spo, cfg.sampling, gen, backend=kernel_backend(cfg))
+        shuffle = torch.Generator().manual_seed(cfg.train.seed * 7919 + it)
+        micro = []
+        for shared, slot, b, n in compact_valid(buf, cfg.train.train_batch_size, shuffle):
+            weight = (torch.arange(len(slot)) < n).float()
+            micro.append(MicroBatch(Transitions(buf, shared, slot.to(dev), b.to(dev), weight.to(dev)), n))
+        self.buf = buf
+        stats = {"valid_ratio": buf.valid.float().mean(), "reward": buf.final_scores.float().mean()}
+        return Work(micro, stats, samples=len(prompts))
+
+    def padding(self) -> MicroBatch:
+        m = self.cfg.train.train_batch_size
+        first_shared = self.buf.shared.index(True)
+        zeros = torch.zeros(m, dtype=torch.long, device=self.acc.device)
+        return MicroBatch(Transitions(self.buf, True, zeros + first_shared, zeros, zeros.float()), 0)
+
+    def loss(self, mb: MicroBatch):
+        """SPO loss of the transitions (slot[n], b[n]): one reference and one policy forward serve win and lose."""
+        cfg, s, tr = self.cfg, self.s, mb.data
+        buf, slot, b = tr.buf, tr.slot, tr.b
+        n = len(slot)
+        x_t = buf.x_t[slot, :, b]  # (n, 2, C, H, W)
+        x_prev = buf.x_prev[slot, :, b]  # (n, 2, C, H, W)
+        t = buf.t[slot]
+        c, u = self.cond[b], self.uncond[b]
+        if tr.shared:
+            x_in, t_in = x_t[:, 0], t
+        else:  # SDXL inner steps: win and lose chains have their own x_t
+            x_in, t_in = torch.cat([x_t[:, 0], x_t[:, 1]]), torch.cat([t, t])
+            c, u = type(c).cat([c, c]), type(u).cat([u, u])
+        g, eta = cfg.sampling.guidance_scale, cfg.sampling.eta
+        with torch.no_grad(), reference_unet(s) as ref:
+            _, mu_ref, _ = ddim_step_stats(s.schedule, cfg_model_output(ref, x_in, t_in, c, u, g), x_in, t_in, eta)
+        _, mu_pol, std = ddim_step_stats(s.schedule, cfg_model_output(s.unet, x_in, t_in, c, u, g), x_in, t_in, eta)
+        if not tr.shared:
+            mu_pol, mu_ref, std = mu_pol.view(2, n, *mu_pol.shape[1:]), mu_ref.view(2, n, *mu_ref.shape[1:]), std[:n]
+        return spo_loss(mu_pol, mu_ref, x_prev[:, 0], x_prev[:, 1], std, tr.weight, cfg.spo.beta, cfg.spo.ratio_clip,
+                        backend=kernel_backend(cfg))

@@ -1,0 +1,594 @@
+"""The trainer core that SPO and Diffusion-DPO share: everything about running a preference-training job that does
+not depend on how the method turns data into a loss.
+
+``run(cfg, method)``: cheap checks (output dir, model dir, resolution, the method's inputs, the evaluation prompts)
+-> accelerator -> models (policy UNet with LoRA or fully trainable, the reference as adapters-off or a frozen copy)
+-> optimizer and lr schedule -> resume -> per iteration::
+
+    work = method.work(it)                 # SPO: a rollout, its valid transitions; DPO: a batch of pairs
+    for each group of grad_accum micro-batches (the last group may be shorter):
+        loss of each micro-batch (method.loss) -> backward, weighted so that the optimizer step minimises the
+        mean over the step's valid pairs -> clip -> optimizer step -> lr step
+    -> metrics (JSONL, TensorBoard), progress bar, checkpoint cadence, signals
+
+and at the end the weights in diffusers format, the before/after sample grid and the held-out evaluation.
+
+A method (``Method``) only says what comes next and how a micro-batch becomes a loss: ``spo_fast.spo.SPO`` and
+``spo_fast.dpo.DiffusionDPO``. Micro-batches have one fixed shape each; only their number follows the data, and
+processes agree on it (a process with fewer runs padding micro-batches that carry no pair), so DDP's gradient
+all-reduce stays in step. No optimizer step is taken for a group without a valid pair on any process.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .config import Config, ConfigError, save_config
+from .data import load_prompts
+from .models import (
+    Components,
+    check_model_dir,
+    decode_latents,
+    encode_negative,
+    encode_prompts,
+    load_components,
+    native_resolution,
+    resolve_model_path,
+)
+from .sampling import DDIMSchedule, sample
+
+
+# ----------------------------------------------------------------------------- the method interface
+@dataclass
+class MicroBatch:
+    """One micro-batch of a method's work: ``data`` is the method's own (fixed shape), ``n_valid`` the number of
+    pairs in it that carry a training signal (0 for a padding micro-batch). A host int, known before training."""
+
+    data: object
+    n_valid: int
+
+
+@dataclass
+class Work:
+    """What one iteration trains on: the micro-batches in order, the method's statistics of the iteration
+    (scalars averaged over processes in the metrics) and how many samples it consumed (for samples/s)."""
+
+    micro: list[MicroBatch]
+    stats: dict[str, float | torch.Tensor] = field(default_factory=dict)
+    samples: int = 0
+
+
+class Method(Protocol):
+    name: str  # "SPO" | "DPO": the progress bar, the TensorBoard project
+    scorer: object | None  # scores the sample grid (and eval.reward=scorer); None: no scores
+
+    def preflight(self, cfg: Config) -> None:
+        """Cheap checks of the method's inputs (prompts, pairs, scorer directory), before any model is built."""
+
+    def setup(self, cfg: Config, s: Setup, accelerator) -> None:
+        """Build what the method needs beyond the models (scorer, prompt sampler, dataset, cache)."""
+
+    def total_iterations(self, cfg: Config, world_size: int) -> int: ...
+
+    def work(self, it: int) -> Work: ...
+
+    def loss(self, mb: MicroBatch):
+        """The loss of one micro-batch: a ``LossOutput`` whose ``loss`` and ``accuracy`` are means over its valid
+        pairs (``spo_fast.kernels.spo_loss``)."""
+
+    def padding(self) -> MicroBatch:
+        """A micro-batch of the fixed shape with no valid pair (keeps processes' all-reduces in step)."""
+
+    def grid_prompts(self, n: int) -> list[str]: ...
+
+
+# ----------------------------------------------------------------------------- fast checks
+def check_output_dir(path: str) -> Path:
+    """Create the output dir and prove it is writable, before anything heavy happens."""
+    out = Path(path).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write_test"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"log.output_dir={path!r} is not writable ({e.strerror}); "
+                          "choose a directory you can write to, e.g. log.output_dir=./outputs/run") from e
+    return out
+
+
+def check_model(cfg: Config) -> Path:
+    """The model directory's layout and the requested resolution, from its config files (nothing is built)."""
+    model_dir = resolve_model_path(cfg.model.path)
+    check_model_dir(model_dir, cfg.model.family, cfg.model.init)
+    if cfg.model.resolution:
+        _, f = native_resolution(model_dir)
+        if cfg.model.resolution % (8 * f):
+            raise ConfigError(f"model.resolution={cfg.model.resolution} must be a multiple of {8 * f} for "
+                              f"{cfg.model.path} (8 latent cells of {f} px); 0 uses the model's own resolution")
+    return model_dir
+
+
+def eval_prompts(cfg: Config) -> list[str]:
+    """The evaluation prompts; with the ground-truth reward every one must be a toy-world prompt."""
+    prompts = load_prompts(cfg.eval.prompts)[:cfg.eval.n_prompts]
+    if cfg.eval.reward == "ground_truth":
+        from .toyworld import world
+
+        for p in prompts:
+            try:
+                world.parse_prompt(p)
+            except ValueError as e:
+                raise ConfigError(f"eval.reward=ground_truth needs toy-world prompts (eval.prompts=toyworld:heldout); "
+                                  f"{e}; use eval.reward=scorer for other prompts") from e
+    return prompts
+
+
+def preflight(cfg: Config, method: Method) -> Path:
+    """Every cheap check of the inputs, in the order a user fixes them; returns the output dir."""
+    out = check_output_dir(cfg.log.output_dir)
+    method.preflight(cfg)
+    if cfg.eval.enabled:
+        eval_prompts(cfg)
+    check_model(cfg)
+    resume_path(cfg, out)
+    return out
+
+
+def resume_path(cfg: Config, out: Path) -> Path | None:
+    """The checkpoint to resume from (``checkpoint.resume``: auto | never | a path), checked before any model."""
+    resume = cfg.checkpoint.resume
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = list_checkpoints(out)
+        return found[-1] if found else None
+    ckpt = Path(resume).expanduser()
+    if not (ckpt / "state.json").is_file():
+        raise ConfigError(f"checkpoint.resume={resume!r} is not a checkpoint directory (no state.json); "
+                          "use auto, never, or a path like <output_dir>/checkpoints/iter_0000050")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- model setup
+@dataclass
+class Setup:
+    comp: Components
+    unet: torch.nn.Module  # the (DDP-)wrapped policy UNet
+    raw_unet: torch.nn.Module  # the unwrapped policy UNet
+    ref_unet: torch.nn.Module | None  # frozen copy, full fine-tuning only
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    schedule: DDIMSchedule
+    latent_shape: tuple[int, int, int]
+    weight_dtype: torch.dtype
+
+    @property
+    def resolution(self) -> int:
+        """Image resolution in pixels."""
+        return self.latent_shape[1] * self.comp.vae_scale_factor
+
+
+def make_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """``train.optimizer``: AdamW (torch), Adafactor (transformers, the official Diffusion-DPO SDXL setting: fixed
+    lr, no relative step, no parameter scaling) or 8-bit AdamW (bitsandbytes, when installed)."""
+    t = cfg.train
+    if t.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=t.lr, weight_decay=t.weight_decay, scale_parameter=False, relative_step=False,
+                         warmup_init=False, clip_threshold=1.0)
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise ConfigError("train.optimizer=adamw8bit needs bitsandbytes (pip install bitsandbytes, CUDA only); "
+                              "or use train.optimizer=adafactor (no extra package) or adamw") from e
+        return bnb.optim.AdamW8bit(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay,
+                                   eps=t.adam_eps)
+    return torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay,
+                             eps=t.adam_eps)
+
+
+def build(cfg: Config, accelerator) -> Setup:
+    """Load the model, place it, make the policy trainable (LoRA or all of the UNet), the optimizer and schedule."""
+    from diffusers.optimization import get_scheduler
+    from peft import LoraConfig
+
+    dev = accelerator.device
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
+    comp = load_components(cfg.model.path, cfg.model.family, cfg.model.init, cfg.model.seed)
+    if comp.vae is not None:
+        _place(comp.vae, dev, torch.float32 if comp.vae.config.get("force_upcast", False) else weight_dtype)
+    for te in comp.text_encoders:
+        _place(te, dev, weight_dtype)
+    unet, ref_unet = comp.unet, None
+    if cfg.lora.enabled:
+        _place(unet, dev, weight_dtype)
+        unet.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha or cfg.lora.rank,
+                                    init_lora_weights="gaussian", target_modules=list(cfg.lora.targets)))
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # trainable LoRA weights stay fp32 under mixed precision
+    else:
+        unet.to(dev)
+        ref_unet = _place(copy.deepcopy(unet), dev, weight_dtype).eval().requires_grad_(False)
+        unet.requires_grad_(True)
+    if cfg.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError(f"lora.targets={cfg.lora.targets} matched no UNet module; "
+                          "use attention projections such as to_q,to_k,to_v,to_out.0")
+    optimizer = make_optimizer(cfg, params)
+    # Stepped by us once per optimizer step (accelerate would step it num_processes times).
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.train.warmup_steps)
+    wrapped, optimizer = accelerator.prepare(unet, optimizer)
+    schedule = DDIMSchedule.from_scheduler(comp.scheduler, cfg.sampling.num_steps, device=dev)
+    latent_shape = comp.latent_shape
+    if cfg.model.resolution:  # checked by check_model
+        f = comp.vae_scale_factor
+        latent_shape = (latent_shape[0], cfg.model.resolution // f, cfg.model.resolution // f)
+    return Setup(comp, wrapped, unet, ref_unet, params, optimizer, lr_scheduler, schedule, latent_shape,
+                 weight_dtype)
+
+
+def _place(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move (components load in fp32; casting only when needed avoids diffusers' cast warning)."""
+    return module.to(device) if dtype == torch.float32 else module.to(device, dtype)
+
+
+@contextlib.contextmanager
+def reference_unet(s: Setup):
+    """The frozen reference: LoRA adapters disabled on the same UNet, or the frozen copy."""
+    if s.ref_unet is not None:
+        yield s.ref_unet
+        return
+    s.raw_unet.disable_adapters()
+    try:
+        yield s.raw_unet
+    finally:
+        s.raw_unet.enable_adapters()
+
+
+def decoder(comp: Components):
+    return functools.partial(decode_latents, comp)
+
+
+def kernel_backend(cfg: Config) -> str | None:
+    """The kernels' ``backend`` argument: ``torch``/``triton`` win over SPO_FAST_KERNELS; ``auto`` defers to it."""
+    return None if cfg.train.kernels == "auto" else cfg.train.kernels
+
+
+def clip_gradients(accelerator, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip by global norm (unscaling fp16 grads first); returns the norm before clipping (a tensor:
+    no host sync)."""
+    if max_norm > 0:
+        return accelerator.clip_grad_norm_(params, max_norm)
+    grads = [p.grad.norm() for p in params if p.grad is not None]
+    return torch.stack(grads).norm() if grads else torch.zeros(())
+
+
+# ----------------------------------------------------------------------------- outputs
+class StopFlag:
+    """First SIGINT/SIGTERM: finish the iteration, checkpoint, exit. Second SIGINT: abort now."""
+
+    def __init__(self):
+        self.set = False
+        self._old = {}
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.set and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.set = True
+        print(f"\n[spo_fast] signal {signum}: stopping after this iteration (a checkpoint will be written); "
+              "press Ctrl-C again to abort now", file=sys.stderr)
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def save_weights(s: Setup, out: Path) -> Path:
+    """LoRA weights in diffusers format (``pipe.load_lora_weights(dir)``), or the full UNet (``unet/``)."""
+    if s.ref_unet is not None:
+        target = out / "unet"
+        s.raw_unet.save_pretrained(target)
+        return target
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(s.raw_unet))
+    layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
+    pipe_cls = StableDiffusionXLPipeline if s.comp.family == "sdxl" else StableDiffusionPipeline
+    target = out / "lora"
+    pipe_cls.save_lora_weights(save_directory=str(target), unet_lora_layers=layers, safe_serialization=True)
+    return target
+
+
+@torch.no_grad()
+def sample_grid(cfg: Config, s: Setup, accelerator, prompts: list[str], scorer, out: Path) -> dict:
+    """Base vs trained images for the first prompts, same noise; PNG grid (+ scores at t = 0 with a scorer)."""
+    from PIL import Image
+
+    n = len(prompts)
+    res = s.resolution
+    cond = encode_prompts(s.comp, prompts, accelerator.device, res)
+    uncond = encode_negative(s.comp, cfg.sampling.negative_prompt, n, accelerator.device, res)
+    decode = decoder(s.comp)
+    state = scorer.prepare(prompts) if scorer is not None else None
+    rows, scores = [], {}
+    for name in ("base", "trained"):
+        gen = torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed + 12345)
+        x = torch.randn((n, *s.latent_shape), generator=gen, device=accelerator.device)
+        ctx = reference_unet(s) if name == "base" else contextlib.nullcontext(s.raw_unet)
+        with ctx as unet, accelerator.autocast():
+            img = decode(sample(unet, s.schedule, cond, uncond, x, cfg.sampling.guidance_scale, cfg.sampling.eta, gen,
+                                backend=kernel_backend(cfg)))
+        if scorer is not None:
+            t0 = torch.zeros(n, dtype=torch.long, device=img.device)
+            scores[name] = scorer.score(img, t0, state, torch.arange(n, device=img.device)).tolist()
+        rows.append(((img + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)  # (2H, nW, 3)
+    scale = max(1, 256 // res)
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(
+        out / "samples.png")
+    result = {"prompts": prompts, "rows": ["base", "trained"], "scores": scores}
+    (out / "samples.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def run_eval(cfg: Config, s: Setup, accelerator, scorer, out: Path) -> dict:
+    """The end-of-run evaluation: base (adapters off) vs trained on the same noise (``spo_fast.evaluation``)."""
+    from .evaluation import evaluate, ground_truth_reward, scorer_reward
+
+    reward = ground_truth_reward if cfg.eval.reward == "ground_truth" else scorer_reward(scorer)
+    s.raw_unet.eval()
+    with accelerator.autocast():
+        return evaluate(s.comp, reference_unet(s), contextlib.nullcontext(s.raw_unet), eval_prompts(cfg),
+                        cfg.eval.seeds, reward, out, cfg.sampling, cfg.eval.batch_size, accelerator.device,
+                        latent_shape=s.latent_shape, backend=kernel_backend(cfg))
+
+
+# ----------------------------------------------------------------------------- training
+def optimizer_groups(micro: list[MicroBatch], accum: int) -> list[list[MicroBatch]]:
+    """Consecutive groups of ``accum`` micro-batches, one optimizer step each (the last group may be shorter)."""
+    return [micro[i:i + accum] for i in range(0, len(micro), accum)]
+
+
+def train_iteration(cfg: Config, s: Setup, accelerator, method: Method, work: Work) -> dict:
+    """Forward/backward every micro-batch of ``work``, one optimizer step per group of ``train.grad_accum``.
+
+    Each micro-batch's loss is its mean over its valid pairs; it is backpropagated with weight
+    n_valid(micro-batch) / n_valid(group), so a step's gradient is that of the mean over the step's valid pairs.
+    Returns sums for the metrics (tensors: no host sync): loss and accuracy weighted by valid pairs, valid pairs,
+    optimizer steps, the sum of the steps' gradient norms."""
+    micro = list(work.micro)
+    if accelerator.num_processes > 1:  # every process runs the same number of micro-batches (DDP all-reduces)
+        n = torch.tensor([len(micro)], device=accelerator.device)
+        most = _all_max(accelerator, n)
+        micro += [method.padding() for _ in range(most - len(micro))]
+    dev = accelerator.device
+    loss_sum, acc_sum, norm_sum = (torch.zeros((), device=dev) for _ in range(3))
+    steps, n_valid = 0, 0
+    for group in optimizer_groups(micro, cfg.train.grad_accum):
+        n_group = sum(mb.n_valid for mb in group)
+        for j, mb in enumerate(group):
+            sync = j == len(group) - 1
+            ctx = contextlib.nullcontext() if sync else accelerator.no_sync(s.unet)
+            with ctx, accelerator.autocast():
+                lo = method.loss(mb)
+            accelerator.backward(lo.loss * (mb.n_valid / max(n_group, 1)))
+            loss_sum += lo.loss.detach().float() * mb.n_valid
+            acc_sum += lo.accuracy.detach().float() * mb.n_valid
+        norm_sum += clip_gradients(accelerator, s.params, cfg.train.max_grad_norm).float().to(dev)
+        s.optimizer.step()
+        s.lr_scheduler.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        steps += 1
+        n_valid += n_group
+    return {"loss_sum": loss_sum, "acc_sum": acc_sum, "norm_sum": norm_sum, "steps": steps, "n_valid": n_valid}
+
+
+def _all_max(accelerator, n: torch.Tensor) -> int:
+    """The largest value of a one-element tensor over all processes."""
+    gathered = accelerator.gather(n)
+    return int(gathered.max().item())
+
+
+def iteration_metrics(accelerator, it: int, opt_step: int, work: Work, sums: dict, lr: float, dt: float) -> dict:
+    """One metrics.jsonl row; sums over processes, then means. ``loss``/``implicit_acc`` are means over the
+    iteration's valid pairs, ``grad_norm`` over its optimizer steps (null when there were none)."""
+    keys = list(work.stats)
+    local = torch.stack([sums["loss_sum"], sums["acc_sum"], torch.tensor(float(sums["n_valid"]), device=sums[
+        "loss_sum"].device), sums["norm_sum"], torch.tensor(float(sums["steps"]), device=sums["loss_sum"].device),
+                         *(torch.as_tensor(work.stats[k], dtype=torch.float32).to(sums["loss_sum"].device).reshape(())
+                           for k in keys)]).float()
+    total = accelerator.reduce(local, reduction="sum").tolist()
+    world = accelerator.num_processes
+    loss_sum, acc_sum, n_valid, norm_sum, steps = total[:5]
+    row = {"iteration": it + 1, "opt_step": opt_step,
+           "loss": loss_sum / n_valid if n_valid else None,
+           "implicit_acc": acc_sum / n_valid if n_valid else None,
+           "valid_pairs": int(n_valid), "opt_steps": round(steps / world),
+           "grad_norm": norm_sum / steps if steps else None}
+    row.update({k: v / world for k, v in zip(keys, total[5:])})
+    row.update({"lr": lr, "samples_per_s": work.samples * world / dt, "seconds": dt})
+    return row
+
+
+def run(cfg: Config, method: Method) -> tuple[dict, Setup]:
+    """Train ``method`` as configured; returns (summary, the trained models). Raises ConfigError/ModelDirError
+    (and the method's input errors) before any model is built."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    out = preflight(cfg, method)
+    use_tb = cfg.log.tensorboard and _has_tensorboard()
+    # Several processes and no CUDA: accelerate only picks its gloo CPU backend when told cpu=True
+    # (its own --cpu launch flag needs MPI), so say it here; `accelerate launch --multi_gpu` then works.
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with="tensorboard" if use_tb else None,
+                              project_dir=str(out), cpu=multi_cpu)
+    if cfg.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ConfigError("train.mixed_precision=fp16 is not supported on CPU; use bf16 or no")
+    if torch.cuda.is_available() and cfg.train.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    set_seed(cfg.train.seed)
+    main = accelerator.is_main_process
+    say = (lambda *a: print("[spo_fast]", *a, flush=True)) if main else (lambda *a: None)
+    say(f"output dir: {out.resolve()}")
+    if main:
+        save_config(cfg, out / "config.yaml")
+
+    s = build(cfg, accelerator)
+    method.setup(cfg, s, accelerator)
+    total = method.total_iterations(cfg, accelerator.num_processes)
+
+    start_iter, opt_step = 0, 0
+    ckpt = resume_path(cfg, out)
+    if ckpt is not None:
+        state = load_checkpoint(accelerator, ckpt, s.raw_unet, s.optimizer, s.lr_scheduler)
+        start_iter, opt_step = state["iteration"], state["opt_step"]
+        say(f"resumed from {ckpt} at iteration {start_iter}")
+    if use_tb:
+        accelerator.init_trackers(method.name.lower(), config=_flat(cfg))
+
+    stop = StopFlag()
+    stop.install()
+    metrics_file = open(out / "metrics.jsonl", "a") if main else None  # noqa: SIM115 (closed in finally)
+    bar = tqdm(total=total, initial=start_iter, disable=not (main and cfg.log.progress), desc=method.name, unit="it")
+    profiler = _profiler(cfg, out) if cfg.profile.enabled else contextlib.nullcontext()
+    last = {}
+    try:
+        with profiler as prof:
+            for it in range(start_iter, total):
+                t0 = time.perf_counter()
+                work = method.work(it)
+                s.raw_unet.train()
+                sums = train_iteration(cfg, s, accelerator, method, work)
+                opt_step += sums["steps"]
+                last = iteration_metrics(accelerator, it, opt_step, work, sums, s.lr_scheduler.get_last_lr()[0],
+                                         time.perf_counter() - t0)
+                if (it + 1) % cfg.log.every == 0 or it + 1 == total:
+                    if main:
+                        metrics_file.write(json.dumps(last) + "\n")
+                        metrics_file.flush()
+                    if use_tb:
+                        accelerator.log({k: v for k, v in last.items() if k != "iteration" and v is not None},
+                                        step=it + 1)
+                bar.update(1)
+                bar.set_postfix({k: _short(last[k]) for k in ("loss", "implicit_acc", "valid_pairs", "samples_per_s")})
+                if prof is not None:
+                    prof.step()
+                stopping = _agree(accelerator, stop.set)
+                every = cfg.checkpoint.every
+                if stopping or it + 1 == total or (every and (it + 1) % every == 0):
+                    path = save_checkpoint(accelerator, out, it + 1, opt_step, s.raw_unet, s.optimizer,
+                                           s.lr_scheduler, cfg.checkpoint.keep)
+                if stopping:
+                    say(f"stopped at iteration {it + 1} (checkpoint {path}); run the same command again to resume")
+                    return {"stopped": True, **last}, s
+    finally:
+        stop.restore()
+        bar.close()
+        if metrics_file:
+            metrics_file.close()
+
+    summary = {"stopped": False, "iterations": total, **last}
+    if main:
+        summary.update(finish(cfg, s, accelerator, method, out, say))
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        say(f"done: {total} iterations; weights in {summary['weights_dir']}; outputs in {out.resolve()}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary, s
+
+
+def finish(cfg: Config, s: Setup, accelerator, method: Method, out: Path, say) -> dict:
+    """The end of a run (main process): weights, sample grid, evaluation; each phase announced with its time."""
+    result = {}
+    t0 = time.perf_counter()
+    result["weights_dir"] = str(save_weights(s, out))
+    say(f"wrote the weights to {result['weights_dir']} ({time.perf_counter() - t0:.1f} s)")
+    if cfg.log.sample_prompts:
+        t0 = time.perf_counter()
+        result["samples"] = sample_grid(cfg, s, accelerator, method.grid_prompts(cfg.log.sample_prompts),
+                                        method.scorer, out)
+        say(f"wrote samples.png ({time.perf_counter() - t0:.1f} s)")
+    if cfg.eval.enabled:
+        from .evaluation import summary_line
+
+        say(f"evaluating base vs trained on {cfg.eval.n_prompts} x {cfg.eval.seeds} held-out prompt/seed pairs")
+        ev = run_eval(cfg, s, accelerator, method.scorer, out)
+        result["eval"] = {k: v for k, v in ev.items() if k != "prompts"}
+        say("eval: " + summary_line(ev))
+    return result
+
+
+def _short(v) -> str:
+    return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+
+def _agree(accelerator, flag: bool) -> bool:
+    """All processes stop together when any of them was signalled."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def _has_tensorboard() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _flat(cfg: Config) -> dict:
+    """The config as flat ``section.key`` scalars (TensorBoard's hparams)."""
+    from .config import to_dict
+
+    flat = {}
+
+    def walk(prefix: str, d: dict):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(f"{prefix}{k}.", v)
+            else:
+                flat[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+
+    walk("", to_dict(cfg))
+    return flat
+
+
+def _profiler(cfg: Config, out: Path):
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    p = cfg.profile
+    return profile(activities=acts, schedule=schedule(wait=p.wait, warmup=p.warmup, active=p.active, repeat=1),
+                   on_trace_ready=tensorboard_trace_handler(str(out / "profile")), record_shapes=True)
