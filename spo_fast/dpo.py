@@ -37,24 +37,10 @@ from .models import (
     encode_prompts,
     native_resolution,
     resolve_model_path,
-    toyworld_assets,
     unet_forward,
 )
 from .scorers import build_scorer
 from .trainer import MicroBatch, Setup, Work, kernel_backend, reference_unet
-
-TOYWORLD_PAIRS = ("train", "heldout")
-
-
-def resolve_pairs(spec: str) -> str:
-    """``toyworld:train`` / ``toyworld:heldout`` -> the toy world's shipped pairs file; anything else unchanged."""
-    if not spec.startswith("toyworld:"):
-        return spec
-    name = spec.split(":", 1)[1]
-    if name not in TOYWORLD_PAIRS:
-        raise PairsError(f"data.pairs={spec!r}: unknown toy-world pairs; accepted: "
-                         f"{', '.join('toyworld:' + n for n in TOYWORLD_PAIRS)}, or a parquet file/directory/glob")
-    return str(toyworld_assets() / f"pairs_{name}.parquet")
 
 
 @dataclass
@@ -81,7 +67,7 @@ class DiffusionDPO:
     # -- checks and setup
     def preflight(self, cfg: Config) -> None:
         """The pairs' schema and labels (every shard), and with data.check_images and no cache every image."""
-        self.ds = PairDataset(resolve_pairs(cfg.data.pairs), ties=cfg.data.ties, bad_rows=cfg.data.bad_rows)
+        self.ds = PairDataset(cfg.data.pairs, ties=cfg.data.ties, bad_rows=cfg.data.bad_rows)
         if len(self.ds) < cfg.train.batch_size:
             raise PairsError(f"data.pairs={cfg.data.pairs!r} has {len(self.ds)} usable pairs, fewer than "
                              f"train.batch_size={cfg.train.batch_size}; lower the batch size or add pairs")

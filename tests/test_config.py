@@ -45,7 +45,7 @@ def test_overrides_are_typed():
     ("spo.threshold=-0.1", "spo.threshold"),
     ("train.mixed_precision=fp8", "fp8"),
     ("lora.enabled=maybe", "lora.enabled"),
-    ("train.train_batch_size=3", "train.train_batch_size=3"),
+    ("method=sft", "method='sft'"),
     ("model.init=pretrained", "model.init=random"),  # arch: dirs have no weights: the fix is named
     ("spo", "key=value"),
     ("spo=3", "section"),
@@ -73,3 +73,31 @@ def test_unknown_recipe_lists_the_known_ones():
 
 def test_defaults_equal_dataclass_defaults_where_recipe_is_silent():
     assert load_config("tiny_sd15_color").train.adam_beta2 == Config().train.adam_beta2
+
+
+def test_real_spo_recipes_use_the_step_aware_preference_model(tmp_path):
+    """sd15_spo / sdxl_spo train with an SPM whose path is required: an empty path is a config error, a path that is
+    not an SPM directory stops the run before any model is built, naming scorer.path."""
+    from spo_fast.train import preflight
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n" * 12)
+    for name in ("sd15_spo", "sdxl_spo"):
+        cfg = load_config(name)
+        assert cfg.scorer.name == "spm" and cfg.scorer.path
+        with pytest.raises(ConfigError, match="scorer.path"):
+            load_config(name, ["scorer.path="])
+        family = cfg.model.family
+        cfg = load_config(name, [f"model.path=arch:{family}", "model.init=random", f"data.prompts={prompts}",
+                                 f"log.output_dir={tmp_path / name}"])
+        with pytest.raises(ConfigError, match=f"scorer.path='{cfg.scorer.path}'"):
+            preflight(cfg)
+
+
+def test_method_keys_left_out_of_the_saved_config(tmp_path):
+    for name, absent in (("toy_dpo", "spo"), ("toy_spo", "dpo")):
+        cfg = load_config(name)
+        save_config(cfg, tmp_path / "c.yaml")
+        text = (tmp_path / "c.yaml").read_text()
+        assert f"\n{absent}:" not in text and f"method: {cfg.method}" in text
+        assert load_config(str(tmp_path / "c.yaml")) == cfg

@@ -16,6 +16,7 @@ from spo_fast.models import (
     Conditioning,
     ModelDirError,
     check_model_dir,
+    encode_negative,
     encode_prompts,
     load_components,
     resolve_model_path,
@@ -243,3 +244,23 @@ def test_error_unknown_arch():
         resolve_model_path("arch:nope")
     assert "arch:tiny_sdxl" in str(e.value)
     assert resolve_model_path("~/x") == Path("~/x").expanduser()
+
+
+def test_sdxl_empty_negative_prompt_is_zeros(tiny, tmp_path):
+    """SDXL with force_zeros_for_empty_prompt (diffusers' default): an empty negative prompt is all-zero embeddings
+    and pooled embedding (time ids kept); a non-empty one, SD1.5 and force_zeros_for_empty_prompt=false are the
+    encoded prompt."""
+    from spo_fast.models import force_zeros_for_empty_prompt
+
+    sdxl, sd15 = tiny["sdxl"], tiny["sd15"]
+    assert sdxl.force_zeros_for_empty_prompt and not sd15.force_zeros_for_empty_prompt
+    neg = encode_negative(sdxl, "", 3, "cpu", 64)
+    enc = encode_prompts(sdxl, [""] * 3, "cpu", 64)
+    assert neg.embeds.shape == enc.embeds.shape and not neg.embeds.any() and not neg.pooled.any()
+    assert enc.embeds.abs().sum() > 0 and torch.equal(neg.time_ids, enc.time_ids)
+    ugly = encode_negative(sdxl, "red", 2, "cpu", 64)
+    assert torch.equal(ugly.embeds, encode_prompts(sdxl, ["red"] * 2, "cpu", 64).embeds)
+    assert torch.equal(encode_negative(sd15, "", 2, "cpu", 16).embeds, encode_prompts(sd15, ["", ""], "cpu", 16).embeds)
+    (tmp_path / "model_index.json").write_text(json.dumps({"force_zeros_for_empty_prompt": False}))
+    assert not force_zeros_for_empty_prompt(tmp_path, "sdxl")
+    assert force_zeros_for_empty_prompt(tmp_path / "absent", "sdxl")  # diffusers' SDXL default

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     cmd = sub.add_parser("cache", help="encode every pair's images and caption into a latent cache",
                          epilog=" ".join(__doc__.splitlines()[2:]))
-    cmd.add_argument("--pairs", required=True, help="a parquet file, a directory of shards or a glob (Pick-a-Pic schema)")
+    cmd.add_argument("--pairs", required=True, help="a parquet file, a directory of shards or a glob (Pick-a-Pic schema), or toyworld:train")
     cmd.add_argument("--model", required=True, help="diffusers model directory (or toyworld:base)")
     cmd.add_argument("--family", default="sd15", choices=("sd15", "sdxl"))
     cmd.add_argument("--resolution", type=_positive, help="image side in pixels (default: the model's native size)")

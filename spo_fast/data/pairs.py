@@ -81,10 +81,28 @@ class _Block:
     label_0: np.ndarray  # (k,) float64 in {0, 0.5, 1}
 
 
+TOYWORLD_PAIRS = ("train", "heldout")
+
+
+def resolve_pairs(spec: str) -> str:
+    """``toyworld:train`` / ``toyworld:heldout`` -> the toy world's shipped pairs file; anything else unchanged."""
+    if not spec.startswith("toyworld:"):
+        return spec
+    name = spec.split(":", 1)[1]
+    if name not in TOYWORLD_PAIRS:
+        raise PairsError(f"data.pairs={spec!r}: unknown toy-world pairs; accepted: "
+                         f"{', '.join('toyworld:' + n for n in TOYWORLD_PAIRS)}, or a parquet file/directory/glob")
+    from ..models import toyworld_assets
+
+    return str(toyworld_assets() / f"pairs_{name}.parquet")
+
+
 def resolve_shards(spec: str) -> list[Path]:
-    """The parquet files of ``spec``: one file, every ``*.parquet`` in a directory (not recursive)
-    or the files a glob matches, sorted. Raises PairsError when nothing is found."""
+    """The parquet files of ``spec``: one file, every ``*.parquet`` in a directory (not recursive), the files a
+    glob matches, sorted, or ``toyworld:train|heldout`` (the shipped toy pairs). Raises PairsError when nothing is
+    found."""
     hint = "give a parquet file, a directory of parquet shards or a glob"
+    spec = resolve_pairs(spec)
     path = Path(spec).expanduser()
     if glob.has_magic(spec):
         files = sorted(Path(p) for p in glob.glob(str(path)) if Path(p).is_file())
