@@ -35,8 +35,8 @@ GRID_PROMPTS = 8
 @torch.no_grad()
 def generate(comp: Components, unet, schedule: DDIMSchedule, prompts: list[str], seeds: int, guidance_scale: float,
              eta: float, batch_size: int, device, base_seed: int = 0, resolution: int | None = None,
-             latent_shape=None, backend: str | None = None, negative_prompt: str = "") -> torch.Tensor:
-    """(seeds, P, 3, H, W) images in [-1, 1]. The noise of (seed s, prompt chunk c) is a pure function of
+             latent_shape=None, backend: str | None = None, negative_prompt: str = "", bar=None) -> torch.Tensor:
+    """(seeds, P, 3, H, W) images in [-1, 1] (``bar``: a progress bar advanced once per sampled chunk). The noise of (seed s, prompt chunk c) is a pure function of
     (base_seed, s, c) (and of the step op's backend, ``backend``): two models called with the same arguments see
     identical noise. The unconditional branch is ``negative_prompt`` (``models.encode_negative``: zeros for an
     empty one on SDXL)."""
@@ -53,6 +53,8 @@ def generate(comp: Components, unet, schedule: DDIMSchedule, prompts: list[str],
             x = torch.randn((len(chunk), *latent_shape), generator=gen, device=device)
             rows.append(decode_latents(comp, sample(unet, schedule, cond, uncond, x, guidance_scale, eta, gen,
                                                            backend=backend)).cpu())
+            if bar is not None:
+                bar.update(1)
         out.append(torch.cat(rows))
     return torch.stack(out)
 
@@ -110,16 +112,22 @@ def save_grid(base: torch.Tensor, trained: torch.Tensor, path: Path, n: int = GR
 
 
 def evaluate(comp: Components, base_ctx, trained_ctx, prompts: list[str], seeds: int, reward: Callable,
-             out: Path, sampling, batch_size: int, device, latent_shape=None, backend: str | None = None) -> dict:
-    """Run both models on the same noise, score, write eval.json and eval_grid.png into ``out``."""
+             out: Path, sampling, batch_size: int, device, latent_shape=None, backend: str | None = None,
+             progress: bool = True) -> dict:
+    """Run both models on the same noise, score, write eval.json and eval_grid.png into ``out`` (a progress bar
+    with the time left unless ``progress`` is false)."""
+    from tqdm.auto import tqdm
+
     t0 = time.perf_counter()
     schedule = DDIMSchedule.from_scheduler(comp.scheduler, sampling.num_steps, device=device)
     images = {}
-    for name, ctx in (("base", base_ctx), ("trained", trained_ctx)):
-        with ctx as unet:
-            images[name] = generate(comp, unet, schedule, prompts, seeds, sampling.guidance_scale, sampling.eta,
-                                    batch_size, device, latent_shape=latent_shape, backend=backend,
-                                    negative_prompt=getattr(sampling, "negative_prompt", ""))
+    chunks = -(-len(prompts) // batch_size)
+    with tqdm(total=2 * seeds * chunks, desc="evaluating base vs trained", unit="batch", disable=not progress) as bar:
+        for name, ctx in (("base", base_ctx), ("trained", trained_ctx)):
+            with ctx as unet:
+                images[name] = generate(comp, unet, schedule, prompts, seeds, sampling.guidance_scale, sampling.eta,
+                                        batch_size, device, latent_shape=latent_shape, backend=backend,
+                                        negative_prompt=getattr(sampling, "negative_prompt", ""), bar=bar)
     result = compare(images["base"], images["trained"], prompts, reward)
     result["seconds"] = time.perf_counter() - t0
     result["prompts"] = prompts

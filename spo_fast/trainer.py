@@ -367,7 +367,7 @@ def run_eval(cfg: Config, s: Setup, accelerator, scorer, out: Path) -> dict:
     with accelerator.autocast():
         return evaluate(s.comp, reference_unet(s), contextlib.nullcontext(s.raw_unet), eval_prompts(cfg),
                         cfg.eval.seeds, reward, out, cfg.sampling, cfg.eval.batch_size, accelerator.device,
-                        latent_shape=s.latent_shape, backend=kernel_backend(cfg))
+                        latent_shape=s.latent_shape, backend=kernel_backend(cfg), progress=cfg.log.progress)
 
 
 # ----------------------------------------------------------------------------- training
