@@ -105,7 +105,8 @@ class DataConfig:
     """Diffusion-DPO: preference pairs in the Pick-a-Pic schema (caption, jpg_0, jpg_1, label_0, label_1): a
     parquet file, a directory of parquet shards or a glob; ``toyworld:train`` is the toy world's shipped pairs."""
     ties: str = "drop"
-    """Diffusion-DPO: ``drop`` pairs labelled 0.5/0.5 (the official setting) or ``keep`` them."""
+    """Pairs labelled 0.5/0.5: ``drop`` (Diffusion-DPO, the official setting; ``keep`` is an error there, a tie has
+    no preferred image) or ``keep`` (0.5/0.5 targets: the SPM trainer's reading of the same data)."""
     bad_rows: str = "error"
     """Diffusion-DPO: a row with an undecodable image or a label that is not a preference is an ``error``
     naming its file and row, or is skipped and counted (``skip``)."""
@@ -434,6 +435,7 @@ def validate(cfg: Config, given: set[str] | None = None) -> None:
              f"spo.divert_start_step={s.divert_start_step}: must be in [0, sampling.num_steps={sp.num_steps})")
         need(sp.eta > 0, f"sampling.eta={sp.eta}: SPO needs a stochastic sampler (eta > 0; official 1.0)")
     need(sp.guidance_scale >= 1.0, f"sampling.guidance_scale={sp.guidance_scale}: must be >= 1")
+    need(t.seed >= 0, f"train.seed={t.seed}: must be >= 0")
     need(t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1")
     need(t.train_batch_size >= 1, f"train.train_batch_size={t.train_batch_size}: must be >= 1")
     need(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum}: must be >= 1")
@@ -446,6 +448,9 @@ def validate(cfg: Config, given: set[str] | None = None) -> None:
              f"train.grad_accum={t.grad_accum} must divide the {micro} micro-batches of one iteration "
              f"(train.batch_size={t.batch_size} / train.train_batch_size={t.train_batch_size}) so that optimizer "
              "steps end on iteration boundaries (checkpoints lose nothing)")
+        need(cfg.data.ties == "drop", "data.ties=keep: Diffusion-DPO trains on a preferred and a rejected image and a "
+                                      "tie has neither; use data.ties=drop (keep is for the SPM trainer, "
+                                      "python -m spo_fast.train_spm, which learns ties as 0.5/0.5)")
         need(bool(cfg.data.pairs), "method=dpo needs data.pairs: a parquet file, a directory of parquet shards or a "
                                    "glob in the Pick-a-Pic schema (toyworld:train for the toy world's pairs)")
         need(cfg.dpo.beta > 0, f"dpo.beta={cfg.dpo.beta}: must be > 0 (official: 5000)")

@@ -85,10 +85,13 @@ class DiffusionDPO:
         self.empty = encode_negative(s.comp, "", 1, dev, s.resolution)
         if cfg.data.cache_dir:
             model_id, enc_images, enc_text = encoders_for(s.comp, cfg.model.path, s.resolution, dev)
+            # the encoders see one micro-batch of pairs at a time (SDXL at 1024 px: memory)
             self.cache = LatentCache.open(cfg.data.cache_dir, cache_key(model_id, s.resolution, self.ds), self.ds,
-                                          enc_images, enc_text, progress=cfg.log.progress and accelerator.is_main_process,
+                                          enc_images, enc_text, batch_size=cfg.train.train_batch_size,
+                                          progress=cfg.log.progress and accelerator.is_main_process,
                                           world_size=accelerator.num_processes, rank=accelerator.process_index,
                                           barrier=accelerator.wait_for_everyone)
+            self.ds.shuffle = "global"  # random access into the cache is cheap: mix the whole dataset per batch
 
     def total_iterations(self, cfg: Config, world_size: int) -> int:
         total = self.ds.iterations_for(cfg.train.epochs, cfg.train.batch_size, world_size)
@@ -138,11 +141,12 @@ class DiffusionDPO:
         micro, m = [], cfg.train.train_batch_size
         for i in range(0, n, m):
             part = slice(i, i + m)
+            batch = PairMicroBatch(lw[part], ll[part], cond[part], noise[part], t[part], weight[part])
+            if i == 0:
+                self.last = batch  # the shape padding() copies
             n_valid = int(ok[part].sum())
             if n_valid:  # a micro-batch of skipped bad rows only trains nothing
-                micro.append(MicroBatch(PairMicroBatch(lw[part], ll[part], cond[part], noise[part], t[part],
-                                                       weight[part]), n_valid))
-        self.last = micro[0].data if micro else None
+                micro.append(MicroBatch(batch, n_valid))
         return Work(micro, {}, samples=n)
 
     def padding(self) -> MicroBatch:

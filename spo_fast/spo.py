@@ -23,7 +23,7 @@ import torch
 from .config import Config, ConfigError
 from .data import PromptSampler, load_prompts
 from .kernels.spo_loss import spo_loss
-from .models import encode_negative, encode_prompts, resolve_model_path
+from .models import encode_negative, encode_prompts
 from .rollout import RolloutBuffer, rollout
 from .sampling import cfg_model_output, ddim_step_stats
 from .scorers import build_scorer
@@ -77,12 +77,6 @@ class SPO:
         if cfg.train.batch_size > len(self.prompts):
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(self.prompts)} prompts of "
                               f"data.prompts={cfg.data.prompts!r}; lower the batch size or add prompts")
-        if cfg.scorer.name == "spm":
-            spm_dir = resolve_model_path(cfg.scorer.path)
-            if not (spm_dir / "config.json").is_file():
-                raise ConfigError(f"scorer.path={cfg.scorer.path!r}: {spm_dir} is not a step-aware preference model "
-                                  "directory (no config.json); give a local SPM directory (or toyworld:spm for the "
-                                  "toy world)")
 
     def setup(self, cfg: Config, s: Setup, accelerator) -> None:
         self.cfg, self.s, self.acc = cfg, s, accelerator

@@ -137,14 +137,26 @@ def eval_prompts(cfg: Config) -> list[str]:
     return prompts
 
 
+def check_scorer(cfg: Config) -> None:
+    """``scorer.path`` of an SPM scorer is a directory with a config.json."""
+    if cfg.scorer.name != "spm":
+        return
+    spm_dir = resolve_model_path(cfg.scorer.path)
+    if not (spm_dir / "config.json").is_file():
+        raise ConfigError(f"scorer.path={cfg.scorer.path!r}: {spm_dir} is not a step-aware preference model "
+                          "directory (no config.json); give a local SPM directory (or toyworld:spm for the toy world)")
+
+
 def preflight(cfg: Config, method: Method) -> Path:
-    """Every cheap check of the inputs, in the order a user fixes them; returns the output dir."""
+    """Every check of the inputs that needs no model, cheapest first; returns the output dir. The method's own
+    checks (prompts; pairs: schema, labels and, without a cache, every image) come last."""
     out = check_output_dir(cfg.log.output_dir)
-    method.preflight(cfg)
-    if cfg.eval.enabled:
-        eval_prompts(cfg)
     check_model(cfg)
     resume_path(cfg, out)
+    check_scorer(cfg)
+    if cfg.eval.enabled:
+        eval_prompts(cfg)
+    method.preflight(cfg)
     return out
 
 
@@ -380,25 +392,34 @@ def train_iteration(cfg: Config, s: Setup, accelerator, method: Method, work: Wo
     """Forward/backward every micro-batch of ``work``, one optimizer step per group of ``train.grad_accum``.
 
     Each micro-batch's loss is its mean over its valid pairs; it is backpropagated with weight
-    n_valid(micro-batch) / n_valid(group), so a step's gradient is that of the mean over the step's valid pairs.
+    world * n_valid(micro-batch) / n_valid(step, all processes), so after DDP's average a step's gradient is that of
+    the mean over the step's valid pairs on all processes.
     Returns sums for the metrics (tensors: no host sync): loss and accuracy weighted by valid pairs, valid pairs,
     optimizer steps, the sum of the steps' gradient norms."""
     micro = list(work.micro)
-    if accelerator.num_processes > 1:  # every process runs the same number of micro-batches (DDP all-reduces)
-        n = torch.tensor([len(micro)], device=accelerator.device)
-        most = _all_max(accelerator, n)
+    world = accelerator.num_processes
+    if world > 1:  # every process runs the same number of micro-batches (DDP all-reduces)
+        most = _all_max(accelerator, torch.tensor([len(micro)], device=accelerator.device))
         micro += [method.padding() for _ in range(most - len(micro))]
+    groups = optimizer_groups(micro, cfg.train.grad_accum)
+    # valid pairs of each optimizer step over all processes: DDP averages the processes' gradients, so each
+    # micro-batch's mean loss is weighted by world * n_valid / (the step's valid pairs on all processes)
+    local = [sum(mb.n_valid for mb in g) for g in groups]
+    if world > 1 and groups:
+        total = accelerator.reduce(torch.tensor(local, dtype=torch.long, device=accelerator.device), "sum")
+        step_valid = [int(v) for v in total.tolist()]
+    else:
+        step_valid = local
     dev = accelerator.device
     loss_sum, acc_sum, norm_sum = (torch.zeros((), device=dev) for _ in range(3))
     steps, n_valid = 0, 0
-    for group in optimizer_groups(micro, cfg.train.grad_accum):
-        n_group = sum(mb.n_valid for mb in group)
+    for group, n_group, n_all in zip(groups, local, step_valid):
         for j, mb in enumerate(group):
             sync = j == len(group) - 1
             ctx = contextlib.nullcontext() if sync else accelerator.no_sync(s.unet)
             with ctx, accelerator.autocast():
                 lo = method.loss(mb)
-            accelerator.backward(lo.loss * (mb.n_valid / max(n_group, 1)))
+            accelerator.backward(lo.loss * (mb.n_valid * world / max(n_all, 1)))
             loss_sum += lo.loss.detach().float() * mb.n_valid
             acc_sum += lo.accuracy.detach().float() * mb.n_valid
         norm_sum += clip_gradients(accelerator, s.params, cfg.train.max_grad_norm).float().to(dev)

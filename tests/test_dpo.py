@@ -89,6 +89,10 @@ def test_dpo_and_spo_keys_do_not_mix():
         load_config("toy_dpo", ["train.grad_accum=3"])
     with pytest.raises(ConfigError, match="train.optimizer='sgd'"):
         load_config("toy_dpo", ["train.optimizer=sgd"])
+    with pytest.raises(ConfigError, match="data.ties=keep"):
+        load_config("toy_dpo", ["data.ties=keep"])
+    with pytest.raises(ConfigError, match="train.seed=-1"):
+        load_config("toy_dpo", ["train.seed=-1"])
 
 
 def test_dpo_recipes_follow_the_official_settings():
@@ -194,6 +198,15 @@ def _jpeg() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="JPEG")
     return buf.getvalue()
+
+
+def test_dpo_bad_model_and_scorer_paths_are_named_before_any_model(tmp_path, capsys):
+    for override, needle in (("model.path=/nonexistent/sd15", "/nonexistent/sd15"),
+                             ("scorer.path=/nonexistent/spm", "scorer.path='/nonexistent/spm'")):
+        t0 = time.time()
+        assert main(["toy_dpo", *QUICK, f"log.output_dir={tmp_path / 'o'}", override]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err and time.time() - t0 < 5
 
 
 @pytest.mark.parametrize("case, needle", [

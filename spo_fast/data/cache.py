@@ -126,6 +126,22 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _wait_for_chunks(path: Path, n_blocks: int, progress: bool, poll_s: float = 2.0) -> None:
+    """Block until every chunk file of the cache exists (the other processes are building theirs)."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    missing = [b for b in range(n_blocks) if not _chunk_path(path, b).is_file()]
+    with tqdm(total=n_blocks, initial=n_blocks - len(missing), desc="waiting for the other processes' cache chunks",
+              disable=not progress or not missing) as bar:
+        while missing:
+            time.sleep(poll_s)
+            still = [b for b in missing if not _chunk_path(path, b).is_file()]
+            bar.update(len(missing) - len(still))
+            missing = still
+
+
 def _chunk_path(root: Path, block: int) -> Path:
     return root / f"chunk_{block:06d}.safetensors"
 
@@ -170,7 +186,8 @@ class LatentCache:
         ``key``: from ``cache_key`` (it carries the resolution). ``encode_images``: (n, 3, H, W) in
         [-1, 1] -> (n, C, h, w); ``encode_text``: captions (n) -> {name: (n, ...)}; both are called
         with at most ``2 * batch_size`` images / ``batch_size`` captions. This process builds chunk
-        c when c % world_size == rank, then calls ``barrier()``. Raises CacheError when the directory
+        c when c % world_size == rank, then (with a ``barrier``) polls until every chunk file exists and calls
+        ``barrier()``. Raises CacheError when the directory
         holds a cache with another key, cannot be created or written, or misses chunks after the
         barrier; PairsError on a bad image with data.bad_rows=error (every process must then stop).
         """
@@ -192,6 +209,8 @@ class LatentCache:
         except OSError as e:
             raise CacheError(f"data.cache_dir={path}: cannot write the cache ({e}); free space or use another "
                              "data.cache_dir") from e
+        if world_size > 1 and barrier is not None:  # wait on the files first, not in a collective: an uneven
+            _wait_for_chunks(path, dataset.num_blocks, progress)  # build would pass the collective's timeout
         if barrier is not None:
             barrier()
         cache = cls(path, dataset)

@@ -164,7 +164,9 @@ class PairDataset:
                              f"{c['ties_dropped']} ties dropped (data.ties={ties}), {c['bad_labels_skipped']} rows with "
                              f"invalid labels skipped{fix}")
         self._bad_images: set[int] = set()
-        self._orders: dict[tuple[int, int], np.ndarray] = {}  # (seed, epoch) -> (len,) order of the current epoch
+        self.shuffle = "block"
+        """Epoch order: ``block`` (rows shuffled within shuffled row groups) or ``global`` (see ``_order``)."""
+        self._orders: dict[tuple, np.ndarray] = {}  # (seed, epoch, shuffle) -> (len,) order of the current epoch
         self._file: tuple[int, pq.ParquetFile] | None = None  # the open shard
         self._group: tuple[tuple[int, int], pa.Table] | None = None  # the last row group read
 
@@ -236,14 +238,22 @@ class PairDataset:
 
     # ------------------------------------------------------------------ order
     def _order(self, seed: int, epoch: int) -> np.ndarray:
-        """(len,) usable indices in the order of ``epoch``: blocks shuffled, rows shuffled within each block."""
-        if (seed, epoch) not in self._orders:
-            parts = []
-            for b in np.random.default_rng([seed, epoch]).permutation(self.num_blocks):
-                r = self.block_range(int(b))
-                parts.append(r.start + np.random.default_rng([seed, epoch, int(b)]).permutation(len(r)))
-            self._orders = {(seed, epoch): np.concatenate(parts)}
-        return self._orders[(seed, epoch)]
+        """(len,) usable indices in the order of ``epoch``. ``shuffle="block"`` (reading images from parquet):
+        blocks shuffled, rows shuffled within each block, so a batch reads one or two row groups;
+        ``"global"`` (from the latent cache, where random access is cheap): one permutation of every pair, so a
+        batch mixes the whole dataset as the official script's loader does."""
+        key = (seed, epoch, self.shuffle)
+        if key not in self._orders:
+            if self.shuffle == "global":
+                order = np.random.default_rng([seed, epoch, 1]).permutation(len(self))
+            else:
+                parts = []
+                for b in np.random.default_rng([seed, epoch]).permutation(self.num_blocks):
+                    r = self.block_range(int(b))
+                    parts.append(r.start + np.random.default_rng([seed, epoch, int(b)]).permutation(len(r)))
+                order = np.concatenate(parts)
+            self._orders = {key: order}
+        return self._orders[key]
 
     def batch_indices(self, step: int, batch_size: int, world_size: int = 1, rank: int = 0,
                       seed: int = 0) -> list[int]:
