@@ -112,13 +112,16 @@ class DiffusionDPO:
             cond = Conditioning(text["embeds"], text.get("pooled"),
                                 None if "pooled" not in text else self.empty.time_ids.expand(len(indices), -1))
             return cb.latents_win.to(dev), cb.latents_lose.to(dev), cond, cb.ok.to(dev)
-        pb = self.ds.load(indices, s.resolution)
         m = self.cfg.train.train_batch_size
-        with torch.no_grad():  # the VAE sees one micro-batch of images at a time (memory)
-            lw, ll = (torch.cat([self._encode(x[i:i + m].to(dev)) for i in range(0, len(x), m)])
-                      for x in (pb.win, pb.lose))
-            cond = encode_prompts(s.comp, pb.captions, dev, s.resolution)
-        return lw, ll, cond, pb.ok.to(dev)
+        lw, ll, conds, ok = [], [], [], []
+        with torch.no_grad():  # one micro-batch of images decoded and encoded at a time (memory at 1024 px)
+            for i in range(0, len(indices), m):
+                pb = self.ds.load(indices[i:i + m], s.resolution)
+                lw.append(self._encode(pb.win.to(dev)))
+                ll.append(self._encode(pb.lose.to(dev)))
+                conds.append(encode_prompts(s.comp, pb.captions, dev, s.resolution))
+                ok.append(pb.ok)
+        return torch.cat(lw), torch.cat(ll), Conditioning.cat(conds), torch.cat(ok).to(dev)
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         vae = self.s.comp.vae
