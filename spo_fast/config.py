@@ -485,6 +485,17 @@ def validate(cfg: Config, given: set[str] | None = None) -> None:
 
 
 # ----------------------------------------------------------------------------- output
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested dict -> {"a.b": leaf} (an empty dict is a leaf)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
 def get_key(cfg: Config, key: str) -> Any:
     """The value of a dotted key (``train.lr``, ``method``)."""
     obj: Any = cfg

@@ -93,39 +93,33 @@ class DiffusionDPO:
                                           barrier=accelerator.wait_for_everyone)
             self.ds.shuffle = "global"  # random access into the cache is cheap: mix the whole dataset per batch
 
-    def total_iterations(self, cfg: Config, world_size: int) -> int:
-        total = self.ds.iterations_for(cfg.train.epochs, cfg.train.batch_size, world_size)
-        if cfg.train.max_iterations:
-            total = min(total, cfg.train.max_iterations) if cfg.train.epochs > 0 else cfg.train.max_iterations
-        return total
+    def epoch_iterations(self, cfg: Config, world_size: int) -> int:
+        return self.ds.iterations_for(cfg.train.epochs, cfg.train.batch_size, world_size)
 
     def grid_prompts(self, n: int) -> list[str]:
         return self.ds.load(list(range(min(n, len(self.ds)))), self.s.resolution).captions
 
     # -- one iteration
     def _batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, Conditioning, torch.Tensor]:
-        """Latents of winners and losers (n, C, h, w), their conditioning and the usable mask (n,)."""
+        """Latents of winners and losers (n, C, h, w), their conditioning (on the device) and the usable mask (n,)
+        on the host (counting valid pairs reads no device memory)."""
         s, dev = self.s, self.acc.device
         if self.cache is not None:
             cb = self.cache.load(indices)
             text = {k: v.to(dev, s.weight_dtype) for k, v in cb.text.items()}
             cond = Conditioning(text["embeds"], text.get("pooled"),
                                 None if "pooled" not in text else self.empty.time_ids.expand(len(indices), -1))
-            return cb.latents_win.to(dev), cb.latents_lose.to(dev), cond, cb.ok.to(dev)
+            return cb.latents_win.to(dev), cb.latents_lose.to(dev), cond, cb.ok
         m = self.cfg.train.train_batch_size
         lw, ll, conds, ok = [], [], [], []
         with torch.no_grad():  # one micro-batch of images decoded and encoded at a time (memory at 1024 px)
             for i in range(0, len(indices), m):
                 pb = self.ds.load(indices[i:i + m], s.resolution)
-                lw.append(self._encode(pb.win.to(dev)))
-                ll.append(self._encode(pb.lose.to(dev)))
+                lw.append(encode_images(s.comp, pb.win.to(dev)))
+                ll.append(encode_images(s.comp, pb.lose.to(dev)))
                 conds.append(encode_prompts(s.comp, pb.captions, dev, s.resolution))
                 ok.append(pb.ok)
-        return torch.cat(lw), torch.cat(ll), Conditioning.cat(conds), torch.cat(ok).to(dev)
-
-    def _encode(self, images: torch.Tensor) -> torch.Tensor:
-        vae = self.s.comp.vae
-        return encode_images(self.s.comp, images if vae is None else images.to(vae.dtype))
+        return torch.cat(lw), torch.cat(ll), Conditioning.cat(conds), torch.cat(ok)
 
     def work(self, it: int) -> Work:
         cfg, dev = self.cfg, self.acc.device
@@ -136,11 +130,11 @@ class DiffusionDPO:
         gen = torch.Generator(device=dev).manual_seed((cfg.train.seed * 1_000_003 + it) * 4099 + self.acc.process_index)
         drop = torch.rand(n, generator=gen, device=dev) < cfg.dpo.empty_prompt_prob
         cond = Conditioning(*(None if v is None else torch.where(drop.view(-1, *[1] * (v.dim() - 1)), e.to(v.dtype), v)
-                              for v, e in ((cond.embeds, self.empty.embeds), (cond.pooled, self.empty.pooled),
-                                           (cond.time_ids, self.empty.time_ids))))
+                              for v, e in ((cond.embeds, self.empty.embeds), (cond.pooled, self.empty.pooled))),
+                            cond.time_ids)  # the time ids do not depend on the prompt
         noise = torch.randn(lw.shape, generator=gen, device=dev)
         t = torch.randint(0, self.num_train_timesteps, (n,), generator=gen, device=dev)
-        weight = ok.float()
+        weight = ok.float().to(dev)
         micro, m = [], cfg.train.train_batch_size
         for i in range(0, n, m):
             part = slice(i, i + m)

@@ -88,11 +88,8 @@ class SPO:
                                       s.resolution)
         self.decode = decoder(s.comp)
 
-    def total_iterations(self, cfg: Config, world_size: int) -> int:
-        total = self.sampler.iterations_for(cfg.train.epochs)
-        if cfg.train.max_iterations:
-            total = min(total, cfg.train.max_iterations) if cfg.train.epochs > 0 else cfg.train.max_iterations
-        return total
+    def epoch_iterations(self, cfg: Config, world_size: int) -> int:
+        return self.sampler.iterations_for(cfg.train.epochs)
 
     def grid_prompts(self, n: int) -> list[str]:
         return self.prompts[:n]

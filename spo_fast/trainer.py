@@ -82,7 +82,8 @@ class Method(Protocol):
     def setup(self, cfg: Config, s: Setup, accelerator) -> None:
         """Build what the method needs beyond the models (scorer, prompt sampler, dataset, cache)."""
 
-    def total_iterations(self, cfg: Config, world_size: int) -> int: ...
+    def epoch_iterations(self, cfg: Config, world_size: int) -> int:
+        """Iterations that cover ``train.epochs`` passes over the method's data with all processes."""
 
     def work(self, it: int) -> Work: ...
 
@@ -431,6 +432,13 @@ def train_iteration(cfg: Config, s: Setup, accelerator, method: Method, work: Wo
     return {"loss_sum": loss_sum, "acc_sum": acc_sum, "norm_sum": norm_sum, "steps": steps, "n_valid": n_valid}
 
 
+def run_length(cfg: Config, epoch_iterations: int) -> int:
+    """Iterations of the run: ``train.epochs``' worth, capped by ``train.max_iterations`` (alone when epochs = 0)."""
+    if not cfg.train.max_iterations:
+        return epoch_iterations
+    return min(epoch_iterations, cfg.train.max_iterations) if cfg.train.epochs > 0 else cfg.train.max_iterations
+
+
 def _all_max(accelerator, n: torch.Tensor) -> int:
     """The largest value of a one-element tensor over all processes."""
     gathered = accelerator.gather(n)
@@ -486,7 +494,7 @@ def run(cfg: Config, method: Method) -> tuple[dict, Setup]:
 
     s = build(cfg, accelerator)
     method.setup(cfg, s, accelerator)
-    total = method.total_iterations(cfg, accelerator.num_processes)
+    total = run_length(cfg, method.epoch_iterations(cfg, accelerator.num_processes))
 
     start_iter, opt_step = 0, 0
     ckpt = resume_path(cfg, out)
@@ -591,19 +599,9 @@ def _has_tensorboard() -> bool:
 
 def _flat(cfg: Config) -> dict:
     """The config as flat ``section.key`` scalars (TensorBoard's hparams)."""
-    from .config import to_dict
+    from .config import flatten, to_dict
 
-    flat = {}
-
-    def walk(prefix: str, d: dict):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(f"{prefix}{k}.", v)
-            else:
-                flat[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-
-    walk("", to_dict(cfg))
-    return flat
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(to_dict(cfg)).items()}
 
 
 def _profiler(cfg: Config, out: Path):

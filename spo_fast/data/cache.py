@@ -10,8 +10,8 @@ Decisions:
   ``os.replace``d: a killed build leaves whole chunks only, and the next ``open`` builds the
   missing ones. With several processes chunk c is built by rank ``c % world_size``.
 - Latents and text embeddings are stored in fp16: half the disk (SD 1.5 at 512 px, 1M pairs:
-  2 x 4x64x64 latents per pair, 64 GB instead of 128) and its 2^-11 relative rounding is far
-  below the VAE's own reconstruction error. Loaded batches come back in fp32.
+  2 x 4x64x64 latents per pair, 64 GB instead of 128) at a 2^-11 relative rounding (its effect on
+  training has not been measured; the tests compare cached runs with each other only). Loaded batches come back in fp32.
 - Text is encoded once per unique caption of a chunk (SD 1.5: 77x768 fp16 = 118 KB each).
 
 Chunk file ``chunk_NNNNNN.safetensors`` (NNNNNN = block), m = the block's pairs minus skipped ones:
@@ -37,6 +37,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..config import flatten
 from .pairs import PairDataset, PairsError
 
 if TYPE_CHECKING:
@@ -113,17 +114,6 @@ def encoders_for(comp: Components, model_path: str, resolution: int, device) -> 
         return {"embeds": cond.embeds} if cond.pooled is None else {"embeds": cond.embeds, "pooled": cond.pooled}
 
     return model_id, encode, encode_text
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    """Nested dict -> {"a.b": leaf}."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def _wait_for_chunks(path: Path, n_blocks: int, progress: bool, poll_s: float = 2.0) -> None:
@@ -232,7 +222,7 @@ class LatentCache:
             raise CacheError(f"{file} is not a cache manifest ({type(e).__name__}: {e}); use another "
                              "data.cache_dir, or delete it to rebuild") from e
         if old != key:
-            a, b = _flat(old), _flat(key)
+            a, b = flatten(old), flatten(key)
             diffs = [f"{k}: {a.get(k, '(absent)')} (cache) vs {b.get(k, '(absent)')} (this run)"
                      for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
             more = f"; and {len(diffs) - 4} more" if len(diffs) > 4 else ""
