@@ -58,6 +58,12 @@ class SamplingConfig:
     eta: float = 1.0
     guidance_scale: float = 5.0
     negative_prompt: str = ""
+    graphs: str = "off"
+    """How the SPO rollout's fixed-shape calls (UNet on the pool, VAE decode, preference model, step ops) run:
+    ``off`` (eager) | ``cuda_graphs`` (each call shape captured once as a CUDA graph, replayed with static
+    buffers; CUDA only) | ``compile`` (``torch.compile(mode="reduce-overhead")``). ``off`` by default: the
+    graph modes are tested for equality with eager on GPU by benchmarks/gpu_suite.sh but their speed has not been
+    measured on a GPU yet (see the README's speed section)."""
 
 
 @dataclass
@@ -224,6 +230,7 @@ CHOICES = {
     "eval.reward": ("ground_truth", "scorer"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.kernels": ("auto", "torch", "triton"),
+    "sampling.graphs": ("off", "cuda_graphs", "compile"),
 }
 
 

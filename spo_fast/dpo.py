@@ -39,6 +39,7 @@ from .models import (
     resolve_model_path,
     unet_forward,
 )
+from .profiling import stage
 from .scorers import build_scorer
 from .trainer import MicroBatch, Setup, Work, kernel_backend, reference_unet
 
@@ -159,9 +160,10 @@ class DiffusionDPO:
         sqrt_a, sqrt_1ma = a.sqrt(), (1 - a).sqrt()
         x_t = torch.cat([sqrt_a * p.latents_win + sqrt_1ma * p.noise, sqrt_a * p.latents_lose + sqrt_1ma * p.noise])
         t2, c2 = torch.cat([p.t, p.t]), Conditioning.cat([p.cond, p.cond])
-        with torch.no_grad(), reference_unet(s) as ref:
+        with stage("train/ref"), torch.no_grad(), reference_unet(s) as ref:
             pred_ref = unet_forward(ref, x_t, t2, c2).float().view(2, n, *p.noise.shape[1:])
-        pred_pol = unet_forward(s.unet, x_t, t2, c2).float().view(2, n, *p.noise.shape[1:])
+        with stage("train/policy"):
+            pred_pol = unet_forward(s.unet, x_t, t2, c2).float().view(2, n, *p.noise.shape[1:])
         if s.schedule.prediction_type == "epsilon":
             target_w = target_l = p.noise
         else:  # v-prediction: v = sqrt(a) * noise - sqrt(1 - a) * x0

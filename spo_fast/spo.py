@@ -24,6 +24,7 @@ from .config import Config, ConfigError
 from .data import PromptSampler, load_prompts
 from .kernels.spo_loss import spo_loss
 from .models import encode_negative, encode_prompts
+from .profiling import stage
 from .rollout import RolloutBuffer, rollout
 from .sampling import cfg_model_output, ddim_step_stats
 from .scorers import build_scorer
@@ -140,9 +141,11 @@ class SPO:
             x_in, t_in = torch.cat([x_t[:, 0], x_t[:, 1]]), torch.cat([t, t])
             c, u = type(c).cat([c, c]), type(u).cat([u, u])
         g, eta = cfg.sampling.guidance_scale, cfg.sampling.eta
-        with torch.no_grad(), reference_unet(s) as ref:
+        with stage("train/ref"), torch.no_grad(), reference_unet(s) as ref:
             _, mu_ref, _ = ddim_step_stats(s.schedule, cfg_model_output(ref, x_in, t_in, c, u, g), x_in, t_in, eta)
-        _, mu_pol, std = ddim_step_stats(s.schedule, cfg_model_output(s.unet, x_in, t_in, c, u, g), x_in, t_in, eta)
+        with stage("train/policy"):
+            _, mu_pol, std = ddim_step_stats(s.schedule, cfg_model_output(s.unet, x_in, t_in, c, u, g), x_in, t_in,
+                                             eta)
         if not tr.shared:
             mu_pol, mu_ref, std = mu_pol.view(2, n, *mu_pol.shape[1:]), mu_ref.view(2, n, *mu_ref.shape[1:]), std[:n]
         return spo_loss(mu_pol, mu_ref, x_prev[:, 0], x_prev[:, 1], std, tr.weight, cfg.spo.beta, cfg.spo.ratio_clip,

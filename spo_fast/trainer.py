@@ -49,6 +49,7 @@ from .models import (
     native_resolution,
     resolve_model_path,
 )
+from .profiling import stage
 from .sampling import DDIMSchedule, sample
 
 
@@ -418,15 +419,18 @@ def train_iteration(cfg: Config, s: Setup, accelerator, method: Method, work: Wo
         for j, mb in enumerate(group):
             sync = j == len(group) - 1
             ctx = contextlib.nullcontext() if sync else accelerator.no_sync(s.unet)
-            with ctx, accelerator.autocast():
-                lo = method.loss(mb)
-            accelerator.backward(lo.loss * (mb.n_valid * world / max(n_all, 1)))
+            with ctx:
+                with accelerator.autocast():
+                    lo = method.loss(mb)
+                with stage("train/backward"):
+                    accelerator.backward(lo.loss * (mb.n_valid * world / max(n_all, 1)))
             loss_sum += lo.loss.detach().float() * mb.n_valid
             acc_sum += lo.accuracy.detach().float() * mb.n_valid
-        norm_sum += clip_gradients(accelerator, s.params, cfg.train.max_grad_norm).float().to(dev)
-        s.optimizer.step()
-        s.lr_scheduler.step()
-        s.optimizer.zero_grad(set_to_none=True)
+        with stage("train/optimizer"):
+            norm_sum += clip_gradients(accelerator, s.params, cfg.train.max_grad_norm).float().to(dev)
+            s.optimizer.step()
+            s.lr_scheduler.step()
+            s.optimizer.zero_grad(set_to_none=True)
         steps += 1
         n_valid += n_group
     return {"loss_sum": loss_sum, "acc_sum": acc_sum, "norm_sum": norm_sum, "steps": steps, "n_valid": n_valid}
