@@ -29,14 +29,15 @@ alpha_t/alpha_prev with ``step_coefficients``' operation order and IEEE-rounded 
 (``tl.div_rn``, ``tl.sqrt_rn``), so std equals the reference's bit for bit (tested).
 
 Noise: the Triton kernel draws z[b, j, e] = ``tl.randn(seed, offset + (b * k + j) * CHW + e)`` (Triton's
-Philox, int64 counters): nothing of size (B, k, C, H, W) is materialised besides the candidates.
-``philox_normal(seed, offset, shape, device)`` reproduces those draws (same Triton RNG) so the kernel can be
-checked exactly against the reference. The torch backend draws z with ``torch.randn`` from a
-``torch.Generator`` on the tensors' device seeded with ``_torch_seed(seed, offset)``; ``torch_normal(seed,
-offset, shape, device)`` returns those draws. The two backends therefore
-draw DIFFERENT noise for the same (seed, offset); each is reproducible, and within each a different seed or
-offset gives different noise. A caller that steps several times should advance offset by B * k * CHW per step
-(or change the seed) so steps do not reuse counters.
+Philox, int64 counters): nothing of size (B, k, C, H, W) is materialised besides the candidates. seed and
+offset are read by the kernel from an int64 RNG state [seed, offset] in device memory (``spo_fast.kernels.philox``;
+ints given by the caller are put in a temporary one), so a captured CUDA graph replays with new noise when the
+state advances. ``philox_normal(seed, offset, shape, device)`` reproduces those draws (same Triton RNG) so the
+kernel can be checked exactly against the reference. The torch backend draws the same stream with tensor
+arithmetic (``torch_normal``, ``spo_fast.kernels.philox.philox_normal_torch``: no Generator, no host read), so
+the two backends draw the same noise for one (seed, offset) up to float rounding of the Box-Muller transform.
+A caller that steps several times passes one RNG state tensor (advanced in place by B * k * CHW per step), or
+advances offset by that much per step itself, so steps do not reuse counters.
 
 The Triton path (``backend`` / ``SPO_FAST_KERNELS`` / ``auto``: see ``_dispatch.py``): grid (B, n_chunks);
 program (b, c) reads chunk c (BLOCK * BLOCKS_PER_PROGRAM elements) of x_t and both CFG halves once, writes x0
@@ -60,7 +61,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._dispatch import MAX_INT63, check_rng, describe, on_device, resolve_backend
+from ._dispatch import check_rng, describe, on_device, resolve_backend
+from .philox import check_state, philox_normal_torch
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -157,13 +159,15 @@ _BLOCKS_PER_PROGRAM = 4
 _MAX_GRID_AXIS1 = 65535
 
 
-def _pooled_step_kernel(x_ptr, out_ptr, at_ptr, ap_ptr, std_ptr, x0_ptr, mean_ptr, xprev_ptr, partial_ptr,
-                        CHW, K, n_parts, guidance, eta, seed, offset, x_sb, out_sb, cond_off,
+def _pooled_step_kernel(x_ptr, out_ptr, at_ptr, ap_ptr, std_ptr, x0_ptr, mean_ptr, xprev_ptr, partial_ptr, rng_ptr,
+                        CHW, K, n_parts, guidance, eta, x_sb, out_sb, cond_off,
                         V_PRED: tl.constexpr, MANUAL_RTNE: tl.constexpr, BLOCK: tl.constexpr,
                         BLOCKS_PER_PROGRAM: tl.constexpr):
     # x0, mean: contiguous (B, CHW); x_prev contiguous (B, K, CHW); partial (B, K, n_parts) fp32; std (B,) fp32
     b = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
+    seed = tl.load(rng_ptr)  # the RNG state [seed, offset] (int64), read on the device
+    offset = tl.load(rng_ptr + 1)
     # the per-sample coefficients, step_coefficients' formula and operation order with IEEE-rounded division and
     # square root (torch's), so they equal the reference's bit for bit
     a_t = tl.load(at_ptr + b).to(tl.float32)
@@ -231,8 +235,10 @@ def _log_prob_kernel(partial_ptr, std_ptr, lp_ptr, K, n_parts, inv_chw, BLOCK_P:
         tl.store(lp_ptr + row, lp)
 
 
-def _philox_normal_kernel(z_ptr, n, seed, offset, BLOCK: tl.constexpr):
+def _philox_normal_kernel(z_ptr, rng_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    seed = tl.load(rng_ptr)
+    offset = tl.load(rng_ptr + 1)
     tl.store(z_ptr + offs, tl.randn(seed, offset + offs), mask=offs < n)
 
 
@@ -287,29 +293,40 @@ def _flat(t: torch.Tensor, chw: int) -> torch.Tensor:
     return f if f.stride(-1) == 1 else f.contiguous()
 
 
+def _state(seed: int | torch.Tensor, offset: int, n_draws: int, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(state, advance): the RNG state the kernels read, and whether it is the caller's (advanced in place by the
+    op) or a temporary made from ints (see ``spo_fast.kernels.philox``)."""
+    if isinstance(seed, torch.Tensor):
+        check_state(seed, like)
+        if offset:
+            raise ValueError(f"offset is {offset} with an RNG state tensor; the state carries its own offset")
+        return seed, True
+    check_rng(seed, offset, n_draws)
+    return torch.tensor([seed, offset], dtype=torch.int64, device=like.device), False
+
+
 def philox_normal(seed: int, offset: int, shape, device="cpu") -> torch.Tensor:
     """fp32 tensor of ``shape`` holding ``tl.randn(seed, offset + i)`` at flat index i: exactly the noise the
     Triton step draws for (seed, offset) when ``shape`` is (B, k, C, H, W). Runs a Triton kernel (CUDA, or CPU
-    under TRITON_INTERPRET=1)."""
+    under TRITON_INTERPRET=1); ``torch_normal`` is the same stream in PyTorch."""
     shape = tuple(shape)
     n = math.prod(shape)
-    check_rng(seed, offset, n)
     z = torch.empty(shape, dtype=torch.float32, device=device)
+    state, _ = _state(seed, offset, n, z)
     if n > 0:
         _, kernel, _ = _kernels()
         block = 1024
         with on_device(z):
-            kernel[(-(-n // block),)](z, n, seed, offset, BLOCK=block)
+            kernel[(-(-n // block),)](z, state, n, BLOCK=block)
     return z
 
 
 def _pooled_ddim_step_triton(x_t: torch.Tensor, model_out: torch.Tensor, guidance_scale: float,
-                             alpha_t: torch.Tensor, alpha_prev: torch.Tensor, eta: float, k: int, seed: int,
-                             offset: int, prediction_type: str) -> PooledStep:
+                             alpha_t: torch.Tensor, alpha_prev: torch.Tensor, eta: float, k: int,
+                             state: torch.Tensor, prediction_type: str) -> PooledStep:
     """The launcher: validates, allocates, runs the fused step kernel, then the log-density kernel."""
     _check_kernel_inputs(x_t, model_out, alpha_t, alpha_prev)
     b, chw = x_t.shape[0], math.prod(x_t.shape[1:])
-    check_rng(seed, offset, b * k * chw)
     block, per_program, n_chunks = _blocks(chw)
     n_parts = n_chunks * per_program
     dev, dtype = x_t.device, x_t.dtype
@@ -324,7 +341,7 @@ def _pooled_ddim_step_triton(x_t: torch.Tensor, model_out: torch.Tensor, guidanc
         x, out = _flat(x_t, chw), _flat(model_out, chw)
         with on_device(x):
             kernel[(b, n_chunks)](x, out, alpha_t.contiguous(), alpha_prev.contiguous(), std, x0, mean, x_prev,
-                                  partial, chw, k, n_parts, float(guidance_scale), float(eta), seed, offset,
+                                  partial, state, chw, k, n_parts, float(guidance_scale), float(eta),
                                   x.stride(0), out.stride(0), b * out.stride(0),
                                   V_PRED=prediction_type == "v_prediction",
                                   MANUAL_RTNE=dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
@@ -335,30 +352,26 @@ def _pooled_ddim_step_triton(x_t: torch.Tensor, model_out: torch.Tensor, guidanc
     return PooledStep(x0.view(b, *rest), mean.view(b, *rest), std, x_prev.view(b, k, *rest), log_prob)
 
 
-def _torch_seed(seed: int, offset: int) -> int:
-    """The torch.Generator seed of the torch backend for (seed, offset) (a fixed mix of the two)."""
-    return (seed * 0x9E3779B97F4A7C15 + offset) % MAX_INT63
-
-
-def torch_normal(seed: int, offset: int, shape, device="cpu") -> torch.Tensor:
-    """The fp32 noise z the torch backend draws for (seed, offset) and z's shape (B, k, C, H, W): the torch
-    counterpart of ``philox_normal`` (so a caller can rebuild a torch-backend step from the reference)."""
-    shape = tuple(shape)
-    check_rng(seed, offset, math.prod(shape))
-    gen = torch.Generator(device=device).manual_seed(_torch_seed(seed, offset))
-    return torch.randn(shape, generator=gen, dtype=torch.float32, device=device)
+def torch_normal(seed: int | torch.Tensor, offset, shape, device="cpu") -> torch.Tensor:
+    """The fp32 noise z the torch backend draws for (seed, offset) and z's shape (B, k, C, H, W): Triton's Philox
+    stream in PyTorch (``spo_fast.kernels.philox``), i.e. ``philox_normal``'s numbers up to float rounding of the
+    Box-Muller transform. ``seed``/``offset`` ints, or 0-d int64 tensors (read on their device)."""
+    return philox_normal_torch(seed, offset, tuple(shape), device)
 
 
 def pooled_ddim_step(x_t: torch.Tensor, model_out: torch.Tensor, guidance_scale: float, alpha_t: torch.Tensor,
-                     alpha_prev: torch.Tensor, eta: float, k: int, seed: int, offset: int = 0, *,
+                     alpha_prev: torch.Tensor, eta: float, k: int, seed: int | torch.Tensor, offset: int = 0, *,
                      prediction_type: str = "epsilon", backend: str | None = None) -> PooledStep:
     """One guided DDIM step from x_t drawing k candidates per sample (see the module docstring).
 
-    ``backend``: ``torch`` | ``triton`` | ``auto`` | None (None: SPO_FAST_KERNELS, else auto). The two backends
-    draw different noise for the same (seed, offset); each is reproducible.
-    Raises ValueError on inconsistent shapes, k < 1, bad seed/offset, prediction_type or backend; on the Triton
-    path also TypeError on unsupported or mixed dtypes and ValueError on mixed devices; RuntimeError if Triton
-    cannot run here.
+    ``seed``: an int (with ``offset``), or an RNG state tensor (2,) int64 [seed, offset] on x_t's device
+    (``spo_fast.kernels.philox.rng_state``), read on the device and advanced in place by B * k * CHW draws (no
+    host read: what a captured or compiled rollout passes).
+    ``backend``: ``torch`` | ``triton`` | ``auto`` | None (None: SPO_FAST_KERNELS, else auto). Both backends draw
+    Triton's Philox stream for (seed, offset): the same noise up to float rounding of the Box-Muller transform.
+    Raises ValueError on inconsistent shapes, k < 1, bad seed/offset/state, prediction_type or backend; on the
+    Triton path also TypeError on unsupported or mixed dtypes and ValueError on mixed devices; RuntimeError if
+    Triton cannot run here.
     """
     _check_shapes(x_t, model_out, alpha_t, alpha_prev, prediction_type)
     if not isinstance(k, int) or k < 1:
@@ -366,16 +379,23 @@ def pooled_ddim_step(x_t: torch.Tensor, model_out: torch.Tensor, guidance_scale:
     if eta < 0:
         raise ValueError(f"eta is {eta}; expected eta >= 0")
     x_t, model_out = x_t.detach(), model_out.detach()
+    n_draws = x_t.shape[0] * k * math.prod(x_t.shape[1:])
+    state, advance = _state(seed, offset, n_draws, x_t)
     if resolve_backend(backend, (x_t, model_out, alpha_t, alpha_prev)) == "triton":
-        return _pooled_ddim_step_triton(x_t, model_out, guidance_scale, alpha_t, alpha_prev, eta, k, seed, offset,
-                                        prediction_type)
-    z = torch_normal(seed, offset, (x_t.shape[0], k, *x_t.shape[1:]), x_t.device)
-    return pooled_ddim_step_reference(x_t, model_out, guidance_scale, alpha_t, alpha_prev, eta, z, prediction_type)
+        out = _pooled_ddim_step_triton(x_t, model_out, guidance_scale, alpha_t, alpha_prev, eta, k, state,
+                                       prediction_type)
+    else:
+        z = philox_normal_torch(state[0], state[1], (x_t.shape[0], k, *x_t.shape[1:]))
+        out = pooled_ddim_step_reference(x_t, model_out, guidance_scale, alpha_t, alpha_prev, eta, z,
+                                         prediction_type)
+    if advance:
+        state[1:].add_(n_draws)
+    return out
 
 
 def ddim_step(x_t: torch.Tensor, model_out: torch.Tensor, guidance_scale: float, alpha_t: torch.Tensor,
-              alpha_prev: torch.Tensor, eta: float, seed: int, offset: int = 0, *, prediction_type: str = "epsilon",
-              backend: str | None = None) -> PooledStep:
+              alpha_prev: torch.Tensor, eta: float, seed: int | torch.Tensor, offset: int = 0, *,
+              prediction_type: str = "epsilon", backend: str | None = None) -> PooledStep:
     """The plain one-sample step (non-branching steps, evaluation): ``pooled_ddim_step`` with k = 1, returning
     x_prev (B, C, H, W) and log_prob (B,)."""
     s = pooled_ddim_step(x_t, model_out, guidance_scale, alpha_t, alpha_prev, eta, 1, seed, offset,

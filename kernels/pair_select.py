@@ -20,11 +20,11 @@ Dtype policy: img and txt each fp32, fp16 or bf16 (they may differ); the kernel 
 does every sum and every product in fp32. u any float dtype, upcast to fp32.
 
 Continuation draws: with ``u`` given both backends compute cont = min(floor(u * k), k - 1) from it (they agree
-exactly). Without ``u`` the Triton kernel draws u_b = ``tl.rand(seed, offset + b)`` (Triton's Philox);
-``philox_uniform(seed, offset, n)`` reproduces those draws. The torch backend then draws u with
-``torch.rand`` from a ``torch.Generator`` on the tensors' device seeded with a fixed mix of (seed, offset), so
-the two backends draw DIFFERENT continuation indices for the same (seed, offset); each is reproducible. A caller
-that selects several times should advance offset by B per call (or change the seed).
+exactly). Without ``u`` the Triton kernel draws u_b = ``tl.rand(seed, offset + b)`` (Triton's Philox), seed and
+offset read from an int64 RNG state in device memory (``spo_fast.kernels.philox``); ``philox_uniform(seed,
+offset, n)`` reproduces those draws, and the torch backend draws the same numbers bit for bit with tensor
+arithmetic (``philox_uniform_torch``), so the two backends agree. A caller that selects several times passes one
+RNG state tensor (advanced in place by B per call) or advances offset by B per call.
 
 Validity in the kernel: Triton has no portable tanh (libdevice does not run under the interpreter), so the kernel
 evaluates tanh(y), y = (s_win - s_lose) / 2 >= 0, as an odd Taylor polynomial to y^9 for y < 0.125 and as
@@ -44,7 +44,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import MAX_INT63, check_rng, describe, on_device, resolve_backend
+from ._dispatch import check_rng, describe, on_device, resolve_backend
+from .philox import check_state, philox_uniform_torch
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_K = 1024
@@ -108,7 +109,7 @@ tl = None
 
 
 def _score_select_kernel(img_ptr, txt_ptr, u_ptr, scores_ptr, win_ptr, lose_ptr, valid_ptr, cont_ptr,
-                         D, K, img_sr, txt_sr, logit_scale, threshold, seed, offset,
+                         rng_ptr, D, K, img_sr, txt_sr, logit_scale, threshold,
                          HAS_U: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     # scores contiguous (B, K) fp32; win, lose, cont (B,) int64; valid (B,) int8
     b = tl.program_id(0).to(tl.int64)
@@ -138,8 +139,8 @@ def _score_select_kernel(img_ptr, txt_ptr, u_ptr, scores_ptr, win_ptr, lose_ptr,
     th = tl.where(y < 0.125, th_small, (1.0 - e) / (1.0 + e))
     if HAS_U:
         u = tl.load(u_ptr + b).to(tl.float32)
-    else:
-        u = tl.rand(seed, offset + b)
+    else:  # the RNG state [seed, offset] (int64), read on the device
+        u = tl.rand(tl.load(rng_ptr), tl.load(rng_ptr + 1) + b)
     cont = tl.minimum(tl.maximum(tl.floor(u * K), 0.0), K - 1.0)
     tl.store(win_ptr + b, win.to(tl.int64))
     tl.store(lose_ptr + b, lose.to(tl.int64))
@@ -147,9 +148,9 @@ def _score_select_kernel(img_ptr, txt_ptr, u_ptr, scores_ptr, win_ptr, lose_ptr,
     tl.store(cont_ptr + b, cont.to(tl.int64))
 
 
-def _philox_uniform_kernel(u_ptr, n, seed, offset, BLOCK: tl.constexpr):
+def _philox_uniform_kernel(u_ptr, rng_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(u_ptr + offs, tl.rand(seed, offset + offs), mask=offs < n)
+    tl.store(u_ptr + offs, tl.rand(tl.load(rng_ptr), tl.load(rng_ptr + 1) + offs), mask=offs < n)
 
 
 _KERNELS: dict[bool, tuple] = {}
@@ -194,21 +195,33 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _state(seed: int | torch.Tensor, offset: int, n_draws: int, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(state, advance): the caller's RNG state tensor (advanced in place by the op) or a temporary from ints."""
+    if isinstance(seed, torch.Tensor):
+        check_state(seed, like)
+        if offset:
+            raise ValueError(f"offset is {offset} with an RNG state tensor; the state carries its own offset")
+        return seed, True
+    check_rng(seed, offset, n_draws)
+    return torch.tensor([seed, offset], dtype=torch.int64, device=like.device), False
+
+
 def philox_uniform(seed: int, offset: int, n: int, device="cpu") -> torch.Tensor:
     """(n,) fp32 holding ``tl.rand(seed, offset + i)``: exactly the u the Triton kernel draws for (seed, offset)
-    when ``u`` is not given (n = B). Runs a Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1)."""
-    check_rng(seed, offset, n)
+    when ``u`` is not given (n = B). Runs a Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1);
+    ``spo_fast.kernels.philox.philox_uniform_torch`` is the same stream in PyTorch (bit for bit)."""
     u = torch.empty(n, dtype=torch.float32, device=device)
+    state, _ = _state(seed, offset, n, u)
     if n > 0:
         _, kernel = _kernels()
         block = 1024
         with on_device(u):
-            kernel[(-(-n // block),)](u, n, seed, offset, BLOCK=block)
+            kernel[(-(-n // block),)](u, state, n, BLOCK=block)
     return u
 
 
 def _score_and_select_triton(img: torch.Tensor, txt: torch.Tensor, logit_scale: float, k: int, threshold: float,
-                             u: torch.Tensor | None, seed: int, offset: int) -> PairSelection:
+                             u: torch.Tensor | None, state: torch.Tensor | None) -> PairSelection:
     """The launcher: validates, then runs one program per pool."""
     _check_kernel_inputs(img, txt, k, u)
     b, d = txt.shape
@@ -222,39 +235,39 @@ def _score_and_select_triton(img: torch.Tensor, txt: torch.Tensor, logit_scale: 
         kernel, _ = _kernels()
         img_r, txt_r = _rows(img), _rows(txt)
         u_r = u.contiguous() if u is not None else scores  # a dummy pointer when HAS_U is off
+        rng = state if state is not None else win  # a dummy int64 pointer when HAS_U is on
         block_k, block_d = _blocks(k, d)
         with on_device(img_r):
-            kernel[(b,)](img_r, txt_r, u_r, scores, win, lose, valid.view(torch.int8), cont, d, k, img_r.stride(0), txt_r.stride(0),
-                         float(logit_scale), float(threshold), seed, offset,
+            kernel[(b,)](img_r, txt_r, u_r, scores, win, lose, valid.view(torch.int8), cont, rng, d, k,
+                         img_r.stride(0), txt_r.stride(0), float(logit_scale), float(threshold),
                          HAS_U=u is not None, BLOCK_K=block_k, BLOCK_D=block_d)
     return PairSelection(scores, win, lose, valid, cont)
 
 
-def _torch_seed(seed: int, offset: int) -> int:
-    """The torch.Generator seed of the torch backend for (seed, offset) (a fixed mix of the two)."""
-    return (seed * 0x9E3779B97F4A7C15 + offset) % MAX_INT63
-
-
 def score_and_select(img: torch.Tensor, txt: torch.Tensor, logit_scale: float, k: int, threshold: float,
-                     u: torch.Tensor | None = None, seed: int = 0, offset: int = 0, *,
+                     u: torch.Tensor | None = None, seed: int | torch.Tensor = 0, offset: int = 0, *,
                      backend: str | None = None) -> PairSelection:
     """Score the k candidates of each pool against its prompt and select the pair (see the module docstring).
 
-    ``u`` (B,) uniforms in [0, 1) fix the continuation indices (both backends agree); without it they are drawn
-    from (seed, offset) (the two backends draw differently; each is reproducible).
+    ``u`` (B,) uniforms in [0, 1) fix the continuation indices; without it they are drawn from ``seed``: an int
+    (with ``offset``) or an RNG state tensor (2,) int64 [seed, offset] on img's device, advanced in place by B
+    draws (``spo_fast.kernels.philox``). Both backends draw Triton's Philox stream (bit for bit) and agree.
     ``backend``: ``torch`` | ``triton`` | ``auto`` | None (None: SPO_FAST_KERNELS, else auto).
-    Raises ValueError on inconsistent shapes, k < 1, bad seed/offset or backend; on the Triton path also
+    Raises ValueError on inconsistent shapes, k < 1, bad seed/offset/state or backend; on the Triton path also
     TypeError on unsupported dtypes and ValueError on mixed devices or k > 1024; RuntimeError if Triton cannot
     run here.
     """
     _check_shapes(img, txt, k, u)
-    if u is None:
-        check_rng(seed, offset, txt.shape[0])
     img, txt = img.detach(), txt.detach()
+    b = txt.shape[0]
+    state, advance = _state(seed, offset, b, img) if u is None else (None, False)
     tensors = (img, txt) if u is None else (img, txt, u)
     if resolve_backend(backend, tensors) == "triton":
-        return _score_and_select_triton(img, txt, logit_scale, k, threshold, u, seed, offset)
-    if u is None:
-        gen = torch.Generator(device=img.device).manual_seed(_torch_seed(seed, offset))
-        u = torch.rand(txt.shape[0], generator=gen, dtype=torch.float32, device=img.device)
-    return score_and_select_reference(img, txt, logit_scale, k, threshold, u)
+        out = _score_and_select_triton(img, txt, logit_scale, k, threshold, u, state)
+    else:
+        if u is None:
+            u = philox_uniform_torch(state[0], state[1], (b,))
+        out = score_and_select_reference(img, txt, logit_scale, k, threshold, u)
+    if advance:
+        state[1:].add_(b)
+    return out

@@ -23,6 +23,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from .kernels.ddim_step import ddim_step, step_coefficients, x0_and_eps
+from .kernels.philox import state_from_generator
 from .models import Conditioning, unet_forward
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -120,12 +121,6 @@ def cfg_model_output(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
     return guide(cfg_halves(unet, x, t, cond, uncond), guidance_scale)
 
 
-def step_seed(generator: torch.Generator | None, device) -> int:
-    """One Philox seed for the step op, drawn from ``generator`` (one host read): a sampler that draws it once
-    and advances the op's offset stays a pure function of the generator's state."""
-    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
-
-
 @torch.no_grad()
 def sample(unet, schedule: DDIMSchedule, cond: Conditioning, uncond: Conditioning, x: torch.Tensor,
            guidance_scale: float, eta: float, generator: torch.Generator | None = None, *,
@@ -133,16 +128,15 @@ def sample(unet, schedule: DDIMSchedule, cond: Conditioning, uncond: Conditionin
     """Plain DDIM sampling from noise x (N, C, H, W) to latents x0.
 
     Every step is one ``spo_fast.kernels.ddim_step.ddim_step`` call (guidance, mean/std and the noise drawn
-    inside the op; ``backend`` as for the kernels). Its noise is keyed by one seed drawn from ``generator`` and an
-    offset advanced by N*C*H*W per step. The op's torch and Triton backends draw different noise for one seed,
-    so a CPU run and a CUDA run of the same seed differ (each is reproducible)."""
+    inside the op; ``backend`` as for the kernels). Its noise comes from one RNG state tensor whose seed is drawn
+    from ``generator`` on the device (no host read), advanced by N*C*H*W per step. The op's torch and Triton
+    backends draw the same noise up to float rounding, so a CPU and a CUDA run of one seed differ by rounding only."""
     n = x.shape[0]
-    seed, offset = step_seed(generator, x.device), 0
+    state = state_from_generator(generator, x.device)
     for t_scalar in schedule.timesteps:
         t = t_scalar.expand(n)
         halves = cfg_halves(unet, x, t, cond, uncond)
         st = ddim_step(x, halves.to(x.dtype), guidance_scale, schedule.alpha(t), schedule.alpha(schedule.prev(t)),
-                       eta, seed, offset, prediction_type=schedule.prediction_type, backend=backend)
-        offset += x.numel()
+                       eta, state, prediction_type=schedule.prediction_type, backend=backend)
         x = st.x_prev
     return x

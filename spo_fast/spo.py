@@ -25,7 +25,7 @@ from .data import PromptSampler, load_prompts
 from .kernels.spo_loss import spo_loss
 from .models import encode_negative, encode_prompts
 from .profiling import stage
-from .rollout import RolloutBuffer, rollout
+from .rollout import RolloutBuffer, RolloutCalls, rollout
 from .sampling import cfg_model_output, ddim_step_stats
 from .scorers import build_scorer
 from .trainer import MicroBatch, Setup, Work, decoder, kernel_backend, reference_unet
@@ -74,6 +74,9 @@ class SPO:
 
     # -- checks and setup
     def preflight(self, cfg: Config) -> None:
+        if cfg.sampling.graphs == "cuda_graphs" and not torch.cuda.is_available():
+            raise ConfigError("sampling.graphs=cuda_graphs needs a CUDA GPU (none is visible); use sampling.graphs=off "
+                              "(or compile)")
         self.prompts = load_prompts(cfg.data.prompts)
         if cfg.train.batch_size > len(self.prompts):
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(self.prompts)} prompts of "
@@ -88,6 +91,9 @@ class SPO:
         self.uncond = encode_negative(s.comp, cfg.sampling.negative_prompt, cfg.train.batch_size, accelerator.device,
                                       s.resolution)
         self.decode = decoder(s.comp)
+        # made once: with sampling.graphs the rollout's calls are captured (or compiled) at the first rollout and
+        # replayed at every later one
+        self.calls = RolloutCalls(s.raw_unet, self.decode, self.scorer, cfg.sampling.graphs, accelerator.device)
 
     def epoch_iterations(self, cfg: Config, world_size: int) -> int:
         return self.sampler.iterations_for(cfg.train.epochs)
@@ -110,7 +116,7 @@ class SPO:
         s.raw_unet.eval()
         with torch.no_grad(), self.acc.autocast():
             buf = rollout(s.raw_unet, s.schedule, self.cond, self.uncond, self.scorer, self.scorer.prepare(prompts),
-                          self.decode, noise, cfg.spo, cfg.sampling, gen, backend=kernel_backend(cfg))
+                          self.decode, noise, cfg.spo, cfg.sampling, gen, backend=kernel_backend(cfg), calls=self.calls)
         shuffle = torch.Generator().manual_seed(cfg.train.seed * 7919 + it)
         micro = []
         for shared, slot, b, n in compact_valid(buf, cfg.train.train_batch_size, shuffle):

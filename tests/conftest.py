@@ -4,7 +4,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Triton kernels are tested under the interpreter on CPU; it must be set before triton is first imported
 # (diffusers imports it through torch). With it, `auto` runs every CPU kernel call through the interpreter.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU machine the GPU tests need the compiled kernels: benchmarks/gpu_suite.sh sets SPO_FAST_TEST_GPU=1
+# (and runs `pytest -m gpu`), which leaves TRITON_INTERPRET alone.
+if os.environ.get("SPO_FAST_TEST_GPU") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

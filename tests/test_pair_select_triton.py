@@ -29,6 +29,7 @@ from spo_fast.kernels.pair_select import (
     select_from_scores,
 )
 
+from spo_fast.kernels.philox import rng_state
 from spo_fast.rollout import select_pairs
 
 if _INTERPRET_BEFORE is None:
@@ -165,9 +166,12 @@ def test_agrees_with_rollout_select_pairs():
     for threshold in (0.0, 0.3, 0.6, 0.95):
         s = score_and_select(img, txt, SCALE, 4, threshold, u, backend="triton")
         n_valid.append(int(s.valid.sum()))
-        win, lose, valid, cont = select_pairs(s.scores, threshold, 4, torch.Generator().manual_seed(0))
+        win, lose, valid, cont = select_pairs(s.scores, threshold, 4, rng_state(0))
         assert torch.equal(s.win, win) and torch.equal(s.lose, lose) and torch.equal(s.valid, valid)
         assert cont.dtype == s.cont.dtype and ((s.cont >= 0) & (s.cont < 4)).all()
+        # without u the op draws the continuation from the same state as select_pairs: the same indices
+        assert torch.equal(score_and_select(img, txt, SCALE, 4, threshold, seed=rng_state(0), backend="triton").cont,
+                           cont)
     assert n_valid[0] == 16 and 0 < min(n_valid[1:3]) and min(n_valid[1:3]) < 16, n_valid  # both outcomes seen
 
 

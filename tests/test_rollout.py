@@ -11,6 +11,7 @@ import torch
 
 from spo_fast.config import SamplingConfig, SPOConfig
 from spo_fast.models import encode_prompts, load_components
+from spo_fast.kernels.philox import rng_state
 from spo_fast.rollout import RolloutBuffer, rollout, select_pairs
 from spo_fast.sampling import DDIMSchedule, cfg_model_output, ddim_step_stats, predict_x0_eps
 
@@ -336,7 +337,7 @@ def test_select_pairs_hand_made():
         [0.0, 0.7, 0.1],  # margin 0.7: p_win - p_lose = tanh(0.35) = 0.336 > 0.3
         [0.0, 0.6, 0.1],  # margin 0.6: tanh(0.3) = 0.291 < 0.3
     ])
-    win, lose, valid, cont = select_pairs(scores, 0.3, 3, torch.Generator().manual_seed(0))
+    win, lose, valid, cont = select_pairs(scores, 0.3, 3, rng_state(0))
     assert win.tolist() == [1, 0, 0, 2, 1, 1]
     assert lose.tolist() == [2, 0, 1, 0, 0, 0]
     assert valid.dtype == torch.bool
@@ -344,14 +345,14 @@ def test_select_pairs_hand_made():
     assert cont.shape == (6,) and cont.dtype == torch.long
     assert torch.all((cont >= 0) & (cont < 3))
     # threshold 0: any strict margin counts, ties never do
-    _, _, valid0, _ = select_pairs(scores, 0.0, 3, torch.Generator().manual_seed(0))
+    _, _, valid0, _ = select_pairs(scores, 0.0, 3, rng_state(0))
     assert valid0.tolist() == [True, False, True, True, True, True]
 
 
 def test_select_pairs_continuation_uniform_and_seeded():
     n, k = 4000, 5
     scores = torch.randn(n, k, generator=torch.Generator().manual_seed(1))
-    win, _, _, cont = select_pairs(scores, 0.3, k, torch.Generator().manual_seed(2))
+    win, _, _, cont = select_pairs(scores, 0.3, k, rng_state(2))
     counts = torch.bincount(cont, minlength=k).double()
     assert counts.shape == (k,)
     expected = n / k
@@ -360,9 +361,12 @@ def test_select_pairs_continuation_uniform_and_seeded():
     # the continuation does not follow the score (not the winner more often than 1/k)
     frac_win = (cont == win).double().mean().item()
     assert abs(frac_win - 1 / k) < 0.04, frac_win
-    # same generator seed -> same draws; another seed -> others
-    _, _, _, again = select_pairs(scores, 0.3, k, torch.Generator().manual_seed(2))
-    _, _, _, other = select_pairs(scores, 0.3, k, torch.Generator().manual_seed(3))
+    # the state advances by one draw per pool; same seed -> same draws; another seed -> others
+    state = rng_state(2)
+    select_pairs(scores, 0.3, k, state)
+    assert state.tolist() == [2, n]
+    _, _, _, again = select_pairs(scores, 0.3, k, rng_state(2))
+    _, _, _, other = select_pairs(scores, 0.3, k, rng_state(3))
     assert torch.equal(cont, again)
     assert not torch.equal(cont, other)
 
@@ -432,3 +436,64 @@ def test_spm_image_features_give_its_scores():
     assert feats.norm(dim=-1).sub(1).abs().max() > 1e-3  # un-normalised: the op normalises
     got = spm.logit_scale * (torch.nn.functional.normalize(feats, dim=-1) * state[idx]).sum(-1)
     assert torch.allclose(got, spm.score(images, t, state, idx), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- capturable: one segment compiles whole
+def test_rollout_segment_compiles_fullgraph(tiny):
+    """One branching segment (the candidates, an inner step, the scoring UNet call, decode, the SPM's features,
+    the fused selection and the continuation) traces into ONE graph with torch.compile(fullgraph=True): no graph
+    break, no host read (an ``.item()``/``int()`` of a device value breaks the graph), no data-dependent shape.
+    aot_eager runs dynamo and AOT autograd's functionalisation (the RNG state's in-place advance included) without
+    inductor's codegen (minutes on 2 cores; benchmarks/gpu_suite.sh compiles for real with sampling.graphs=compile).
+    The compiled segment equals the eager one and advances the RNG state alike."""
+    import functools
+
+    from transformers import CLIPTokenizer
+
+    from spo_fast.models import Conditioning
+    from spo_fast.rollout import RolloutCalls, _Context, segment
+    from spo_fast.spm import SPMScorer, StepAwarePreferenceModel
+
+    tok = CLIPTokenizer.from_pretrained(Path(__file__).resolve().parents[1] / "configs/arch/tiny_sd15/tokenizer")
+    spm = SPMScorer(StepAwarePreferenceModel.tiny(tok, seed=3).eval(), tok)
+    k, num_steps = 2, 6
+    schedule = DDIMSchedule.from_scheduler(tiny["comp"].scheduler, num_steps)
+    cond, uncond = tiny["cond"], tiny["uncond"]
+    calls = RolloutCalls(tiny["comp"].unet, tiny["decode"], spm)
+    text = spm.prepare(PROMPTS)
+
+    def context(seed):
+        return _Context(calls, schedule, Conditioning.cat([uncond, cond]),
+                        Conditioning.cat([uncond.repeat_interleave(k), cond.repeat_interleave(k)]), text,
+                        SPOConfig(k=k, divert_start_step=1, num_inner_steps=1, threshold=0.0),
+                        SamplingConfig(num_steps=num_steps, eta=1.0, guidance_scale=GUIDANCE), rng_state(seed), "torch")
+
+    x = tiny["noise"].clone()
+    with torch.no_grad():
+        halves = calls.halves(x, schedule.timesteps[1].expand(B), Conditioning.cat([uncond, cond]))
+        eager_ctx, compiled_ctx = context(4), context(4)
+        want = segment(eager_ctx, x, halves, 1, 3)
+        compiled = torch.compile(functools.partial(segment, compiled_ctx), fullgraph=True, backend="aot_eager")
+        got = compiled(x, halves, 1, 3)
+    assert torch.equal(eager_ctx.state, compiled_ctx.state) and eager_ctx.state[1].item() > 0
+    for a, b in zip(want[:3], got[:3]):
+        assert torch.allclose(a, b, atol=1e-5)
+    for a, b in zip(want[4:], got[4:]):
+        assert torch.equal(a, b)
+
+
+def test_rollout_calls_reused_across_rollouts_give_the_same_buffers(tiny):
+    """The calls object the SPO method keeps for the whole run (eager here) changes nothing."""
+    from spo_fast.rollout import RolloutCalls
+    from spo_fast.scorers import ColorScorer
+
+    scorer = ColorScorer()
+    calls = RolloutCalls(tiny["comp"].unet, tiny["decode"], scorer)
+    schedule = DDIMSchedule.from_scheduler(tiny["comp"].scheduler, 4)
+    spo = SPOConfig(k=2, divert_start_step=2, threshold=0.0)
+    sampling = SamplingConfig(num_steps=4, eta=1.0, guidance_scale=GUIDANCE)
+    bufs = [rollout(tiny["comp"].unet, schedule, tiny["cond"], tiny["uncond"], scorer, scorer.prepare(PROMPTS),
+                    tiny["decode"], tiny["noise"].clone(), spo, sampling, torch.Generator().manual_seed(2), calls=c)
+            for c in (calls, calls, None)]
+    for b in bufs[1:]:
+        assert torch.equal(b.x_prev, bufs[0].x_prev) and torch.equal(b.valid, bufs[0].valid)
