@@ -86,6 +86,11 @@ class GraphedCall:
         return static_in, static_out, graph
 
     def __call__(self, *args):
+        for i, a in enumerate(args):
+            if a is not None and not isinstance(a, torch.Tensor):
+                raise TypeError(f"sampling.graphs=cuda_graphs: argument {i} of {getattr(self.fn, '__name__', self.fn)} "
+                                f"is a {type(a).__name__}; a captured call takes tensors (or None) only, so a scorer's "
+                                f"prepared prompts must be a tensor. Use sampling.graphs=off or compile")
         key = _signature(args)
         entry = self.graphs.get(key)
         if entry is None:

@@ -497,3 +497,31 @@ def test_rollout_calls_reused_across_rollouts_give_the_same_buffers(tiny):
             for c in (calls, calls, None)]
     for b in bufs[1:]:
         assert torch.equal(b.x_prev, bufs[0].x_prev) and torch.equal(b.valid, bufs[0].valid)
+
+
+def test_rollout_loop_reads_nothing_on_host(tiny, monkeypatch):
+    """No ``.item()``, ``.tolist()``, ``int()``, ``float()`` or ``bool()`` of a tensor anywhere in a whole rollout
+    (with the RNG state made up front): what a captured CUDA graph could not replay and what would sync a GPU."""
+    from spo_fast.scorers import ColorScorer
+
+    scorer = ColorScorer()
+    schedule = DDIMSchedule.from_scheduler(tiny["comp"].scheduler, 4)
+    spo = SPOConfig(k=2, divert_start_step=1, num_inner_steps=1, threshold=0.0)
+    sampling = SamplingConfig(num_steps=4, eta=1.0, guidance_scale=GUIDANCE)
+    prepared, state = scorer.prepare(PROMPTS), rng_state(3)
+    reads = []
+
+    def host_read(name):
+        def read(self, *a, **kw):
+            reads.append(name)
+            raise AssertionError(f"host read: Tensor.{name}")
+        return read
+
+    for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read(name))
+    try:
+        buf = rollout(tiny["comp"].unet, schedule, tiny["cond"], tiny["uncond"], scorer, prepared, tiny["decode"],
+                      tiny["noise"].clone(), spo, sampling, None, state=state)
+    finally:
+        monkeypatch.undo()
+    assert reads == [] and buf.valid.shape == (3, B)
