@@ -19,7 +19,8 @@ setup(
     packages=["spo_fast", "spo_fast.data", "spo_fast.kernels", "spo_fast.configs", "spo_fast.toyworld"],
     package_dir={"spo_fast": "spo_fast", "spo_fast.kernels": "kernels", "spo_fast.configs": "configs"},
     package_data={
-        "spo_fast.configs": ["*.yaml", "*.txt", "arch/*.txt", "arch/*/*/*"],
+        # arch/<pipeline>/<component>/<file> and arch/<preference model>/<file>
+        "spo_fast.configs": ["*.yaml", "*.txt", "arch/*.txt", "arch/*/*", "arch/*/*/*"],
         # the toy world's trained weights and preference pairs (python -m spo_fast.toyworld build)
         "spo_fast.toyworld": ["assets/*.json", "assets/*.parquet", "assets/*/*", "assets/*/*/*"],
     },

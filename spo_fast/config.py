@@ -40,6 +40,13 @@ class ModelConfig:
     """Seed of the random initialisation when ``init=random``."""
     resolution: int = 0
     """Image resolution in pixels; 0 = the UNet's sample_size times the VAE factor."""
+    vae_dtype: str = "auto"
+    """The VAE's weights (rollout decode, sample grid, evaluation, Diffusion-DPO's encode): ``auto`` = the
+    mixed-precision dtype (fp32 when the VAE's config says ``force_upcast``, as SDXL's does), run under the
+    trainer's autocast, the behaviour before this key existed | ``fp32`` | ``bf16``: that dtype, with autocast off
+    inside the VAE (so a bf16 VAE under an fp16 run is not cast back to fp16 call by call). ``bf16`` is the speed
+    option for SDXL, whose VAE otherwise decodes in fp32 at 1024 px (bf16 has fp32's range, so the fp16 overflow
+    that ``force_upcast`` guards against does not arise)."""
 
 
 @dataclass
@@ -100,6 +107,15 @@ class ScorerConfig:
     """``spm``: a local SPM directory (CLIP/PickScore layout plus spm.safetensors) or ``toyworld:spm``."""
     scale: float = 10.0
     """Logit scale of the colour scorer (scores = -scale * RGB distance)."""
+    init: str = "pretrained"
+    """``spm``: ``pretrained`` loads the weights at ``path``; ``random`` builds the SPM from ``path``'s config.json
+    with random weights (seeded, on the run's device; benchmarks: ``path=arch:spm_vit_h14`` is PickScore's size,
+    ``arch:tiny_spm`` a tiny one). A fresh SPM's time conditioning is the identity either way."""
+    dtype: str = "autocast"
+    """``spm``: how the preference model runs in the rollout: ``autocast`` = fp32 weights under the trainer's
+    autocast (fp16/bf16 matmuls on a GPU with mixed precision; fp32 without), the behaviour before this key
+    existed | ``fp32``: fp32 with autocast off inside the SPM, as the official code runs it | ``bf16``: bf16
+    weights, autocast off inside the SPM (no per-call weight casts)."""
 
 
 @dataclass
@@ -146,7 +162,23 @@ class TrainConfig:
     mixed_precision: str = "no"
     """``no`` | ``fp16`` | ``bf16`` (accelerate)."""
     gradient_checkpointing: bool = False
+    """Recompute the UNet's activations in the backward (diffusers' per-block checkpointing): less memory, one
+    more forward of the policy per micro-batch."""
     allow_tf32: bool = True
+    """TF32 for fp32 matmuls and convolutions on CUDA (``torch.backends.cuda.matmul.allow_tf32`` and
+    ``torch.backends.cudnn.allow_tf32``, set both ways by ``trainer.build``); no effect on CPU."""
+    attention: str = "sdpa"
+    """The UNet's attention: ``sdpa`` (PyTorch's scaled_dot_product_attention, which on CUDA itself picks a flash
+    or memory-efficient kernel for fp16/bf16) | ``xformers`` (diffusers' xformers processor) | ``flash_attn``
+    (flash-attn's ``flash_attn_func``, fp16/bf16). The last two need CUDA and their package; asking for one
+    without them is an error before any model is built. The VAE keeps SDPA (its one attention has head dim 512,
+    beyond flash-attn's 256), and so does the preference model (transformers' SDPA)."""
+    channels_last: bool = False
+    """Channels-last (NHWC) memory format for the UNet's and the VAE's weights, so cuDNN's convolutions read
+    NHWC without transposes (tensor cores prefer it); works on CPU too."""
+    fused_adamw: bool = False
+    """``torch.optim.AdamW(fused=True)``: one fused kernel for the whole parameter update instead of torch's
+    per-tensor ``foreach`` ops. Only with ``optimizer=adamw`` (adafactor and adamw8bit have their own)."""
     optimizer: str = "adamw"
     """``adamw`` (torch) | ``adafactor`` (transformers; the official Diffusion-DPO SDXL setting) | ``adamw8bit``
     (bitsandbytes, when installed)."""
@@ -231,6 +263,10 @@ CHOICES = {
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.kernels": ("auto", "torch", "triton"),
     "sampling.graphs": ("off", "cuda_graphs", "compile"),
+    "train.attention": ("sdpa", "xformers", "flash_attn"),
+    "model.vae_dtype": ("auto", "fp32", "bf16"),
+    "scorer.init": ("pretrained", "random"),
+    "scorer.dtype": ("autocast", "fp32", "bf16"),
 }
 
 
@@ -489,6 +525,14 @@ def validate(cfg: Config, given: set[str] | None = None) -> None:
     if cfg.model.path.startswith("arch:") and cfg.model.init == "pretrained":
         raise ConfigError(f"model.path={cfg.model.path} holds architecture files only, no weights; "
                           "add model.init=random, or point model.path at a local diffusers directory")
+    if cfg.scorer.name == "spm" and cfg.scorer.path.startswith("arch:") and cfg.scorer.init == "pretrained":
+        raise ConfigError(f"scorer.path={cfg.scorer.path} holds architecture files only, no weights; add "
+                          "scorer.init=random, or point scorer.path at a local step-aware preference model directory")
+    need(cfg.scorer.init == "pretrained" or cfg.scorer.name == "spm",
+         f"scorer.init={cfg.scorer.init}: random weights are for scorer.name=spm only (the colour scorer has none)")
+    need(not t.fused_adamw or t.optimizer == "adamw",
+         f"train.fused_adamw=true applies to train.optimizer=adamw, not {t.optimizer!r} (adafactor and adamw8bit "
+         "bring their own update kernels); set train.fused_adamw=false or train.optimizer=adamw")
 
 
 # ----------------------------------------------------------------------------- output

@@ -14,6 +14,7 @@ identity. Every latent model keeps the AutoencoderKL path.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import shutil
@@ -22,8 +23,11 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from .config import ConfigError
 
 FAMILIES = ("sd15", "sdxl")
 INITS = ("pretrained", "random")
@@ -59,7 +63,14 @@ def _arch_root() -> Path:
 
 
 def _arch_names() -> list[str]:
-    return sorted(p.name for p in _arch_root().iterdir() if (p / "unet").is_dir())
+    """Packaged architectures: diffusion pipelines (a ``unet/`` folder) and preference models (a CLIP
+    ``config.json`` at the top: ``spm_vit_h14``, PickScore's size, and ``tiny_spm``)."""
+    return sorted(p.name for p in _arch_root().iterdir() if (p / "unet").is_dir() or (p / "config.json").is_file())
+
+
+def _spm_arch_dirs(arch_root: Path) -> list[Path]:
+    """The preference-model architecture dirs under ``arch_root`` (a CLIPModel config.json, tokenizer beside it)."""
+    return sorted(p for p in arch_root.iterdir() if (p / "config.json").is_file())
 
 
 def toyworld_assets() -> Path:
@@ -162,6 +173,9 @@ class Components:
     force_zeros_for_empty_prompt: bool = False
     """SDXL: an empty negative prompt is all zeros, not the encoded "" (the pipeline's model_index.json option,
     True by default in diffusers' SDXL pipeline); SD1.5 has no such option."""
+    vae_autocast: bool = True
+    """False: the VAE decodes and encodes in its own dtype with autocast off (``model.vae_dtype`` set explicitly);
+    True: under whatever autocast the caller runs (the default)."""
 
     @property
     def vae_scale_factor(self) -> int:
@@ -177,17 +191,28 @@ class Components:
         return (self.unet.config.in_channels, size, size)
 
 
-def load_components(path: str, family: str, init: str = "pretrained", seed: int = 0) -> Components:
+def load_components(path: str, family: str, init: str = "pretrained", seed: int = 0,
+                    device: torch.device | str | None = None) -> Components:
     """Load (``init="pretrained"``) or randomly initialise (``init="random"``, seeded) a model.
 
     The scheduler is always a ``DDIMScheduler`` built from the directory's scheduler config.
     Every network comes back in fp32, ``eval()`` mode and frozen (``requires_grad_(False)``).
+    ``device`` (random init only): build the networks directly there. On a GPU this takes well under a second
+    for SD1.5's or SDXL's billion-odd parameters, where the host's random init takes tens of seconds (it is what
+    the end-to-end benchmarks and their ablation pay per configuration); the values then come from that device's
+    generator, so a CUDA init and a CPU init of one seed differ. The global RNGs are left untouched either way.
     """
     root = resolve_model_path(path)
     check_model_dir(root, family, init)
     pixel = is_pixel_space(root)
     encoders = _TEXT_ENCODERS[family]
-    if init == "pretrained":
+    if init == "random":
+        dev = torch.device(device if device is not None else "cpu")
+        with random_init(dev, seed):
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet"))
+            vae = None if pixel else AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae"))
+            text_encoders = [cls(CLIPTextConfig.from_pretrained(root / e)) for e, _, cls in encoders]
+    else:
         # Explicit fp32: transformers 5 defaults to dtype="auto" (the checkpoint's, often fp16).
         kw = {"local_files_only": True, "torch_dtype": torch.float32}
         unet = UNet2DConditionModel.from_pretrained(root / "unet", **kw)
@@ -196,12 +221,6 @@ def load_components(path: str, family: str, init: str = "pretrained", seed: int 
             cls.from_pretrained(root / enc, local_files_only=True, dtype=torch.float32)
             for enc, _, cls in encoders
         ]
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet"))
-            vae = None if pixel else AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae"))
-            text_encoders = [cls(CLIPTextConfig.from_pretrained(root / e)) for e, _, cls in encoders]
     tokenizers = [CLIPTokenizer.from_pretrained(root / tok) for _, tok, _ in encoders]
     for (enc_name, tok_name, _), enc, tok in zip(encoders, text_encoders, tokenizers):
         if len(tok) > enc.config.vocab_size:
@@ -215,6 +234,17 @@ def load_components(path: str, family: str, init: str = "pretrained", seed: int 
         module.eval().requires_grad_(False)
     scheduler = DDIMScheduler.from_config(sched_cfg)
     return Components(family, unet, vae, text_encoders, tokenizers, scheduler, force_zeros_for_empty_prompt(root, family))
+
+
+@contextlib.contextmanager
+def random_init(device: torch.device, seed: int):
+    """Modules built inside are created on ``device`` from its generator seeded with ``seed``; the global RNG
+    state of the host (and of ``device`` when it is a GPU) is restored afterwards."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" \
+        else []
+    with torch.random.fork_rng(devices=devices), torch.device(device):
+        torch.manual_seed(seed)
+        yield
 
 
 def force_zeros_for_empty_prompt(root: Path, family: str) -> bool:
@@ -239,20 +269,102 @@ def native_resolution(root: Path) -> tuple[int, int]:
     return size * factor, factor
 
 
+def _vae_context(comp: Components, x: torch.Tensor):
+    """Autocast off inside the VAE when it runs in its own dtype (``Components.vae_autocast``)."""
+    return contextlib.nullcontext() if comp.vae_autocast else torch.autocast(x.device.type, enabled=False)
+
+
 def decode_latents(comp: Components, latents: torch.Tensor) -> torch.Tensor:
     """Latents (N, C, h, w) -> images (N, 3, H, W) in [-1, 1], fp32 (identity in pixel space)."""
     if comp.vae is None:
         return latents.float().clamp(-1, 1)
     z = latents.to(comp.vae.dtype) / comp.vae.config.scaling_factor
-    return comp.vae.decode(z).sample.float().clamp(-1, 1)
+    with _vae_context(comp, z):
+        return comp.vae.decode(z).sample.float().clamp(-1, 1)
 
 
 def encode_images(comp: Components, images: torch.Tensor) -> torch.Tensor:
     """Images (N, 3, H, W) in [-1, 1] -> latents (the posterior mean, scaled; identity in pixel space)."""
     if comp.vae is None:
         return images.float()
-    z = comp.vae.encode(images.to(comp.vae.dtype)).latent_dist.mean
+    with _vae_context(comp, images):
+        z = comp.vae.encode(images.to(comp.vae.dtype)).latent_dist.mean
     return z.float() * comp.vae.config.scaling_factor
+
+
+# --------------------------------------------------------------------------- speed options
+
+ATTENTION_PACKAGES = {"xformers": "xformers", "flash_attn": "flash-attn"}
+
+
+def check_attention(backend: str, cuda: bool) -> None:
+    """Fail fast (before any model is built) when ``train.attention=backend`` cannot run here."""
+    if backend == "sdpa":
+        return
+    if backend not in ATTENTION_PACKAGES:
+        raise ConfigError(f"train.attention={backend!r} is not known; accepted: sdpa, {', '.join(ATTENTION_PACKAGES)}")
+    import importlib.util
+
+    module, package = backend, ATTENTION_PACKAGES[backend]
+    missing = [why for why, bad in ((f"the {package} package is not installed (pip install {package})",
+                                     importlib.util.find_spec(module) is None),
+                                    ("there is no CUDA device (it has GPU kernels only)", not cuda)) if bad]
+    if missing:
+        raise ConfigError(f"train.attention={backend} cannot run here: {' and '.join(missing)}; use "
+                          "train.attention=sdpa (PyTorch's scaled_dot_product_attention, which picks a flash kernel "
+                          "itself on CUDA for fp16/bf16)")
+
+
+class FlashAttnProcessor:
+    """A diffusers attention processor that calls flash-attn's ``flash_attn_func`` on (B, L, heads, head_dim)
+    q/k/v: the UNet's self- and cross-attention (3-D hidden states, no mask, no group or spatial norm), which is
+    every attention of the SD1.5/SDXL UNet. fp16/bf16 only, as flash-attn; an fp32 call (a UNet run without
+    mixed precision) goes through SDPA. ``attn_fn`` replaces flash-attn (the tests check the reshapes on CPU
+    with an SDPA stand-in of the same (B, L, H, D) signature)."""
+
+    def __init__(self, attn_fn=None):
+        if attn_fn is None:
+            from flash_attn import flash_attn_func
+
+            attn_fn = flash_attn_func
+        self.attn_fn = attn_fn
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
+        if attention_mask is not None or attn.spatial_norm is not None or attn.group_norm is not None \
+                or hidden_states.ndim != 3:
+            raise ValueError("FlashAttnProcessor handles unmasked attention on (B, L, C) hidden states without group "
+                             "or spatial norm (the SD UNet's); use train.attention=sdpa for this model")
+        residual = hidden_states
+        context = hidden_states
+        if encoder_hidden_states is not None:
+            context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross \
+                else encoder_hidden_states
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        b, h = q.shape[0], attn.heads
+        d = k.shape[-1] // h
+        q, k, v = (x.view(b, -1, h, d) for x in (q, k, v))  # (B, L, H, D)
+        if attn.norm_q is not None or attn.norm_k is not None:
+            raise ValueError("FlashAttnProcessor does not apply q/k norms; use train.attention=sdpa for this model")
+        if q.dtype in (torch.float16, torch.bfloat16):
+            out = self.attn_fn(q, k, v, dropout_p=0.0, softmax_scale=attn.scale, causal=False)
+        else:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 scale=attn.scale).transpose(1, 2)
+        out = attn.to_out[1](attn.to_out[0](out.reshape(b, -1, h * d).to(q.dtype)))  # projection, dropout
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def set_attention(unet: torch.nn.Module, backend: str) -> None:
+    """``train.attention`` on the UNet (``check_attention`` has ruled out what cannot run): ``sdpa`` keeps
+    diffusers' default processor (SDPA), ``xformers`` installs diffusers' xformers processor, ``flash_attn``
+    ``FlashAttnProcessor``."""
+    if backend == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
+    elif backend == "flash_attn":
+        unet.set_attn_processor(FlashAttnProcessor())
 
 
 # --------------------------------------------------------------------------- conditioning
@@ -418,24 +530,36 @@ def write_clip_tokenizer(out_dir, words, max_length: int = 77) -> int:
 
 
 def write_tokenizers(arch_root: Path | None = None) -> int:
-    """Regenerate ``tokenizer*/`` of every ``configs/arch/*`` dir from ``words.txt``.
+    """Regenerate ``tokenizer*/`` of every ``configs/arch/*`` pipeline dir, and the tokenizer files beside the
+    config.json of every preference-model dir (``spm_vit_h14``, ``tiny_spm``), from ``words.txt``.
 
-    Also syncs each text encoder config: bos/eos/pad token ids, and ``vocab_size`` of the
-    ``tiny_*`` archs (real archs keep CLIP's 49408). Returns the vocabulary size.
+    Also syncs each text encoder config (for a preference model: its ``text_config``): bos/eos/pad token ids,
+    and ``vocab_size`` of the ``tiny_*`` archs (real archs keep CLIP's 49408). Returns the vocabulary size.
     """
     arch_root = Path(arch_root) if arch_root is not None else _arch_root()
     lines = (arch_root / "words.txt").read_text(encoding="utf-8").splitlines()
     words = [w.strip() for w in lines if w.strip() and not w.startswith("#")]
+
+    def sync_ids(cfg: dict, size: int, tiny: bool) -> dict:
+        cfg.update(bos_token_id=size - 2, eos_token_id=size - 1, pad_token_id=size - 1)
+        cfg["vocab_size"] = size if tiny else _REAL_CLIP_VOCAB
+        return cfg
+
+    size = 0
     for arch in sorted(p for p in arch_root.iterdir() if (p / "unet").is_dir()):
         for enc_dir in sorted(arch.glob("text_encoder*")):
             tok_dir = arch / enc_dir.name.replace("text_encoder", "tokenizer")
             shutil.rmtree(tok_dir, ignore_errors=True)
             size = write_clip_tokenizer(tok_dir, words)
             cfg_file = enc_dir / "config.json"
-            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-            cfg.update(bos_token_id=size - 2, eos_token_id=size - 1, pad_token_id=size - 1)
-            cfg["vocab_size"] = size if arch.name.startswith("tiny_") else _REAL_CLIP_VOCAB
+            cfg = sync_ids(json.loads(cfg_file.read_text(encoding="utf-8")), size, arch.name.startswith("tiny_"))
             cfg_file.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    for arch in _spm_arch_dirs(arch_root):  # a CLIPModel: the tokenizer files sit beside its config.json
+        size = write_clip_tokenizer(arch, words)
+        cfg_file = arch / "config.json"
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        sync_ids(cfg["text_config"], size, arch.name.startswith("tiny_"))
+        cfg_file.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     return size
 
 

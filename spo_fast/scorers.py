@@ -79,12 +79,16 @@ class ColorScorer:
 
 
 def build_scorer(cfg: ScorerConfig, device=None) -> Scorer:
-    """The configured scorer, on ``device``."""
+    """The configured scorer, on ``device``: for ``spm`` loaded from ``cfg.path`` (``init=pretrained``) or built
+    from its config with random weights (``init=random``: seed 0, on ``device``), in ``cfg.dtype``."""
     if cfg.name == "color":
         return ColorScorer(cfg.scale)
     if cfg.name == "spm":
         from .models import resolve_model_path
         from .spm import SPMScorer
 
-        return SPMScorer.from_pretrained(resolve_model_path(cfg.path), device=device)
+        path = resolve_model_path(cfg.path)
+        if cfg.init == "random":
+            return SPMScorer.random(path, device=device, seed=0, precision=cfg.dtype)
+        return SPMScorer.from_pretrained(path, device=device, precision=cfg.dtype)
     raise ValueError(f"scorer.name={cfg.name!r} is not known; accepted: spm, color")

@@ -23,6 +23,7 @@ with ``local_files_only=True`` -- nothing is ever downloaded. The time-condition
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Iterator
@@ -300,54 +301,89 @@ def pair_loss(scores_0: torch.Tensor, scores_1: torch.Tensor,
     return loss, correct
 
 
+PRECISIONS = {"autocast": None, "fp32": torch.float32, "bf16": torch.bfloat16}  # None: the model's own dtype
+
+
 class SPMScorer:
     """The SPM behind the rollout's scorer interface (:mod:`spo_fast.scorers`).
 
     ``prepare(prompts)`` runs the text tower once per prompt batch and returns the (P, D) text features;
     ``score(images, timesteps, state, prompt_index)`` runs only the vision tower. Both under ``torch.no_grad``;
     the model's train/eval mode is left as it is (CLIP has no active dropout).
+
+    ``precision`` (``scorer.dtype``): ``autocast`` keeps the model's weights as they are (fp32 when loaded) and
+    runs under the caller's autocast (the rollout's mixed precision); ``fp32`` and ``bf16`` cast the weights to
+    that dtype and turn autocast off inside the scorer, so ``fp32`` is really fp32 (the official code's choice)
+    and ``bf16`` pays no per-call weight casts under an fp16 run.
     """
 
     def __init__(self, model: StepAwarePreferenceModel, tokenizer: PreTrainedTokenizerBase,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, precision: str = "autocast"):
         tcfg = model.clip.config.text_config
         if len(tokenizer) > tcfg.vocab_size:
             raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the SPM text tower's vocab_size is "
                              f"{tcfg.vocab_size}: tokenizer and model do not match")
-        self.model = model if device is None else model.to(device)
+        if precision not in PRECISIONS:
+            raise ValueError(f"SPM precision {precision!r} is not known; accepted: {', '.join(PRECISIONS)}")
+        self.model = model.to(device=device, dtype=PRECISIONS[precision])
+        self.precision = precision
         self.tokenizer = tokenizer
         self.max_length = min(tokenizer.model_max_length, tcfg.max_position_embeddings)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: torch.device | str | None = None,
-                        tokenizer_path: str | Path | None = None) -> SPMScorer:
+                        tokenizer_path: str | Path | None = None, precision: str = "autocast") -> SPMScorer:
         """SPM from ``path`` (see :meth:`StepAwarePreferenceModel.from_pretrained`) + ``CLIPTokenizer`` from
         ``tokenizer_path`` (default ``path``; PickScore's own repo has no tokenizer files -- copy the ViT-H/14 ones)."""
         model = StepAwarePreferenceModel.from_pretrained(path)
-        tok_dir = Path(tokenizer_path) if tokenizer_path is not None else Path(path)
-        if not (tok_dir / "tokenizer.json").is_file() and not (
-                (tok_dir / "vocab.json").is_file() and (tok_dir / "merges.txt").is_file()):
-            raise FileNotFoundError(f"{tok_dir}: expected CLIPTokenizer files (tokenizer.json, or vocab.json + merges.txt)")
-        return cls(model, CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True), device=device)
+        return cls(model, _tokenizer(Path(tokenizer_path) if tokenizer_path is not None else Path(path)),
+                   device=device, precision=precision)
+
+    @classmethod
+    def random(cls, path: str | Path, device: torch.device | str | None = None, seed: int = 0,
+               precision: str = "autocast") -> SPMScorer:
+        """An SPM with random weights built from ``path``'s config.json (a CLIPModel config, e.g. the packaged
+        ``configs/arch/spm_vit_h14``: PickScore's ViT-H/14 size) and its tokenizer: for benchmarks. Built directly
+        on ``device`` from its generator seeded with ``seed`` (the global RNGs are left untouched); the time
+        conditioning starts at the identity, as a fresh SPM's does."""
+        from .models import random_init
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: expected a CLIPModel config.json (an SPM architecture directory)")
+        spm_cfg = json.loads((path / SPM_CONFIG).read_text()) if (path / SPM_CONFIG).is_file() else {}
+        dev = torch.device(device if device is not None else "cpu")
+        with random_init(dev, seed):
+            model = StepAwarePreferenceModel(CLIPModel(CLIPConfig.from_pretrained(path)),
+                                             time_freq_dim=int(spm_cfg.get("time_freq_dim", 256)))
+        return cls(model.eval().requires_grad_(False), _tokenizer(path), device=dev, precision=precision)
 
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    def _precision(self):
+        """Autocast off inside the scorer unless it runs under the caller's (``precision="autocast"``)."""
+        if self.precision == "autocast":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, enabled=False)
 
     @torch.no_grad()
     def prepare(self, prompts: list[str]) -> torch.Tensor:
         """(P, D) L2-normalised text features, one row per prompt."""
         tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
                              return_tensors="pt")
-        return self.model.text_features(tok.input_ids.to(self.device), tok.attention_mask.to(self.device))
+        with self._precision():
+            return self.model.text_features(tok.input_ids.to(self.device), tok.attention_mask.to(self.device))
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, timesteps: torch.Tensor, state: torch.Tensor,
               prompt_index: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) images in [-1, 1], (N,) timesteps, prepared state, (N,) prompt index -> (N,) fp32 scores."""
-        pixel_values = self.model.preprocess(images.to(self.device))
-        t = torch.as_tensor(timesteps, device=self.device)
-        return self.model.scores(pixel_values, t, state, torch.as_tensor(prompt_index)).float()
+        with self._precision():
+            pixel_values = self.model.preprocess(images.to(self.device))
+            t = torch.as_tensor(timesteps, device=self.device)
+            return self.model.scores(pixel_values, t, state, torch.as_tensor(prompt_index)).float()
 
     # the feature-scorer interface (spo_fast.scorers.FeatureScorer): the rollout then fuses the score head with
     # pair selection (spo_fast.kernels.pair_select.score_and_select)
@@ -360,5 +396,15 @@ class SPMScorer:
     def image_features(self, images: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) images in [-1, 1], (N,) timesteps -> (N, D) un-normalised image features, such that
         ``score == logit_scale * <normalize(features), state[prompt_index]>``."""
-        pixel_values = self.model.preprocess(images.to(self.device))
-        return self.model.image_features(pixel_values, torch.as_tensor(timesteps, device=self.device), normalize=False)
+        with self._precision():
+            pixel_values = self.model.preprocess(images.to(self.device))
+            return self.model.image_features(pixel_values, torch.as_tensor(timesteps, device=self.device),
+                                             normalize=False)
+
+
+def _tokenizer(tok_dir: Path) -> CLIPTokenizer:
+    """The ``CLIPTokenizer`` in ``tok_dir`` (local files only)."""
+    if not (tok_dir / "tokenizer.json").is_file() and not (
+            (tok_dir / "vocab.json").is_file() and (tok_dir / "merges.txt").is_file()):
+        raise FileNotFoundError(f"{tok_dir}: expected CLIPTokenizer files (tokenizer.json, or vocab.json + merges.txt)")
+    return CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)

@@ -41,6 +41,7 @@ from .config import Config, ConfigError, save_config
 from .data import load_prompts
 from .models import (
     Components,
+    check_attention,
     check_model_dir,
     decode_latents,
     encode_negative,
@@ -48,6 +49,7 @@ from .models import (
     load_components,
     native_resolution,
     resolve_model_path,
+    set_attention,
 )
 from .profiling import stage
 from .sampling import DDIMSchedule, sample
@@ -149,11 +151,25 @@ def check_scorer(cfg: Config) -> None:
                           "directory (no config.json); give a local SPM directory (or toyworld:spm for the toy world)")
 
 
+def check_speed_options(cfg: Config) -> None:
+    """The speed options that need a package or a GPU (``train.attention``, ``train.optimizer=adamw8bit``) can
+    run here; checked before any model is built."""
+    check_attention(cfg.train.attention, torch.cuda.is_available())
+    if cfg.train.optimizer == "adamw8bit":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("train.optimizer=adamw8bit needs bitsandbytes, which is not installed (pip install "
+                              "bitsandbytes); or use train.optimizer=adamw (train.fused_adamw=true for the fused "
+                              "kernel) or adafactor")
+
+
 def preflight(cfg: Config, method: Method) -> Path:
     """Every check of the inputs that needs no model, cheapest first; returns the output dir. The method's own
     checks (prompts; pairs: schema, labels and, without a cache, every image) come last."""
     out = check_output_dir(cfg.log.output_dir)
     check_model(cfg)
+    check_speed_options(cfg)
     resume_path(cfg, out)
     check_scorer(cfg)
     if cfg.eval.enabled:
@@ -214,23 +230,40 @@ def make_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim
                               "or use train.optimizer=adafactor (no extra package) or adamw") from e
         return bnb.optim.AdamW8bit(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay,
                                    eps=t.adam_eps)
+    # fused: one kernel for the whole update (train.fused_adamw); None lets torch pick its foreach default
     return torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay,
-                             eps=t.adam_eps)
+                             eps=t.adam_eps, fused=True if t.fused_adamw else None)
+
+
+def set_tf32(allow: bool) -> None:
+    """``train.allow_tf32``, set both ways (a later run in the same process with it off really runs fp32)."""
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    torch.backends.cudnn.allow_tf32 = allow
 
 
 def build(cfg: Config, accelerator) -> Setup:
-    """Load the model, place it, make the policy trainable (LoRA or all of the UNet), the optimizer and schedule."""
+    """Load the model, place it, make the policy trainable (LoRA or all of the UNet), the optimizer and schedule.
+
+    The speed options apply here: TF32 (``train.allow_tf32``), the UNet's attention (``train.attention``), the
+    VAE's dtype (``model.vae_dtype``), channels-last weights (``train.channels_last``), gradient checkpointing and
+    the fused AdamW (``make_optimizer``). Random weights (``model.init=random``) are built on the device."""
     from diffusers.optimization import get_scheduler
     from peft import LoraConfig
 
     dev = accelerator.device
+    if dev.type == "cuda":
+        set_tf32(cfg.train.allow_tf32)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
-    comp = load_components(cfg.model.path, cfg.model.family, cfg.model.init, cfg.model.seed)
+    comp = load_components(cfg.model.path, cfg.model.family, cfg.model.init, cfg.model.seed,
+                           device=dev if cfg.model.init == "random" else None)
     if comp.vae is not None:
-        _place(comp.vae, dev, torch.float32 if comp.vae.config.get("force_upcast", False) else weight_dtype)
+        auto = torch.float32 if comp.vae.config.get("force_upcast", False) else weight_dtype
+        _place(comp.vae, dev, {"auto": auto, "fp32": torch.float32, "bf16": torch.bfloat16}[cfg.model.vae_dtype])
+        comp.vae_autocast = cfg.model.vae_dtype == "auto"
     for te in comp.text_encoders:
         _place(te, dev, weight_dtype)
     unet, ref_unet = comp.unet, None
+    set_attention(unet, cfg.train.attention)
     if cfg.lora.enabled:
         _place(unet, dev, weight_dtype)
         unet.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha or cfg.lora.rank,
@@ -244,6 +277,10 @@ def build(cfg: Config, accelerator) -> Setup:
         unet.requires_grad_(True)
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if cfg.train.channels_last:
+        for module in (unet, ref_unet, comp.vae):
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
     if not params:
@@ -486,9 +523,6 @@ def run(cfg: Config, method: Method) -> tuple[dict, Setup]:
                               project_dir=str(out), cpu=multi_cpu)
     if cfg.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ConfigError("train.mixed_precision=fp16 is not supported on CPU; use bf16 or no")
-    if torch.cuda.is_available() and cfg.train.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     set_seed(cfg.train.seed)
     main = accelerator.is_main_process
     say = (lambda *a: print("[spo_fast]", *a, flush=True)) if main else (lambda *a: None)
