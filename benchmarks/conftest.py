@@ -17,21 +17,28 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _load_bench_utils():
-    """``bench_utils`` under that name in ``sys.modules`` (the test modules ``from bench_utils import``), from
-    this folder, whatever ``--import-mode`` is in use."""
-    if "bench_utils" not in sys.modules:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_utils.py")
-        spec = importlib.util.spec_from_file_location("bench_utils", path)
+def _load_bench_module(name: str = "bench_utils"):
+    """A helper module of this folder (``bench_utils``, ``e2e``) under its name in ``sys.modules`` (the test modules
+    ``from bench_utils import``), whatever ``--import-mode`` is in use."""
+    if name not in sys.modules:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+        spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_utils"] = module
+        sys.modules[name] = module
         spec.loader.exec_module(module)
-    return sys.modules["bench_utils"]
+    return sys.modules[name]
 
 
-_utils = _load_bench_utils()
+_utils = _load_bench_module("bench_utils")
+_load_bench_module("e2e")
 bench_device, device_name = _utils.bench_device, _utils.device_name
 measure_copy_bandwidth, triton_version = _utils.measure_copy_bandwidth, _utils.triton_version
+
+
+def pytest_addoption(parser):
+    parser.addoption("--e2e-json", default=None, metavar="PATH",
+                     help="write the end-to-end suite's compact summary (test_bench_e2e.py) to PATH; also "
+                          "SPO_FAST_E2E_JSON")
 
 
 @pytest.fixture(scope="session")
