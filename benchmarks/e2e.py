@@ -172,7 +172,8 @@ def environment(device: torch.device) -> dict:
 
     return {"device": str(device), "device_name": device_name(device), "torch_version": torch.__version__,
             "triton_version": triton_version(), "diffusers_version": diffusers.__version__,
-            "cuda_version": torch.version.cuda, "cpu_threads": torch.get_num_threads(), **git_commit()}
+            "cuda_version": torch.version.cuda, "cpu_threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), **git_commit()}
 
 
 @functools.cache
@@ -470,6 +471,8 @@ def summarize(run: Run, flops: IterationStats, timed: IterationStats, rounds: li
         "flops_per_iteration": round_flops, "matmul_peak": peak, "mfu": mfu(round_flops, wall_s, rate),
         "stage_timed_pass": {"work_s": timed.work_s, "train_s": timed.train_s, "seconds": timed.seconds},
         "stages": stages,
+        # other jobs on the host skew CPU timings (and the host side of GPU ones): the 1/5/15-minute load after it
+        "host_load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if case.method == "spo":
         s, sp = cfg.spo, cfg.sampling
@@ -545,8 +548,10 @@ def targets(data: dict) -> dict:
     """The targets next to what this run measured (meaningful on an H200 only: the environment says where)."""
     cases = data.get("cases", {})
     sd15, sdxl = cases.get("sd15_spo", {}), cases.get("sdxl_spo", {})
+    env = data.get("environment", {})
     return {
-        "device_name": data.get("environment", {}).get("device_name"),
+        "device_name": env.get("device_name"),
+        "on_gpu": str(env.get("device", "")).startswith("cuda"),  # the targets are a GPU's (an H200's)
         "sd15_spo_mfu": {"target_min": TARGETS["sd15_spo_mfu"], "measured": sd15.get("mfu")},
         "sd15_spo_recipe_gpu_hours": {"target_max": TARGETS["sd15_spo_recipe_gpu_hours"],
                                       "measured": sd15.get("projection", {}).get("gpu_hours")},
@@ -593,7 +598,10 @@ def report(path: str | Path) -> str:
             lines.append(f"  {name:24s} {_fmt(r['iteration_s'])} {_fmt(r.get('speedup_vs_default'))} "
                          f"{_fmt(r['rollout_s'])} {_fmt(r.get('train_s_per_valid_pair'))} "
                          f"{_fmt(mem / 2 ** 30 if mem is not None else None, '.1f')}")
-    for name, t in data.get("targets", {}).items():
+    tg = data.get("targets", {})
+    if tg and not tg.get("on_gpu"):
+        lines.append("targets (a GPU's; this run is not on one, so the measured values below do not apply):")
+    for name, t in tg.items():
         if isinstance(t, dict):
             lines.append(f"target {name}: {t}")
     return "\n".join(lines)

@@ -126,7 +126,8 @@ def test_e2e_ablation(benchmark, device, e2e_summary, row):
     info = {"row": row, "overrides": list(overrides), "what": what, "iteration_s": sec,
             "rollout_s": pick.work_s, "train_s": pick.train_s, "valid_pairs": pick.n_valid,
             "train_s_per_valid_pair": pick.train_s / pick.n_valid if pick.n_valid else None,
-            "peak_mem_bytes": peak_mem, "rounds": len(results)}
+            "peak_mem_bytes": peak_mem, "rounds": len(results),
+            "host_load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     default = e2e_summary.data["ablation"].get("default")
     if default and row != "default":
         info["speedup_vs_default"] = default["iteration_s"] / sec
