@@ -295,10 +295,11 @@ def _reset_accelerate() -> None:
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def build(case: Case, device: torch.device, extra: tuple[str, ...] = ()) -> Run:
+def build(case: Case, device: torch.device, extra: tuple[str, ...] = (), count_forwards: bool = True) -> Run:
     """Load the case's config (+ ``extra`` overrides), run the trainer's preflight, build the models and set the
     method up: what ``trainer.run`` does before its first iteration. Raises ConfigError (e.g. an attention backend
-    that is not installed) before any model is built."""
+    that is not installed) before any model is built. ``count_forwards=False`` leaves the UNets without the
+    counting hook (the ablation, whose ``sampling.graphs=compile`` row should trace the UNet as users run it)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -321,7 +322,7 @@ def build(case: Case, device: torch.device, extra: tuple[str, ...] = ()) -> Run:
     s = trainer.build(cfg, accelerator)
     method.setup(cfg, s, accelerator)
     run = Run(case, cfg, method, s, accelerator, out, accelerator.device)
-    run.counter = UNetCounter([s.raw_unet, s.ref_unet])
+    run.counter = UNetCounter([s.raw_unet, s.ref_unet] if count_forwards else [])
     if case.method == "dpo":
         from spo_fast.data.prompts import load_prompts
         from spo_fast.models import encode_prompts

@@ -108,7 +108,7 @@ def test_e2e_ablation(benchmark, device, e2e_summary, row):
         pytest.skip(f"ablation row {row!r} not selected (SPO_FAST_E2E_ABLATION=all runs every row)")
     overrides, what = next((o, w) for n, o, w in ABLATION if n == row)
     try:
-        run = build(CASES["sd15_spo"], device, extra=overrides)
+        run = build(CASES["sd15_spo"], device, extra=overrides, count_forwards=False)
     except ConfigError as e:  # an option this machine cannot run (a package, CUDA): named, not failed
         pytest.skip(f"{row}: {e}")
     try:
