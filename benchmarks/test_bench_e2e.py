@@ -29,6 +29,7 @@ from e2e import (
     ablation_names,
     build,
     dpo_work,
+    environment,
     flop_pass,
     iteration,
     peak_matmul,
@@ -84,7 +85,7 @@ def _run_case(benchmark, device, matmul_peak, e2e_summary, name: str, group: str
         info = _measure(benchmark, run, device, _rounds(device), matmul_peak)
     finally:
         release(run)
-    benchmark.extra_info.update(info)
+    benchmark.extra_info.update(info, environment=environment(device))  # device, versions, commit in every row
     e2e_summary.add("cases", name, info)
     return info
 
@@ -134,5 +135,5 @@ def test_e2e_ablation(benchmark, device, e2e_summary, row):
         info["rollout_speedup_vs_default"] = default["rollout_s"] / pick.work_s
         if default.get("train_s_per_valid_pair") and info["train_s_per_valid_pair"]:
             info["train_speedup_vs_default"] = default["train_s_per_valid_pair"] / info["train_s_per_valid_pair"]
-    benchmark.extra_info.update(info)
+    benchmark.extra_info.update(info, environment=environment(device))
     e2e_summary.add("ablation", row, info)
