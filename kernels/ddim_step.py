@@ -49,7 +49,7 @@ the kernels move ~6 MB, ~2 us at H100 bandwidth by that byte count, so launches 
 not yet measured on a GPU: benchmarks/test_bench_ddim_step.py will). Stores round to nearest even
 like torch's casts (Triton's interpreter truncates fp32 -> bf16, so under it the kernel rounds bf16 by hand; NaN
 payloads aside the result is the same).
-Limits: CHW >= 1 and n_chunks <= 65535 (the grid's second axis, CHW up to ~2.7e8); 0 <= seed < 2^63,
+Limits: CHW >= 1 and n_chunks <= 65535 (the grid's second axis, CHW up to ~1.3e8); 0 <= seed < 2^63,
 offset >= 0 and offset + B * k * CHW < 2^63; k >= 1; each sample's CHW elements must be contiguous (anything
 else is copied by .contiguous() first). All tensors on one device. Block sizes untuned (no GPU measured yet).
 """
@@ -154,8 +154,9 @@ def pooled_ddim_step_reference(x_t: torch.Tensor, model_out: torch.Tensor, guida
 # kernels' module globals, so it is a global here).
 tl = None
 
-_MAX_BLOCK = 1024
+_MAX_BLOCK = 512
 _BLOCKS_PER_PROGRAM = 4
+_BLOCK_P = 128  # the log-density kernel's loop over the partial sums (one variant; n_parts is a few hundred)
 _MAX_GRID_AXIS1 = 65535
 
 
@@ -183,7 +184,7 @@ def _pooled_step_kernel(x_ptr, out_ptr, at_ptr, ap_ptr, std_ptr, x0_ptr, mean_pt
     x_ptr += b * x_sb
     out_ptr += b * out_sb
     start = chunk * (BLOCK * BLOCKS_PER_PROGRAM)
-    for i in tl.static_range(BLOCKS_PER_PROGRAM):
+    for i in range(BLOCKS_PER_PROGRAM):  # a loop, not unrolled: unrolled, BLOCK 512 x 4 spilled on sm_90 (V_PRED)
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
         mask = offs < CHW
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -259,9 +260,13 @@ def _kernels() -> tuple:
 
 
 def _blocks(chw: int) -> tuple[int, int, int]:
-    """(BLOCK, BLOCKS_PER_PROGRAM, n_chunks) for CHW elements per sample."""
-    block = min(_MAX_BLOCK, max(16, 1 << (chw - 1).bit_length()))
-    per_program = min(_BLOCKS_PER_PROGRAM, -(-chw // block))
+    """(BLOCK, BLOCKS_PER_PROGRAM, n_chunks) for CHW elements per sample: BLOCK 128, 256 or 512 with one block per
+    program up to 512 elements, BLOCK 512 with 4 above (a masked tail). Few variants on purpose: every one is
+    compiled ahead of time for sm_80/sm_90 in CI (tests/test_kernels_aot.py). BLOCK is capped at 512 because at
+    1024 the kernel spills registers on both archs (tl.randn's Box-Muller inlines libdevice's precise cosine;
+    measured with ptxas -v: 4-28 B spill stores per thread), with 8 or 16 warps too."""
+    block = min(_MAX_BLOCK, max(128, 1 << (chw - 1).bit_length()))
+    per_program = 1 if chw <= block else _BLOCKS_PER_PROGRAM
     return block, per_program, -(-chw // (block * per_program))
 
 
@@ -340,14 +345,13 @@ def _pooled_ddim_step_triton(x_t: torch.Tensor, model_out: torch.Tensor, guidanc
         kernel, _, lp_kernel = _kernels()
         x, out = _flat(x_t, chw), _flat(model_out, chw)
         with on_device(x):
-            kernel[(b, n_chunks)](x, out, alpha_t.contiguous(), alpha_prev.contiguous(), std, x0, mean, x_prev,
+            kernel[(b, n_chunks)](x, out, alpha_t.float().contiguous(), alpha_prev.float().contiguous(), std, x0, mean, x_prev,
                                   partial, state, chw, k, n_parts, float(guidance_scale), float(eta),
                                   x.stride(0), out.stride(0), b * out.stride(0),
                                   V_PRED=prediction_type == "v_prediction",
                                   MANUAL_RTNE=dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
                                   BLOCK=block, BLOCKS_PER_PROGRAM=per_program)
-            lp_kernel[(b,)](partial, std, log_prob, k, n_parts, 1.0 / chw,
-                            BLOCK_P=min(1024, max(16, 1 << (n_parts - 1).bit_length())))
+            lp_kernel[(b,)](partial, std, log_prob, k, n_parts, 1.0 / chw, BLOCK_P=_BLOCK_P)
     rest = x_t.shape[1:]
     return PooledStep(x0.view(b, *rest), mean.view(b, *rest), std, x_prev.view(b, k, *rest), log_prob)
 

@@ -31,7 +31,8 @@ evaluates tanh(y), y = (s_win - s_lose) / 2 >= 0, as an odd Taylor polynomial to
 (1 - e^{-2y}) / (1 + e^{-2y}) above (a few fp32 ulps). valid therefore equals torch.tanh's on the same scores
 except when tanh(y) lies within a few ulps of threshold.
 
-Limits: 1 <= k <= 1024, D >= 1; 0 <= seed < 2^63, offset >= 0 and offset + B < 2^63. NaN scores (NaN or inf
+Limits: 1 <= k <= 64 on the Triton path (``auto`` runs larger pools on the torch path; ``triton`` is an error),
+D >= 1; 0 <= seed < 2^63, offset >= 0 and offset + B < 2^63. NaN scores (NaN or inf
 features) give unspecified win/lose/valid (torch.argmax would return the NaN's index). Each row of img and txt
 must have unit stride along D (anything else is copied by .contiguous() first). All tensors on one device.
 Block sizes untuned (no GPU measured yet).
@@ -44,11 +45,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import check_rng, describe, on_device, resolve_backend
+from ._dispatch import ENV_VAR, check_rng, describe, on_device, resolve_backend
 from .philox import check_state, philox_uniform_torch
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_K = 1024
+_MAX_K = 64  # BLOCK_K x BLOCK_D = _TILE on 4 warps: k up to 64 (official pools: 4 and 2); at k > 512 it spilled
 _TILE = 4096  # elements of img one program holds per step of its loop over D (BLOCK_K * BLOCK_D)
 _NORM_EPS = 1e-12  # F.normalize's default
 
@@ -168,11 +169,12 @@ def _kernels() -> tuple:
     return _KERNELS[interpret]
 
 
-def _blocks(k: int, d: int) -> tuple[int, int]:
-    """(BLOCK_K, BLOCK_D) for k candidates of D features."""
+def _blocks(k: int) -> tuple[int, int]:
+    """(BLOCK_K, BLOCK_D) for k candidates: BLOCK_K the next power of two >= k (at least 2) and BLOCK_D =
+    _TILE // BLOCK_K whatever D is (the loop over D masks its tail), so the variants are the six BLOCK_K choices,
+    every one compiled ahead of time for sm_80/sm_90 in CI (tests/test_kernels_aot.py)."""
     block_k = max(2, 1 << (k - 1).bit_length())
-    block_d = max(16, min(1 << (d - 1).bit_length(), _TILE // block_k))
-    return block_k, block_d
+    return block_k, _TILE // block_k
 
 
 def _check_kernel_inputs(img: torch.Tensor, txt: torch.Tensor, k: int, u: torch.Tensor | None) -> None:
@@ -233,10 +235,11 @@ def _score_and_select_triton(img: torch.Tensor, txt: torch.Tensor, logit_scale: 
     cont = torch.empty(b, dtype=torch.int64, device=dev)
     if b > 0:
         kernel, _ = _kernels()
-        img_r, txt_r = _rows(img), _rows(txt)
-        u_r = u.contiguous() if u is not None else scores  # a dummy pointer when HAS_U is off
+        # txt (B, D) and u (B,) are small: read as fp32 (one kernel variant per img dtype, not per combination)
+        img_r, txt_r = _rows(img), txt.float().contiguous()
+        u_r = u.float().contiguous() if u is not None else scores  # a dummy pointer when HAS_U is off
         rng = state if state is not None else win  # a dummy int64 pointer when HAS_U is on
-        block_k, block_d = _blocks(k, d)
+        block_k, block_d = _blocks(k)
         with on_device(img_r):
             kernel[(b,)](img_r, txt_r, u_r, scores, win, lose, valid.view(torch.int8), cont, rng, d, k,
                          img_r.stride(0), txt_r.stride(0), float(logit_scale), float(threshold),
@@ -254,7 +257,7 @@ def score_and_select(img: torch.Tensor, txt: torch.Tensor, logit_scale: float, k
     draws (``spo_fast.kernels.philox``). Both backends draw Triton's Philox stream (bit for bit) and agree.
     ``backend``: ``torch`` | ``triton`` | ``auto`` | None (None: SPO_FAST_KERNELS, else auto).
     Raises ValueError on inconsistent shapes, k < 1, bad seed/offset/state or backend; on the Triton path also
-    TypeError on unsupported dtypes and ValueError on mixed devices or k > 1024; RuntimeError if Triton cannot
+    TypeError on unsupported dtypes and ValueError on mixed devices or k > 64; RuntimeError if Triton cannot
     run here.
     """
     _check_shapes(img, txt, k, u)
@@ -262,7 +265,10 @@ def score_and_select(img: torch.Tensor, txt: torch.Tensor, logit_scale: float, k
     b = txt.shape[0]
     state, advance = _state(seed, offset, b, img) if u is None else (None, False)
     tensors = (img, txt) if u is None else (img, txt, u)
-    if resolve_backend(backend, tensors) == "triton":
+    choice = resolve_backend(backend, tensors)
+    if choice == "triton" and k > _MAX_K and (backend or os.environ.get(ENV_VAR, "auto")) == "auto":
+        choice = "torch"  # auto: pools beyond the kernel's 64 candidates run the reference
+    if choice == "triton":
         out = _score_and_select_triton(img, txt, logit_scale, k, threshold, u, state)
     else:
         if u is None:

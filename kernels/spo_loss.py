@@ -250,9 +250,11 @@ def _kernels() -> tuple:
 
 
 def _blocks(chw: int) -> tuple[int, int, int]:
-    """(BLOCK, BLOCKS_PER_PROGRAM, n_chunks) for CHW elements per sample."""
-    block = min(_MAX_BLOCK, max(16, 1 << (chw - 1).bit_length()))
-    per_program = min(_BLOCKS_PER_PROGRAM, -(-chw // block))
+    """(BLOCK, BLOCKS_PER_PROGRAM, n_chunks) for CHW elements per sample: BLOCK 128 .. 1024 with one block per
+    program up to 1024 elements, BLOCK 1024 with 4 above (a masked tail). Few variants on purpose: every one is
+    compiled ahead of time for sm_80/sm_90 in CI (tests/test_kernels_aot.py)."""
+    block = min(_MAX_BLOCK, max(128, 1 << (chw - 1).bit_length()))
+    per_program = 1 if chw <= block else _BLOCKS_PER_PROGRAM
     return block, per_program, -(-chw // (block * per_program))
 
 

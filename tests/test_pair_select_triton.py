@@ -253,8 +253,8 @@ def test_launcher_names_the_offending_argument():
         score_and_select(img, txt, SCALE, 4, 0.3, seed=0, offset=-2, backend="torch")
     with pytest.raises(ValueError, match=r"u \(2,\) torch.float32 on meta"):
         ps_mod._check_kernel_inputs(img, txt, 4, u.to("meta"))
-    with pytest.raises(ValueError, match=r"k is 2048; the Triton pair selection takes at most 1024"):
-        score_and_select(torch.zeros(2048, 3), torch.zeros(1, 3), SCALE, 2048, 0.3, backend="triton")
+    with pytest.raises(ValueError, match=r"k is 65; the Triton pair selection takes at most 64"):
+        score_and_select(torch.zeros(65, 3), torch.zeros(1, 3), SCALE, 65, 0.3, backend="triton")
     with pytest.raises(ValueError, match=r"no features"):
         score_and_select(torch.zeros(4, 0), torch.zeros(1, 0), SCALE, 4, 0.3, backend="triton")
 
