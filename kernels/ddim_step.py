@@ -61,8 +61,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._dispatch import check_rng, describe, on_device, resolve_backend
-from .philox import check_state, philox_normal_torch
+from ._dispatch import describe, on_device, resolve_backend
+from .philox import philox_normal_torch, resolve_state
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -298,18 +298,6 @@ def _flat(t: torch.Tensor, chw: int) -> torch.Tensor:
     return f if f.stride(-1) == 1 else f.contiguous()
 
 
-def _state(seed: int | torch.Tensor, offset: int, n_draws: int, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """(state, advance): the RNG state the kernels read, and whether it is the caller's (advanced in place by the
-    op) or a temporary made from ints (see ``spo_fast.kernels.philox``)."""
-    if isinstance(seed, torch.Tensor):
-        check_state(seed, like)
-        if offset:
-            raise ValueError(f"offset is {offset} with an RNG state tensor; the state carries its own offset")
-        return seed, True
-    check_rng(seed, offset, n_draws)
-    return torch.tensor([seed, offset], dtype=torch.int64, device=like.device), False
-
-
 def philox_normal(seed: int, offset: int, shape, device="cpu") -> torch.Tensor:
     """fp32 tensor of ``shape`` holding ``tl.randn(seed, offset + i)`` at flat index i: exactly the noise the
     Triton step draws for (seed, offset) when ``shape`` is (B, k, C, H, W). Runs a Triton kernel (CUDA, or CPU
@@ -317,7 +305,7 @@ def philox_normal(seed: int, offset: int, shape, device="cpu") -> torch.Tensor:
     shape = tuple(shape)
     n = math.prod(shape)
     z = torch.empty(shape, dtype=torch.float32, device=device)
-    state, _ = _state(seed, offset, n, z)
+    state, _ = resolve_state(seed, offset, n, z)
     if n > 0:
         _, kernel, _ = _kernels()
         block = 1024
@@ -384,7 +372,7 @@ def pooled_ddim_step(x_t: torch.Tensor, model_out: torch.Tensor, guidance_scale:
         raise ValueError(f"eta is {eta}; expected eta >= 0")
     x_t, model_out = x_t.detach(), model_out.detach()
     n_draws = x_t.shape[0] * k * math.prod(x_t.shape[1:])
-    state, advance = _state(seed, offset, n_draws, x_t)
+    state, advance = resolve_state(seed, offset, n_draws, x_t)
     if resolve_backend(backend, (x_t, model_out, alpha_t, alpha_prev)) == "triton":
         out = _pooled_ddim_step_triton(x_t, model_out, guidance_scale, alpha_t, alpha_prev, eta, k, state,
                                        prediction_type)

@@ -45,8 +45,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import ENV_VAR, check_rng, describe, on_device, resolve_backend
-from .philox import check_state, philox_uniform_torch
+from ._dispatch import ENV_VAR, describe, on_device, resolve_backend
+from .philox import philox_uniform_torch, resolve_state
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_K = 64  # BLOCK_K x BLOCK_D = _TILE on 4 warps: k up to 64 (official pools: 4 and 2); at k > 512 it spilled
@@ -197,23 +197,12 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _state(seed: int | torch.Tensor, offset: int, n_draws: int, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """(state, advance): the caller's RNG state tensor (advanced in place by the op) or a temporary from ints."""
-    if isinstance(seed, torch.Tensor):
-        check_state(seed, like)
-        if offset:
-            raise ValueError(f"offset is {offset} with an RNG state tensor; the state carries its own offset")
-        return seed, True
-    check_rng(seed, offset, n_draws)
-    return torch.tensor([seed, offset], dtype=torch.int64, device=like.device), False
-
-
 def philox_uniform(seed: int, offset: int, n: int, device="cpu") -> torch.Tensor:
     """(n,) fp32 holding ``tl.rand(seed, offset + i)``: exactly the u the Triton kernel draws for (seed, offset)
     when ``u`` is not given (n = B). Runs a Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1);
     ``spo_fast.kernels.philox.philox_uniform_torch`` is the same stream in PyTorch (bit for bit)."""
     u = torch.empty(n, dtype=torch.float32, device=device)
-    state, _ = _state(seed, offset, n, u)
+    state, _ = resolve_state(seed, offset, n, u)
     if n > 0:
         _, kernel = _kernels()
         block = 1024
@@ -263,7 +252,7 @@ def score_and_select(img: torch.Tensor, txt: torch.Tensor, logit_scale: float, k
     _check_shapes(img, txt, k, u)
     img, txt = img.detach(), txt.detach()
     b = txt.shape[0]
-    state, advance = _state(seed, offset, b, img) if u is None else (None, False)
+    state, advance = resolve_state(seed, offset, b, img) if u is None else (None, False)
     tensors = (img, txt) if u is None else (img, txt, u)
     choice = resolve_backend(backend, tensors)
     if choice == "triton" and k > _MAX_K and (backend or os.environ.get(ENV_VAR, "auto")) == "auto":

@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from ._dispatch import check_rng
+
 _M32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
@@ -108,6 +110,19 @@ def philox_normal_torch(seed, offset, shape, device=None) -> torch.Tensor:
     u1, u2 = _to_uniform(i1).clamp(min=1.0e-7), _to_uniform(i2)
     r = torch.sqrt(-2.0 * torch.log(u1))
     return (r * torch.cos(u2 * _TWO_PI)).view(shape)
+
+
+def resolve_state(seed: int | torch.Tensor, offset: int, n_draws: int,
+                  like: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(state, advance) for an op drawing ``n_draws`` numbers on ``like``'s device: the caller's RNG state tensor
+    (checked; the op advances it in place) or a temporary one made from the ints (checked ranges; not advanced)."""
+    if isinstance(seed, torch.Tensor):
+        check_state(seed, like)
+        if offset:
+            raise ValueError(f"offset is {offset} with an RNG state tensor; the state carries its own offset")
+        return seed, True
+    check_rng(seed, offset, n_draws)
+    return torch.tensor([seed, offset], dtype=torch.int64, device=like.device), False
 
 
 def check_state(state: torch.Tensor, like: torch.Tensor) -> None:
