@@ -49,28 +49,24 @@ def state_from_generator(generator: torch.Generator | None, device) -> torch.Ten
     return rng_state(seed)
 
 
-def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo) 32-bit words of a * b for a 32-bit constant a and int64 tensor b in [0, 2^32), computed from 16-bit
-    halves so no intermediate leaves int64 (no signed overflow, on any backend or compiler)."""
-    ah, al = a >> 16, a & 0xFFFF
-    bh, bl = b >> 16, b & 0xFFFF
-    mid = ah * bl + al * bh  # < 2^33
-    low = al * bl + ((mid & 0xFFFF) << 16)  # < 2^33
-    hi = ah * bh + (mid >> 16) + (low >> 32)
-    return hi & _M32, low & _M32
-
-
 def _philox(seed: torch.Tensor, counter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The first two 32-bit outputs (as int64 in [0, 2^32)) of Philox4x32-10 at 64-bit counters ``counter``
-    (int64 >= 0) under the 64-bit key ``seed`` (0-d int64): triton's ``randint4x(seed, offset)``'s i1, i2."""
+    (int64 >= 0) under the 64-bit key ``seed`` (0-d int64): triton's ``randint4x(seed, offset)``'s i1, i2.
+
+    The 32 x 32 -> 64-bit products are int64 multiplications: a product of two values below 2^32 can pass 2^63,
+    and the multiplication then wraps (two's complement, as torch's integer kernels do on every backend), which
+    keeps exactly the unsigned product's 64 bits: the low word is ``p & M``, the high word ``(p >> 32) & M`` (the
+    mask undoes the arithmetic shift's sign fill). tests/test_philox.py checks the stream bit for bit against
+    Triton's. Eight tensor ops per round (the first round's zero words skipped)."""
     c0, c1 = counter & _M32, (counter >> 32) & _M32
-    c2 = c3 = torch.zeros_like(c0)
     k0, k1 = seed & _M32, (seed >> 32) & _M32
-    for _ in range(_N_ROUNDS):
-        hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
-        hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
-        c0, c2, c1, c3 = hi_b ^ c1 ^ k0, hi_a ^ c3 ^ k1, lo_b, lo_a
+    # round 1: c2 = c3 = 0, so B * c2 = 0
+    p_a = c0 * _ROUND_A
+    c0, c2, c1, c3 = c1 ^ k0, ((p_a >> 32) & _M32) ^ k1, torch.zeros_like(c0), p_a & _M32
+    for _ in range(_N_ROUNDS - 1):
         k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
+        p_b, p_a = c2 * _ROUND_B, c0 * _ROUND_A
+        c0, c2, c1, c3 = ((p_b >> 32) & _M32) ^ c1 ^ k0, ((p_a >> 32) & _M32) ^ c3 ^ k1, p_b & _M32, p_a & _M32
     return c0, c1
 
 
