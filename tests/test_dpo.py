@@ -238,7 +238,8 @@ def test_bad_pairs_fail_before_any_model_is_built(tmp_path, capsys, case, needle
 
 
 @pytest.mark.parametrize("recipe, arch, extra", [
-    ("sd15_dpo", "tiny_sd15", ["lora.enabled=true"]),
+    # no latent cache (the recipe's cache_dir is relative to the working directory: a test must not write there)
+    ("sd15_dpo", "tiny_sd15", ["lora.enabled=true", "data.cache_dir="]),
     # full fine-tuning (frozen copy as reference), Adafactor, gradient checkpointing, SDXL conditioning from the cache
     ("sdxl_dpo", "tiny_sdxl", ["data.cache_dir=CACHE"]),
 ])
