@@ -221,6 +221,8 @@ def test_profile_writes_a_trace(tmp_path):
     ("data.prompts=EMPTY", "no prompts"),
     ("data.prompts=/nonexistent/prompts.txt", "/nonexistent/prompts.txt"),
     ("log.output_dir=FILE/sub", "not writable"),
+    pytest.param("sampling.graphs=cuda_graphs", "sampling.graphs=cuda_graphs needs a CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
 ])
 def test_bad_inputs_fail_fast_with_a_named_problem(tmp_path, capsys, override, needle):
     empty = tmp_path / "empty.txt"
