@@ -2,8 +2,9 @@
 
 An SPO rollout makes the same few calls over and over with the same shapes: the UNet on the B samples (plain
 steps) or on the B*k pool (inner steps, the scoring call), the VAE decode of the B*k chain ends and the preference
-model on the decoded images. On a GPU each such call is hundreds of small kernel launches; at the recipe shapes
-the launch overhead is a visible share of the step (measured by benchmarks/gpu_suite.sh). Three modes:
+model on the decoded images. On a GPU each such call is hundreds of small kernel launches, whose overhead capture
+removes; how much that buys at the recipe shapes is not measured yet (the ``graphs_cuda`` / ``graphs_compile`` rows
+of benchmarks/gpu_suite.sh's ablation measure it). Three modes:
 
 - ``off``: plain eager calls.
 - ``cuda_graphs``: ``GraphedCall`` captures each call once per input signature (shapes, dtypes, autocast state)
@@ -20,9 +21,10 @@ the launch overhead is a visible share of the step (measured by benchmarks/gpu_s
 ``disable_adapters`` (the reference is used in training only, outside any captured region). The optimizer updates
 the LoRA parameters in place, so a graph captured at the first rollout reads the current weights at every later
 replay: no re-capture, no merge. Merging the LoRA into the base weights for the rollout would save the LoRA
-matmuls (rank 4: ~0.1% of the UNet's FLOPs) but needs an unmerge after each rollout, which in bf16 drifts the
-base weights by rounding every iteration; a separate merged copy would cost a second UNet's memory. Neither pays
-at rank 4; see the README's speed section.
+matmuls (rank 4: ~0.1% of the UNet's parameters, so about that share of its FLOPs; an estimate from the
+parameter count, not measured) but needs an unmerge after each rollout, which in bf16 drifts the
+base weights by rounding every iteration; a separate merged copy would cost a second UNet's memory. By that
+estimate neither pays at rank 4; see the README's speed section.
 
 The calls must be free of host reads and data-dependent shapes (checked on CPU by
 tests/test_rollout.py::test_rollout_segment_compiles_fullgraph) and of random draws (the UNet, VAE decode and
