@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 from pathlib import Path
 
@@ -55,6 +56,25 @@ def _all_toy(prompts: list[str]) -> bool:
     return True
 
 
+def _run_sampling_dtype(weights: Path) -> str:
+    """``bf16`` or ``fp32``: the sampling dtype of the run that wrote ``weights`` (its output dir's config.yaml),
+    fp32 when there is none."""
+    import yaml
+
+    for cfg_file in (weights / "config.yaml", weights.resolve().parent / "config.yaml"):
+        if cfg_file.is_file():
+            try:
+                run = yaml.safe_load(cfg_file.read_text()) or {}
+            except yaml.YAMLError:
+                return "fp32"
+            sampling, train = run.get("sampling") or {}, run.get("train") or {}
+            dtype = sampling.get("dtype", "auto")
+            if dtype == "auto":
+                return "bf16" if train.get("mixed_precision") == "bf16" else "fp32"
+            return dtype
+    return "fp32"
+
+
 def main(argv: list[str] | None = None) -> int:
     from types import SimpleNamespace
 
@@ -80,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--negative-prompt", default="", help="the unconditional prompt (default empty: zeros on an "
                                                              "SDXL pipeline with force_zeros_for_empty_prompt)")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="autocast dtype of the sampling; auto (default) = the run's (sampling.dtype in the "
+                             "config.yaml next to --lora, as the end-of-run evaluation used), else fp32")
     parser.add_argument("--out", type=Path, default=None, help="output dir (default: the LoRA dir's parent)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -116,8 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     sampling = SimpleNamespace(num_steps=args.num_steps, eta=args.eta, guidance_scale=args.guidance_scale,
                                negative_prompt=args.negative_prompt)
     out = args.out or args.lora.expanduser().resolve().parent
-    result = evaluate(comp, base_ctx, contextlib.nullcontext(trained_unet), prompts, args.seeds, reward, out,
-                      sampling, args.batch_size, device)
+    dtype = args.dtype if args.dtype != "auto" else _run_sampling_dtype(args.lora.expanduser())
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    with autocast:
+        result = evaluate(comp, base_ctx, contextlib.nullcontext(trained_unet), prompts, args.seeds, reward, out,
+                          sampling, args.batch_size, device)
+    result["sampling_dtype"] = dtype  # recorded next to the statistics evaluate() wrote
+    (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"[spo_fast.evaluate] {summary_line(result)}; wrote {out / 'eval.json'} and {out / 'eval_grid.png'}")
     return 0
 

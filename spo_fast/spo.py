@@ -28,7 +28,7 @@ from .profiling import stage
 from .rollout import RolloutBuffer, RolloutCalls, rollout
 from .sampling import cfg_model_output, ddim_step_stats
 from .scorers import build_scorer
-from .trainer import MicroBatch, Setup, Work, decoder, kernel_backend, reference_unet
+from .trainer import MicroBatch, Setup, Work, decoder, kernel_backend, reference_unet, sampling_autocast
 
 
 @dataclass
@@ -114,7 +114,7 @@ class SPO:
         self.cond = encode_prompts(s.comp, prompts, dev, s.resolution)
         noise = torch.randn((len(prompts), *s.latent_shape), generator=gen, device=dev)
         s.raw_unet.eval()
-        with torch.no_grad(), self.acc.autocast():
+        with torch.no_grad(), sampling_autocast(cfg, self.acc):
             buf = rollout(s.raw_unet, s.schedule, self.cond, self.uncond, self.scorer, self.scorer.prepare(prompts),
                           self.decode, noise, cfg.spo, cfg.sampling, gen, backend=kernel_backend(cfg), calls=self.calls)
         shuffle = torch.Generator().manual_seed(cfg.train.seed * 7919 + it)

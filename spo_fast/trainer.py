@@ -321,6 +321,17 @@ def decoder(comp: Components):
     return functools.partial(decode_latents, comp)
 
 
+def sampling_autocast(cfg: Config, accelerator):
+    """The autocast of no-grad sampling (rollout, sample grid, evaluation): ``sampling.dtype`` (``auto`` = the run's
+    mixed precision)."""
+    if cfg.sampling.dtype == "auto":
+        return accelerator.autocast()
+    dev = accelerator.device.type
+    if cfg.sampling.dtype == "fp32":
+        return torch.autocast(dev, enabled=False)
+    return torch.autocast(dev, dtype=torch.bfloat16)
+
+
 def kernel_backend(cfg: Config) -> str | None:
     """The kernels' ``backend`` argument: ``torch``/``triton`` win over SPO_FAST_KERNELS; ``auto`` defers to it."""
     return None if cfg.train.kernels == "auto" else cfg.train.kernels
@@ -393,7 +404,7 @@ def sample_grid(cfg: Config, s: Setup, accelerator, prompts: list[str], scorer, 
         gen = torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed + 12345)
         x = torch.randn((n, *s.latent_shape), generator=gen, device=accelerator.device)
         ctx = reference_unet(s) if name == "base" else contextlib.nullcontext(s.raw_unet)
-        with ctx as unet, accelerator.autocast():
+        with ctx as unet, sampling_autocast(cfg, accelerator):
             img = decode(sample(unet, s.schedule, cond, uncond, x, cfg.sampling.guidance_scale, cfg.sampling.eta, gen,
                                 backend=kernel_backend(cfg)))
         if scorer is not None:
@@ -415,7 +426,7 @@ def run_eval(cfg: Config, s: Setup, accelerator, scorer, out: Path) -> dict:
 
     reward = ground_truth_reward if cfg.eval.reward == "ground_truth" else scorer_reward(scorer)
     s.raw_unet.eval()
-    with accelerator.autocast():
+    with sampling_autocast(cfg, accelerator):
         return evaluate(s.comp, reference_unet(s), contextlib.nullcontext(s.raw_unet), eval_prompts(cfg),
                         cfg.eval.seeds, reward, out, cfg.sampling, cfg.eval.batch_size, accelerator.device,
                         latent_shape=s.latent_shape, backend=kernel_backend(cfg), progress=cfg.log.progress)

@@ -189,8 +189,11 @@ def test_toy_prompts_scorer_and_config_checks(tmp_path):
     from spo_fast.spm import SPMScorer
 
     assert load_prompts("toyworld:heldout") == world.prompts("heldout")
-    with pytest.raises(ConfigError, match="toyworld:train"):
-        load_prompts("toyworld:test")
+    assert load_prompts("toyworld:test") == world.prompts("heldout")[:64]
+    validation = load_prompts("toyworld:validation")
+    assert len(validation) == 64 and not set(validation) & set(load_prompts("toyworld:test"))
+    with pytest.raises(ConfigError, match="toyworld:validation"):
+        load_prompts("toyworld:tset")
     cfg = load_config(None)
     assert cfg.scorer.name == "spm" and cfg.eval.enabled and cfg.eval.n_prompts >= 64
     scorer = build_scorer(cfg.scorer)

@@ -18,17 +18,20 @@ def builtin_toy_prompts() -> list[str]:
 
 
 def load_prompts(spec: str) -> list[str]:
-    """``builtin:toy``, ``toyworld:train|heldout`` or a UTF-8 text file with one prompt per line (blank
-    lines ignored)."""
+    """``builtin:toy``, ``toyworld:train|heldout|test|validation`` or a UTF-8 text file with one prompt per line
+    (blank lines ignored). ``test`` (the first 64 held-out prompts) and ``validation`` (64 others) are the toy
+    world's evaluation splits (``world.test_prompts``, ``world.validation_prompts``)."""
     if spec == "builtin:toy":
         return builtin_toy_prompts()
     if spec.startswith("toyworld:"):
         from ..toyworld import world
 
         name = spec.split(":", 1)[1]
-        if name not in ("train", "heldout"):
-            raise ConfigError(f"prompts {spec!r}: unknown toy-world split; accepted: toyworld:train, toyworld:heldout")
-        return world.prompts(name)
+        named = {"test": world.test_prompts, "validation": world.validation_prompts}
+        if name not in ("train", "heldout", *named):
+            raise ConfigError(f"prompts {spec!r}: unknown toy-world split; accepted: toyworld:train, toyworld:heldout, "
+                              "toyworld:test, toyworld:validation")
+        return named[name]() if name in named else world.prompts(name)
     if spec.startswith("builtin:"):
         raise ConfigError(f"data.prompts={spec!r}: unknown built-in prompt set; accepted: builtin:toy, toyworld:train, toyworld:heldout or a file path")
     path = Path(spec).expanduser()

@@ -49,21 +49,24 @@ UNET_CONFIG = {
     "sample_size": world.RESOLUTION, "in_channels": 3, "out_channels": 3, "layers_per_block": 1,
     "block_out_channels": [32, 64], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
     "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 64,
-    "attention_head_dim": 8, "norm_num_groups": 8,
+    # diffusers reads attention_head_dim as the number of heads: 2 heads of 32 channels. 8 heads of 8 (the first
+    # build) sampled ~1.8x slower in bf16 on the 2-core CPU (the CPU flash kernel is slow at head dim 8)
+    "attention_head_dim": 2, "norm_num_groups": 8,
 }
 TEXT_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                "max_position_embeddings": TEXT_MAX_LEN, "projection_dim": 64}
 SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
                     "prediction_type": "epsilon", "clip_sample": False, "set_alpha_to_one": False,
                     "steps_offset": 1}
-SAMPLER = {"num_steps": 20, "eta": 1.0, "guidance_scale": 5.0}  # the toy recipe's rollout sampler
+SAMPLER = {"num_steps": 20, "eta": 1.0, "guidance_scale": 5.0, "dtype": "bf16"}  # the toy recipes' sampler
 
 
 @dataclass
 class BuildConfig:
     seed: int = 0
-    base_steps: int = 1500
-    base_batch: int = 48
+    base_steps: int = 3000
+    base_batch: int = 32
+    base_probe_every: int = 500  # ground truth of base samples on the validation prompts every this many steps
     base_lr: float = 2e-3
     cond_dropout: float = 0.1
     pairs_per_train_prompt: int = 1
@@ -79,7 +82,7 @@ class BuildConfig:
 
     @classmethod
     def smoke(cls) -> BuildConfig:
-        return cls(base_steps=3, base_batch=8, pairs_per_train_prompt=0, heldout_pair_prompts=4, sample_batch=8,
+        return cls(base_steps=3, base_batch=8, base_probe_every=2, pairs_per_train_prompt=0, heldout_pair_prompts=4, sample_batch=8,
                    clip_steps=3, clip_batch=8, spm_steps=3, spm_batch=4)
 
 
@@ -100,6 +103,22 @@ def write_base_configs(out: Path) -> None:
     DDIMScheduler.from_config(SCHEDULER_CONFIG).save_config(out / "scheduler")
 
 
+PROBE_PROMPTS = 64  # of world.validation_prompts()
+
+
+def probe_base(comp, unet, seed: int, n: int = PROBE_PROMPTS) -> dict:
+    """Mean ground truth (and its components) of one sample per validation prompt: how good the base is so far."""
+    prompts = world.validation_prompts()[:n]
+    was_training = unet.training
+    unet.eval()
+    images = sample_images(comp, prompts, seed, batch=len(prompts), unet=unet)
+    unet.train(was_training)
+    comps = world.score_components(images, [world.parse_prompt(p) for p in prompts])
+    result = {"score": world.score_prompts(images, prompts).mean().item()}
+    result.update({k: v.mean().item() for k, v in comps.items()})
+    return result
+
+
 def train_base(out: Path, cfg: BuildConfig) -> dict:
     """Train UNet + text encoder from scratch on renders (epsilon MSE); saves ``out`` (diffusers layout)."""
     write_base_configs(out)
@@ -117,7 +136,7 @@ def train_base(out: Path, cfg: BuildConfig) -> dict:
               return_tensors="pt").input_ids
     alphas = comp.scheduler.alphas_cumprod.float()
     gen = torch.Generator().manual_seed(cfg.seed)
-    t0, losses = time.perf_counter(), []
+    t0, losses, probes = time.perf_counter(), [], []
     for step in range(cfg.base_steps):
         pick = torch.randint(len(attrs), (cfg.base_batch,), generator=gen)
         images = world.render([attrs[i] for i in pick.tolist()], gen, world.sample_quality(cfg.base_batch, gen))
@@ -138,9 +157,13 @@ def train_base(out: Path, cfg: BuildConfig) -> dict:
         if (step + 1) % 100 == 0 or step + 1 == cfg.base_steps:
             _log(f"base step {step + 1}/{cfg.base_steps} loss {np.mean(losses[-100:]):.4f} "
                  f"({time.perf_counter() - t0:.0f} s)")
+        if cfg.base_probe_every and ((step + 1) % cfg.base_probe_every == 0 or step + 1 == cfg.base_steps):
+            with torch.no_grad():  # its own generator: the training stream is unchanged by probing
+                probes.append({"step": step + 1, **probe_base(comp, unet, cfg.seed + 300)})
+            _log(f"base probe: {json.dumps({k: round(v, 3) for k, v in probes[-1].items()})}")
     unet.save_pretrained(out / "unet")
     text.save_pretrained(out / "text_encoder")
-    return {"steps": cfg.base_steps, "final_loss": float(np.mean(losses[-100:])),
+    return {"steps": cfg.base_steps, "final_loss": float(np.mean(losses[-100:])), "probes": probes,
             "seconds": time.perf_counter() - t0,
             "unet_params": sum(p.numel() for p in unet.parameters()),
             "text_encoder_params": sum(p.numel() for p in text.parameters())}
@@ -173,7 +196,8 @@ def sample_images(comp, prompts: list[str], seed: int, batch: int, num_steps: in
         cond = encode_prompts(comp, chunk, "cpu", world.RESOLUTION)
         uncond = encode_prompts(comp, [""] * len(chunk), "cpu", world.RESOLUTION)
         x = torch.randn((len(chunk), *comp.latent_shape), generator=gen)
-        out.append(decode_latents(comp, sample(unet, schedule, cond, uncond, x, guidance_scale, eta, gen)))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=SAMPLER["dtype"] == "bf16"):
+            out.append(decode_latents(comp, sample(unet, schedule, cond, uncond, x, guidance_scale, eta, gen)).float())
     return torch.cat(out)
 
 

@@ -200,6 +200,18 @@ def prompts(name: str) -> list[str]:
     return [a.prompt for a in split(name)]
 
 
+def test_prompts() -> list[str]:
+    """The reported evaluation's prompts: the first 64 held-out prompts (``eval.prompts=toyworld:heldout``,
+    ``eval.n_prompts=64``)."""
+    return prompts("heldout")[:64]
+
+
+def validation_prompts() -> list[str]:
+    """Where settings are chosen: every other held-out prompt from the 65th on (64 prompts, disjoint from
+    ``test_prompts``); ``toyworld:validation`` as a prompt source."""
+    return prompts("heldout")[64:192:2]
+
+
 def words() -> list[str]:
     """Every word the prompts use, sorted (the only punctuation in a prompt is one comma)."""
     out = {"a", "background", *COLORS, *SHAPES, *SIZES, *BACKGROUNDS}
