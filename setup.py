@@ -40,6 +40,7 @@ setup(
         "tqdm>=4.66",
         "pillow>=10.0",
         "pyarrow>=14",  # preference pairs as parquet (the Pick-a-Pic schema)
+        "matplotlib>=3.7",  # compare.png (python -m spo_fast.compare); Agg backend, no display needed
     ],
     extras_require={
         "dev": [

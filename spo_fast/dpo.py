@@ -56,6 +56,20 @@ class PairMicroBatch:
     weight: torch.Tensor  # (n,) 1 for a usable pair, 0 for a skipped bad row or padding
 
 
+def iteration_cost(micro_sizes: list[int], gradient_checkpointing: bool = False) -> dict[str, int]:
+    """The compute of one Diffusion-DPO iteration on one process (``Work.stats``, so ``metrics.jsonl``):
+    ``unet_fwd_eq``, UNet forward-equivalents (one UNet forward of one sample = 1, a backward = two forwards).
+
+    Per micro-batch of n pairs (``micro_sizes``: the micro-batches the trainer runs; one made only of skipped bad
+    rows is not run): the winners and losers (2n) through one reference forward and one policy forward, without
+    classifier-free guidance, and the policy's backward -> 2n + 2n + 2 * 2n = 8n (gradient checkpointing: + 2n, the
+    recomputed forward). Not counted: producing the pairs (offline; ``spo_fast.compare`` reports it separately),
+    the VAE and text encoders (no cache: the images and captions are encoded every iteration), and the padding
+    micro-batches the trainer adds when processes hold different numbers (several processes)."""
+    per_pair = 8 + (2 if gradient_checkpointing else 0)
+    return {"unet_fwd_eq": per_pair * sum(micro_sizes)}
+
+
 class DiffusionDPO:
     """Diffusion-DPO (see the module docstring)."""
 
@@ -145,7 +159,8 @@ class DiffusionDPO:
             n_valid = int(ok[part].sum())
             if n_valid:  # a micro-batch of skipped bad rows only trains nothing
                 micro.append(MicroBatch(batch, n_valid))
-        return Work(micro, {}, samples=n)
+        stats = iteration_cost([len(mb.data.t) for mb in micro], cfg.train.gradient_checkpointing)
+        return Work(micro, stats, samples=n)
 
     def padding(self) -> MicroBatch:
         d = self.last

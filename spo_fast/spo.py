@@ -64,6 +64,45 @@ def compact_valid(buf: RolloutBuffer, micro: int, generator: torch.Generator) ->
     return out
 
 
+def iteration_cost(batch: int, k: int, num_steps: int, divert_start_step: int, num_inner_steps: int,
+                   micro_shared: list[bool], micro_size: int, gradient_checkpointing: bool = False) -> dict[str, int]:
+    """The compute of one SPO iteration on one process, in model forwards (``Work.stats``, so ``metrics.jsonl``):
+
+    - ``unet_fwd_eq``: UNet forward-equivalents. One UNet forward of one sample = 1, so a CFG call on N samples
+      (both halves in one batch of 2N) = 2N, and a backward counts as two forwards (gradient checkpointing adds
+      one more forward of the policy: diffusers recomputes its down/mid/up blocks).
+    - ``spm_fwd``: images scored by the preference model (the scorer's image forwards).
+
+    Rollout (``spo_fast.rollout``, B = ``batch`` prompts, T = ``num_steps``, d = ``divert_start_step``,
+    L = 1 + ``num_inner_steps``):
+
+    - the d plain steps: one CFG call on B each -> 2B * d;
+    - the shared x_t of the first branching step: one CFG call on B -> 2B (every later segment reuses the
+      continuation's halves from the previous segment's scoring call);
+    - each segment from step i to e = min(i + L, T): e - i - 1 inner steps on the B*k chains (2Bk each) and, unless
+      e = T, the scoring call at the chain ends (2Bk); the last segment (e = T) scores the final samples with no
+      UNet call. Every segment scores B*k images (``spm_fwd``).
+
+    Training, per micro-batch of the padded size m (``micro_size``; ``micro_shared`` says for each micro-batch
+    whether its transitions share x_t): a reference forward and a policy forward, both with CFG, and the policy's
+    backward. Shared (branching steps): the forwards see m samples -> 2m + 2m + 2 * 2m = 8m. Not shared (SDXL inner
+    steps: win and lose chains have their own x_t): a batch of 2m -> 16m. Gradient checkpointing: + 2m (4m).
+    Padding micro-batches the trainer adds when processes hold different numbers (several processes) are not
+    counted. Text encoders and the VAE are not counted."""
+    T, d, L = num_steps, divert_start_step, 1 + num_inner_steps
+    B, Bk = batch, batch * k
+    unet = 2 * B * d + (2 * B if d < T else 0)
+    spm = 0
+    for i in range(d, T, L):
+        e = min(i + L, T)
+        unet += (e - i - 1) * 2 * Bk + (2 * Bk if e < T else 0)
+        spm += Bk
+    per_sample = 8 + (2 if gradient_checkpointing else 0)  # ref CFG 2, policy CFG 2, backward 4 (+ recompute 2)
+    for shared in micro_shared:
+        unet += per_sample * micro_size * (1 if shared else 2)
+    return {"unet_fwd_eq": unet, "spm_fwd": spm}
+
+
 class SPO:
     """Step-aware Preference Optimization (see the module docstring)."""
 
@@ -124,6 +163,9 @@ class SPO:
             micro.append(MicroBatch(Transitions(buf, shared, slot.to(dev), b.to(dev), weight.to(dev)), n))
         self.buf = buf
         stats = {"valid_ratio": buf.valid.float().mean(), "reward": buf.final_scores.float().mean()}
+        stats.update(iteration_cost(len(prompts), cfg.spo.k, cfg.sampling.num_steps, cfg.spo.divert_start_step,
+                                    cfg.spo.num_inner_steps, [mb.data.shared for mb in micro],
+                                    cfg.train.train_batch_size, cfg.train.gradient_checkpointing))
         return Work(micro, stats, samples=len(prompts))
 
     def padding(self) -> MicroBatch:

@@ -518,9 +518,11 @@ def iteration_metrics(accelerator, it: int, opt_step: int, work: Work, sums: dic
     return row
 
 
-def run(cfg: Config, method: Method) -> tuple[dict, Setup]:
+def run(cfg: Config, method: Method, hook=None) -> tuple[dict, Setup]:
     """Train ``method`` as configured; returns (summary, the trained models). Raises ConfigError/ModelDirError
-    (and the method's input errors) before any model is built."""
+    (and the method's input errors) before any model is built. ``hook(it, total, s, row)``, when given, is called on
+    every process after each iteration ``it`` (0-based) of ``total`` with the models and the iteration's metrics
+    row, outside the iteration's timing (``spo_fast.compare`` evaluates there)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -579,6 +581,8 @@ def run(cfg: Config, method: Method) -> tuple[dict, Setup]:
                                         step=it + 1)
                 bar.update(1)
                 bar.set_postfix({k: _short(last[k]) for k in ("loss", "implicit_acc", "valid_pairs", "samples_per_s")})
+                if hook is not None:
+                    hook(it, total, s, last)
                 if prof is not None:
                     prof.step()
                 stopping = _agree(accelerator, stop.set)
