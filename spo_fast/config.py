@@ -208,8 +208,8 @@ class LogConfig:
     every: int = 1
     tensorboard: bool = True
     """Also log to tensorboard through accelerate when it is installed."""
-    sample_prompts: int = 4
-    """Prompts in the before/after sample grid written at the end (0 = none)."""
+    sample_prompts: int = 8
+    """Prompts in the before/after sample grid written at the end (samples.png/json; 0 = none)."""
     progress: bool = True
 
 
@@ -225,6 +225,8 @@ class EvalConfig:
     reward: str = "ground_truth"
     """``ground_truth``: the toy world's score (toy prompts only); ``scorer``: the training scorer at t = 0."""
     batch_size: int = 128
+    grid_prompts: int = 8
+    """Prompts (columns) in eval_grid.png, noise seed 0; at most n_prompts are shown."""
 
 
 @dataclass
@@ -520,6 +522,9 @@ def validate(cfg: Config, given: set[str] | None = None) -> None:
     need(cfg.eval.n_prompts >= 1 and cfg.eval.seeds >= 1 and cfg.eval.batch_size >= 1,
          f"eval.n_prompts={cfg.eval.n_prompts}, eval.seeds={cfg.eval.seeds}, eval.batch_size="
          f"{cfg.eval.batch_size}: each must be >= 1")
+    need(cfg.eval.grid_prompts >= 1, f"eval.grid_prompts={cfg.eval.grid_prompts}: must be >= 1 (the columns of "
+         "eval_grid.png; at most eval.n_prompts are shown)")
+    need(cfg.log.sample_prompts >= 0, f"log.sample_prompts={cfg.log.sample_prompts}: must be >= 0 (0 = no samples.png)")
     need(cfg.lora.rank >= 1, f"lora.rank={cfg.lora.rank}: must be >= 1")
     need(len(cfg.lora.targets) > 0, "lora.targets is empty; the official targets are to_q,to_k,to_v,to_out.0")
     need(cfg.model.resolution >= 0, f"model.resolution={cfg.model.resolution}: must be >= 0 (0 = model default)")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .evaluation import evaluate, ground_truth_reward, scorer_reward, summary_line
-from .models import Components, ModelDirError, load_components
+from .evaluation import GRID_PROMPTS, all_toy_prompts, evaluate, ground_truth_reward, scorer_reward, summary_line
+from .models import Components, ModelDirError, load_components, quiet_loading
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -25,8 +25,9 @@ def _load_trained(comp: Components, weights: Path):
     from diffusers import UNet2DConditionModel
 
     if (weights / "config.json").is_file():
-        return None, UNet2DConditionModel.from_pretrained(weights, local_files_only=True,
-                                                          torch_dtype=torch.float32).eval()
+        with quiet_loading():
+            return None, UNet2DConditionModel.from_pretrained(weights, local_files_only=True,
+                                                              torch_dtype=torch.float32).eval()
     files = sorted(weights.glob("*.safetensors")) if weights.is_dir() else []
     if not files:
         raise ModelDirError(f"--lora {weights}: expected a LoRA directory (pytorch_lora_weights.safetensors, as "
@@ -42,18 +43,6 @@ def _adapters_disabled(unet):
         yield unet
     finally:
         unet.enable_adapters()
-
-
-def _all_toy(prompts: list[str]) -> bool:
-    """Every prompt is a toy-world prompt (so the ground truth can score it)."""
-    from .toyworld import world
-
-    try:
-        for p in prompts:
-            world.parse_prompt(p)
-    except ValueError:
-        return False
-    return True
 
 
 def _run_sampling_dtype(weights: Path) -> str:
@@ -89,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", default="toyworld:heldout", help="prompt file or toyworld:heldout")
     parser.add_argument("--n-prompts", type=int, default=64)
     parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--grid-prompts", type=int, default=GRID_PROMPTS,
+                        help=f"prompts in eval_grid.png (default {GRID_PROMPTS}; at most --n-prompts)")
     parser.add_argument("--reward", choices=("ground_truth", "spm", "clip"), default=None,
                         help="default: ground_truth when the model is a toyworld: one and every prompt is a toy-world "
                              "prompt (toyworld:heldout or a file of them), else spm")
@@ -107,10 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        if args.n_prompts < 1 or args.seeds < 1:
-            raise ConfigError(f"--n-prompts={args.n_prompts} and --seeds={args.seeds} must be >= 1")
+        if args.n_prompts < 1 or args.seeds < 1 or args.grid_prompts < 1:
+            raise ConfigError(f"--n-prompts={args.n_prompts}, --seeds={args.seeds} and --grid-prompts="
+                              f"{args.grid_prompts} must be >= 1")
         prompts = load_prompts(args.prompts)[:args.n_prompts]
-        kind = args.reward or ("ground_truth" if args.model.startswith("toyworld:") and _all_toy(prompts) else "spm")
+        toy = args.model.startswith("toyworld:") and all_toy_prompts(prompts)
+        kind = args.reward or ("ground_truth" if toy else "spm")
         if args.clip_reward:
             kind = "clip"
         comp = load_components(args.model, args.family)
@@ -129,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             # a plain CLIP/PickScore dir loads with identity (zero) time conditioning: its score at t = 0
             # is exactly the plain CLIP score
             scorer = SPMScorer.from_pretrained(resolve_model_path(path), device=device)
-            reward = scorer_reward(scorer)
+            reward = scorer_reward(scorer, "CLIP reward" if kind == "clip" else "SPM at t = 0")
     except (ConfigError, ModelDirError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -143,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     with autocast:
         result = evaluate(comp, base_ctx, contextlib.nullcontext(trained_unet), prompts, args.seeds, reward, out,
-                          sampling, args.batch_size, device)
+                          sampling, args.batch_size, device, grid_prompts=args.grid_prompts)
     result["sampling_dtype"] = dtype  # recorded next to the statistics evaluate() wrote
     (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"[spo_fast.evaluate] {summary_line(result)}; wrote {out / 'eval.json'} and {out / 'eval_grid.png'}")

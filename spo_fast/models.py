@@ -17,6 +17,8 @@ import argparse
 import contextlib
 import itertools
 import json
+import logging
+import re
 import shutil
 from dataclasses import dataclass, fields
 from importlib import resources
@@ -53,6 +55,58 @@ _REAL_CLIP_VOCAB = 49408
 
 class ModelDirError(ValueError):
     """A model directory is missing, incomplete or malformed."""
+
+
+# --------------------------------------------------------------------------- quiet loading
+
+
+class _EmptyFp32ListFilter(logging.Filter):
+    """Drops exactly diffusers' "There are modules in X that should be kept in float32: []. Casting directly with
+    `to()` ..." warning when the list is empty: ``ModelMixin.to(dtype)`` logs it on every dtype cast (its test
+    ``fp32_modules is not None`` holds for ``[]``), though no module is kept in fp32 and the cast is exactly what
+    mixed precision asks for. A non-empty list (a real fp32 module being cast) still gets through."""
+
+    PATTERN = re.compile(r"There are modules in \w+ that should be kept in float32: \[\]\. "
+                         r"Casting directly with `to\(\)`")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.PATTERN.match(record.getMessage())
+
+
+def install_log_filters() -> None:
+    """Install ``_EmptyFp32ListFilter`` on diffusers' modeling logger (idempotent; done on import)."""
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    if not any(isinstance(f, _EmptyFp32ListFilter) for f in logger.filters):
+        logger.addFilter(_EmptyFp32ListFilter())
+
+
+install_log_filters()
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Without transformers' and diffusers' weight-loading and -saving progress bars ("Loading weights: 100%|
+    36/36", "Writing model shards"): our models are local and load or save in milliseconds. Uses the libraries'
+    documented switches (``transformers.utils.logging.disable_progress_bar``,
+    ``diffusers.utils.logging.disable_progress_bar``) and restores the previous state afterwards, huggingface_hub's
+    bars included (transformers' switch flips those too)."""
+    import huggingface_hub.utils as hub
+    from diffusers.utils import logging as d_log
+    from transformers.utils import logging as t_log
+
+    t_on, d_on, hub_off = t_log.is_progress_bar_enabled(), d_log.is_progress_bar_enabled(), \
+        hub.are_progress_bars_disabled()
+    t_log.disable_progress_bar()
+    d_log.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if t_on:
+            t_log.enable_progress_bar()
+        if d_on:
+            d_log.enable_progress_bar()
+        if hub_off != hub.are_progress_bars_disabled():
+            (hub.disable_progress_bars if hub_off else hub.enable_progress_bars)()
 
 
 # --------------------------------------------------------------------------- model dirs
@@ -215,12 +269,13 @@ def load_components(path: str, family: str, init: str = "pretrained", seed: int 
     else:
         # Explicit fp32: transformers 5 defaults to dtype="auto" (the checkpoint's, often fp16).
         kw = {"local_files_only": True, "torch_dtype": torch.float32}
-        unet = UNet2DConditionModel.from_pretrained(root / "unet", **kw)
-        vae = None if pixel else AutoencoderKL.from_pretrained(root / "vae", **kw)
-        text_encoders = [
-            cls.from_pretrained(root / enc, local_files_only=True, dtype=torch.float32)
-            for enc, _, cls in encoders
-        ]
+        with quiet_loading():
+            unet = UNet2DConditionModel.from_pretrained(root / "unet", **kw)
+            vae = None if pixel else AutoencoderKL.from_pretrained(root / "vae", **kw)
+            text_encoders = [
+                cls.from_pretrained(root / enc, local_files_only=True, dtype=torch.float32)
+                for enc, _, cls in encoders
+            ]
     tokenizers = [CLIPTokenizer.from_pretrained(root / tok) for _, tok, _ in encoders]
     for (enc_name, tok_name, _), enc, tok in zip(encoders, text_encoders, tokenizers):
         if len(tok) > enc.config.vocab_size:

@@ -154,7 +154,10 @@ class StepAwarePreferenceModel(nn.Module):
         if model_type != "clip":
             raise ValueError(f"{path / 'config.json'}: expected model_type 'clip' (a CLIPModel), got {model_type!r}")
         spm_cfg = json.loads((path / SPM_CONFIG).read_text()) if (path / SPM_CONFIG).is_file() else {}
-        clip = CLIPModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        from .models import quiet_loading
+
+        with quiet_loading():  # no "Loading weights" bar for a local directory
+            clip = CLIPModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
         model = cls(clip, time_freq_dim=int(spm_cfg.get("time_freq_dim", 256)))
         if spm_weights is None and (path / SPM_WEIGHTS).is_file():
             spm_weights = path / SPM_WEIGHTS
@@ -185,9 +188,12 @@ class StepAwarePreferenceModel(nn.Module):
         ``spm_config.json``."""
         from safetensors.torch import save_file
 
+        from .models import quiet_loading
+
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.clip.save_pretrained(out_dir)
+        with quiet_loading():  # no "Writing model shards" bar
+            self.clip.save_pretrained(out_dir)
         save_file({k: v.detach().contiguous().cpu() for k, v in self.time_cond.state_dict().items()},
                   str(out_dir / SPM_WEIGHTS), metadata={"format": "pt"})
         vcfg = self.clip.config.vision_config

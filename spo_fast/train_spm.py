@@ -115,8 +115,11 @@ def _pair_scores(spm, tokenizer, comp, caps, img0, img1, t, noise, guidance_scal
 
 @torch.no_grad()
 def evaluate_spm(spm, tokenizer, comp: Components, pairs: Pairs, seed: int = 0, batch_size: int = 64,
-                 guidance_scale: float = 5.0) -> dict:
-    """Held-out pairwise accuracy (ties excluded) per timestep bucket and on the clean images."""
+                 guidance_scale: float = 5.0, progress: bool = False, desc: str = "SPM held-out accuracy") -> dict:
+    """Held-out pairwise accuracy (ties excluded) per timestep bucket and on the clean images (a progress bar
+    when ``progress``)."""
+    from tqdm.auto import tqdm
+
     from .spm import pair_loss
 
     spm.eval()
@@ -125,26 +128,34 @@ def evaluate_spm(spm, tokenizer, comp: Components, pairs: Pairs, seed: int = 0, 
     gen = torch.Generator().manual_seed(seed + 777)
     keep = [i for i in range(len(pairs)) if pairs.label_0[i] != 0.5]
     result = {"pairs": len(keep), "ties_excluded": len(pairs) - len(keep)}
-    for name, (lo, hi) in [("clean", (0, 1)), *((f"t{lo}-{hi}", (lo, hi)) for lo, hi in BUCKETS)]:
-        correct = []
-        for start in range(0, len(keep), batch_size):
-            idx = keep[start:start + batch_size]
-            caps, img0, img1, lab = _batch_inputs(pairs, idx, res)
-            t = torch.randint(lo, hi, (len(idx),), generator=gen)
-            noise = torch.randn((len(idx), *latent), generator=gen)
-            s0, s1 = _pair_scores(spm, tokenizer, comp, caps, img0.to(device), img1.to(device), t.to(device),
-                                  noise.to(device), guidance_scale)
-            correct.append(pair_loss(s0, s1, lab.to(device))[1])
-        result[name] = torch.cat(correct).float().nanmean().item() if correct else float("nan")
+    buckets = [("clean", (0, 1)), *((f"t{lo}-{hi}", (lo, hi)) for lo, hi in BUCKETS)]
+    with tqdm(total=len(buckets) * -(-len(keep) // batch_size), desc=desc, unit="batch",
+              disable=not (progress and keep), mininterval=1.0) as bar:
+        for name, (lo, hi) in buckets:
+            correct = []
+            for start in range(0, len(keep), batch_size):
+                idx = keep[start:start + batch_size]
+                caps, img0, img1, lab = _batch_inputs(pairs, idx, res)
+                t = torch.randint(lo, hi, (len(idx),), generator=gen)
+                noise = torch.randn((len(idx), *latent), generator=gen)
+                s0, s1 = _pair_scores(spm, tokenizer, comp, caps, img0.to(device), img1.to(device), t.to(device),
+                                      noise.to(device), guidance_scale)
+                correct.append(pair_loss(s0, s1, lab.to(device))[1])
+                bar.update(1)
+            result[name] = torch.cat(correct).float().nanmean().item() if correct else float("nan")
     return result
 
 
 def train_spm(spm, tokenizer, comp: Components, train_pairs, eval_pairs, out: Path, cfg: SPMTrainConfig,
-              extra_pairs=None) -> dict:
+              extra_pairs=None, progress: bool = True) -> dict:
     """Train ``spm`` in place on ``train_pairs`` (path or Pairs); evaluate on ``eval_pairs``; save to ``out``.
 
     ``extra_pairs(n, generator) -> (captions, img0, img1, label_0)``, when given, supplies
-    ``cfg.extra_fraction`` of every batch (the toy world's rendered hard negatives)."""
+    ``cfg.extra_fraction`` of every batch (the toy world's rendered hard negatives). ``progress``: tqdm bars (with
+    the time left) for the held-out evaluations and the training steps, whose postfix is the running loss and
+    accuracy; the ``[train_spm]`` lines (every ``cfg.log_every`` steps) are printed either way."""
+    from tqdm.auto import tqdm
+
     from .spm import pair_loss
 
     train_set = train_pairs if isinstance(train_pairs, Pairs) else load_all(str(train_pairs), ties="keep")
@@ -160,12 +171,13 @@ def train_spm(spm, tokenizer, comp: Components, train_pairs, eval_pairs, out: Pa
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     gen = torch.Generator().manual_seed(cfg.seed + 31)
-    before = evaluate_spm(spm, tokenizer, comp, eval_set, cfg.seed, guidance_scale=cfg.guidance_scale) \
-        if eval_set is not None else None
+    before = evaluate_spm(spm, tokenizer, comp, eval_set, cfg.seed, guidance_scale=cfg.guidance_scale,
+                          progress=progress, desc="SPM held-out accuracy (before)") if eval_set is not None else None
     if before is not None:
         print(f"[train_spm] before: {json.dumps(before)}", flush=True)
     log, t0 = [], time.perf_counter()
-    with open(out / "metrics.jsonl", "w") as metrics:
+    bar = tqdm(total=cfg.steps, desc="SPM training", unit="step", disable=not progress, mininterval=1.0)
+    with open(out / "metrics.jsonl", "w") as metrics, bar:
         for step in range(cfg.steps):
             spm.train()
             n_extra = round(cfg.batch_size * cfg.extra_fraction) if extra_pairs is not None else 0
@@ -188,6 +200,12 @@ def train_spm(spm, tokenizer, comp: Components, train_pairs, eval_pairs, out: Pa
             with torch.no_grad():
                 spm.clip.logit_scale.clamp_(0, 4.6052)  # CLIP's cap: exp(scale) <= 100
             log.append((loss.item(), correct.nanmean().item()))
+            if (step + 1) % 10 == 0 or step + 1 == cfg.steps:  # running means over the last 10 steps
+                recent = np.array(log[-10:])
+                acc = recent[:, 1][~np.isnan(recent[:, 1])]
+                acc_text = f"{acc.mean():.3f}" if len(acc) else "-"  # steps of ties only have no accuracy
+                bar.set_postfix_str(f"loss {recent[:, 0].mean():.4f} acc {acc_text}", refresh=False)
+            bar.update(1)
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 recent = np.array(log[-cfg.log_every:])
                 acc = recent[:, 1][~np.isnan(recent[:, 1])]  # steps of ties only have no accuracy
@@ -195,14 +213,15 @@ def train_spm(spm, tokenizer, comp: Components, train_pairs, eval_pairs, out: Pa
                        "acc": float(acc.mean()) if len(acc) else None, "seconds": time.perf_counter() - t0}
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
-                print(f"[train_spm] {json.dumps(row)}", flush=True)
+                (bar.write if progress else print)(f"[train_spm] {json.dumps(row)}")
+                sys.stdout.flush()
     spm.eval()
     for p in params:
         p.requires_grad_(False)
     spm.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    after = evaluate_spm(spm, tokenizer, comp, eval_set, cfg.seed, guidance_scale=cfg.guidance_scale) \
-        if eval_set is not None else None
+    after = evaluate_spm(spm, tokenizer, comp, eval_set, cfg.seed, guidance_scale=cfg.guidance_scale,
+                         progress=progress, desc="SPM held-out accuracy (after)") if eval_set is not None else None
     result = {"config": asdict(cfg), "train_pairs": len(train_set), "seconds": time.perf_counter() - t0,
               "eval_before": before, "eval": after}
     (out / "spm_eval.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -229,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         default = getattr(SPMTrainConfig, f)
         parser.add_argument("--" + f.replace("_", "-"), type=type(default), default=default,
                             help=f"(default {default})")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (the [train_spm] lines stay)")
     args = parser.parse_args(argv)
     from .models import resolve_model_path
     from .spm import SPMScorer
@@ -247,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg = SPMTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          guidance_scale=args.guidance_scale)
-    train_spm(scorer.model, scorer.tokenizer, comp, args.pairs, args.eval_pairs, args.out, cfg)
+    train_spm(scorer.model, scorer.tokenizer, comp, args.pairs, args.eval_pairs, args.out, cfg,
+              progress=not args.no_progress)
     return 0
 
 

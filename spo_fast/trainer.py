@@ -376,13 +376,15 @@ def save_weights(s: Setup, out: Path) -> Path:
         target = out / "unet"
         s.raw_unet.save_pretrained(target)
         return target
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    # the pipelines' LoRA mixins (what StableDiffusion(XL)Pipeline.save_lora_weights is): importing the pipeline
+    # classes would import transformers' image processors and warn that torchvision is missing
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(s.raw_unet))
     layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
-    pipe_cls = StableDiffusionXLPipeline if s.comp.family == "sdxl" else StableDiffusionPipeline
+    pipe_cls = StableDiffusionXLLoraLoaderMixin if s.comp.family == "sdxl" else StableDiffusionLoraLoaderMixin
     target = out / "lora"
     pipe_cls.save_lora_weights(save_directory=str(target), unet_lora_layers=layers, safe_serialization=True)
     return target
@@ -390,8 +392,14 @@ def save_weights(s: Setup, out: Path) -> Path:
 
 @torch.no_grad()
 def sample_grid(cfg: Config, s: Setup, accelerator, prompts: list[str], scorer, out: Path) -> dict:
-    """Base vs trained images for the first prompts, same noise; PNG grid (+ scores at t = 0 with a scorer)."""
-    from PIL import Image
+    """Base vs trained images for the first prompts, same noise -> samples.png (``spo_fast.grids.labelled_grid``:
+    base row above trained row, prompt captions, the scores under each image) and samples.json: ``prompts``,
+    ``rows``, ``scores`` (the scorer's at t = 0 per row; empty without a scorer) and, when every prompt is a
+    toy-world prompt, ``ground_truth`` (the toy world's score per row)."""
+    from tqdm.auto import tqdm
+
+    from .evaluation import all_toy_prompts
+    from .grids import compare_colours, labelled_grid
 
     n = len(prompts)
     res = s.resolution
@@ -399,23 +407,52 @@ def sample_grid(cfg: Config, s: Setup, accelerator, prompts: list[str], scorer, 
     uncond = encode_negative(s.comp, cfg.sampling.negative_prompt, n, accelerator.device, res)
     decode = decoder(s.comp)
     state = scorer.prepare(prompts) if scorer is not None else None
-    rows, scores = [], {}
-    for name in ("base", "trained"):
-        gen = torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed + 12345)
-        x = torch.randn((n, *s.latent_shape), generator=gen, device=accelerator.device)
-        ctx = reference_unet(s) if name == "base" else contextlib.nullcontext(s.raw_unet)
-        with ctx as unet, sampling_autocast(cfg, accelerator):
-            img = decode(sample(unet, s.schedule, cond, uncond, x, cfg.sampling.guidance_scale, cfg.sampling.eta, gen,
-                                backend=kernel_backend(cfg)))
-        if scorer is not None:
-            t0 = torch.zeros(n, dtype=torch.long, device=img.device)
-            scores[name] = scorer.score(img, t0, state, torch.arange(n, device=img.device)).tolist()
-        rows.append(((img + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
-    grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)  # (2H, nW, 3)
-    scale = max(1, 256 // res)
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(
+    images, scores = {}, {}
+    with tqdm(total=2, desc="sample grid", unit="model", disable=not cfg.log.progress, mininterval=1.0) as bar:
+        for name in ("base", "trained"):
+            bar.set_postfix_str(name, refresh=False)
+            gen = torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed + 12345)
+            x = torch.randn((n, *s.latent_shape), generator=gen, device=accelerator.device)
+            ctx = reference_unet(s) if name == "base" else contextlib.nullcontext(s.raw_unet)
+            with ctx as unet, sampling_autocast(cfg, accelerator):
+                img = decode(sample(unet, s.schedule, cond, uncond, x, cfg.sampling.guidance_scale, cfg.sampling.eta,
+                                    gen, backend=kernel_backend(cfg)))
+            if scorer is not None:
+                t0 = torch.zeros(n, dtype=torch.long, device=img.device)
+                scores[name] = scorer.score(img, t0, state, torch.arange(n, device=img.device)).tolist()
+            images[name] = img.float().cpu()
+            bar.update(1)
+    truth = {}
+    if all_toy_prompts(prompts):
+        from .toyworld import world
+
+        try:
+            truth = {k: world.score_prompts(v, prompts).tolist() for k, v in images.items()}
+        except ValueError:  # toy prompts on images the ground truth cannot read (too small)
+            truth = {}
+    scorer_name = "SPM" if cfg.scorer.name == "spm" else cfg.scorer.name
+    main = truth or scores  # the numbers that colour the notes: the ground truth when there is one
+
+    def note(name: str, i: int) -> str:  # "base 3.21 (SPM 20.52)", "base 3.21" or "base SPM 20.52"
+        text = name + (f" {truth[name][i]:.2f}" if truth else "")
+        if scores:
+            text += f" ({scorer_name} {scores[name][i]:.2f})" if truth else f" {scorer_name} {scores[name][i]:.2f}"
+        return text
+
+    notes = [[note(name, i) for i in range(n)] for name in ("base", "trained")] if main else None
+    what = ", ".join(filter(None, ("ground truth (0-10)" if truth else "",
+                                   f"{scorer_name} score at t = 0" if scores else "")))
+    header = f"before (base) vs after (trained), same noise (seed {cfg.train.seed + 12345})"
+    if main:
+        header += "; under each image: " + what + "; means: " + "; ".join(
+            f"{label} base {np.mean(d['base']):.2f} -> trained {np.mean(d['trained']):.2f}"
+            for label, d in (("ground truth", truth), (scorer_name, scores)) if d)
+    labelled_grid([images["base"], images["trained"]], ["base", "trained"], prompts, notes, header,
+                  note_colours=compare_colours(main["base"], main["trained"]) if main else None).save(
         out / "samples.png")
     result = {"prompts": prompts, "rows": ["base", "trained"], "scores": scores}
+    if truth:
+        result["ground_truth"] = truth
     (out / "samples.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -424,12 +461,15 @@ def run_eval(cfg: Config, s: Setup, accelerator, scorer, out: Path) -> dict:
     """The end-of-run evaluation: base (adapters off) vs trained on the same noise (``spo_fast.evaluation``)."""
     from .evaluation import evaluate, ground_truth_reward, scorer_reward
 
-    reward = ground_truth_reward if cfg.eval.reward == "ground_truth" else scorer_reward(scorer)
+    scorer_name = "SPM" if cfg.scorer.name == "spm" else cfg.scorer.name
+    reward = ground_truth_reward if cfg.eval.reward == "ground_truth" else scorer_reward(
+        scorer, f"{scorer_name} at t = 0")
     s.raw_unet.eval()
     with sampling_autocast(cfg, accelerator):
         return evaluate(s.comp, reference_unet(s), contextlib.nullcontext(s.raw_unet), eval_prompts(cfg),
                         cfg.eval.seeds, reward, out, cfg.sampling, cfg.eval.batch_size, accelerator.device,
-                        latent_shape=s.latent_shape, backend=kernel_backend(cfg), progress=cfg.log.progress)
+                        latent_shape=s.latent_shape, backend=kernel_backend(cfg), progress=cfg.log.progress,
+                        grid_prompts=cfg.eval.grid_prompts)
 
 
 # ----------------------------------------------------------------------------- training
@@ -617,16 +657,19 @@ def finish(cfg: Config, s: Setup, accelerator, method: Method, out: Path, say) -
     say(f"wrote the weights to {result['weights_dir']} ({time.perf_counter() - t0:.1f} s)")
     if cfg.log.sample_prompts:
         t0 = time.perf_counter()
-        result["samples"] = sample_grid(cfg, s, accelerator, method.grid_prompts(cfg.log.sample_prompts),
-                                        method.scorer, out)
-        say(f"wrote samples.png ({time.perf_counter() - t0:.1f} s)")
+        prompts = method.grid_prompts(cfg.log.sample_prompts)
+        say(f"sampling the before/after grid: {len(prompts)} prompts x base, trained")
+        result["samples"] = sample_grid(cfg, s, accelerator, prompts, method.scorer, out)
+        say(f"wrote {out / 'samples.png'} and samples.json ({time.perf_counter() - t0:.1f} s)")
     if cfg.eval.enabled:
         from .evaluation import summary_line
 
+        t0 = time.perf_counter()
         say(f"evaluating base vs trained on {cfg.eval.n_prompts} x {cfg.eval.seeds} held-out prompt/seed pairs")
         ev = run_eval(cfg, s, accelerator, method.scorer, out)
         result["eval"] = {k: v for k, v in ev.items() if k != "prompts"}
-        say("eval: " + summary_line(ev))
+        say(f"eval ({time.perf_counter() - t0:.1f} s): " + summary_line(ev))
+        say(f"wrote {out / 'eval.json'} and {out / 'eval_grid.png'}")
     return result
 
 

@@ -30,6 +30,7 @@ import argparse
 import io
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models import encode_prompts, load_components, toyworld_assets, write_clip_tokenizer
+from ..models import encode_prompts, load_components, quiet_loading, toyworld_assets, write_clip_tokenizer
 from ..sampling import DDIMSchedule, sample
 from . import world
 
@@ -86,8 +87,21 @@ class BuildConfig:
                    clip_steps=3, clip_batch=8, spm_steps=3, spm_batch=4)
 
 
+PROGRESS = True  # tqdm bars (with the time left) per stage; --no-progress turns them off
+
+
 def _log(msg: str) -> None:
-    print(f"[toyworld build] {msg}", flush=True)
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"[toyworld build] {msg}")  # above any active progress bar
+    sys.stdout.flush()
+
+
+def _bar(total: int, desc: str, unit: str):
+    """A stage's progress bar (display only: it draws no random numbers and changes no computation)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not PROGRESS, mininterval=1.0)
 
 
 # ----------------------------------------------------------------------------- stage 1: base model
@@ -137,6 +151,7 @@ def train_base(out: Path, cfg: BuildConfig) -> dict:
     alphas = comp.scheduler.alphas_cumprod.float()
     gen = torch.Generator().manual_seed(cfg.seed)
     t0, losses, probes = time.perf_counter(), [], []
+    bar = _bar(cfg.base_steps, "base model", "step")
     for step in range(cfg.base_steps):
         pick = torch.randint(len(attrs), (cfg.base_batch,), generator=gen)
         images = world.render([attrs[i] for i in pick.tolist()], gen, world.sample_quality(cfg.base_batch, gen))
@@ -154,6 +169,8 @@ def train_base(out: Path, cfg: BuildConfig) -> dict:
         opt.step()
         sched.step()
         losses.append(loss.item())
+        bar.set_postfix_str(f"loss {np.mean(losses[-100:]):.4f}", refresh=False)
+        bar.update(1)
         if (step + 1) % 100 == 0 or step + 1 == cfg.base_steps:
             _log(f"base step {step + 1}/{cfg.base_steps} loss {np.mean(losses[-100:]):.4f} "
                  f"({time.perf_counter() - t0:.0f} s)")
@@ -161,8 +178,10 @@ def train_base(out: Path, cfg: BuildConfig) -> dict:
             with torch.no_grad():  # its own generator: the training stream is unchanged by probing
                 probes.append({"step": step + 1, **probe_base(comp, unet, cfg.seed + 300)})
             _log(f"base probe: {json.dumps({k: round(v, 3) for k, v in probes[-1].items()})}")
-    unet.save_pretrained(out / "unet")
-    text.save_pretrained(out / "text_encoder")
+    bar.close()
+    with quiet_loading():  # no "Writing model shards" bar
+        unet.save_pretrained(out / "unet")
+        text.save_pretrained(out / "text_encoder")
     return {"steps": cfg.base_steps, "final_loss": float(np.mean(losses[-100:])), "probes": probes,
             "seconds": time.perf_counter() - t0,
             "unet_params": sum(p.numel() for p in unet.parameters()),
@@ -183,8 +202,9 @@ def jpeg_bytes(image: torch.Tensor, quality: int = 95) -> bytes:
 @torch.no_grad()
 def sample_images(comp, prompts: list[str], seed: int, batch: int, num_steps: int = SAMPLER["num_steps"],
                   eta: float = SAMPLER["eta"], guidance_scale: float = SAMPLER["guidance_scale"],
-                  unet=None) -> torch.Tensor:
-    """One sample per prompt, (N, 3, R, R) in [-1, 1]; the noise of prompt i depends on (seed, i // batch)."""
+                  unet=None, bar=None) -> torch.Tensor:
+    """One sample per prompt, (N, 3, R, R) in [-1, 1]; the noise of prompt i depends on (seed, i // batch).
+    ``bar``: a progress bar advanced once per batch."""
     from ..models import decode_latents
 
     unet = unet if unet is not None else comp.unet
@@ -198,6 +218,8 @@ def sample_images(comp, prompts: list[str], seed: int, batch: int, num_steps: in
         x = torch.randn((len(chunk), *comp.latent_shape), generator=gen)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=SAMPLER["dtype"] == "bf16"):
             out.append(decode_latents(comp, sample(unet, schedule, cond, uncond, x, guidance_scale, eta, gen)).float())
+        if bar is not None:
+            bar.update(1)
     return torch.cat(out)
 
 
@@ -212,10 +234,10 @@ def decode_jpeg(data: bytes) -> torch.Tensor:
 TIE_MARGIN = 0.05  # ground-truth scores closer than this (on the 0-10 scale) are a tie
 
 
-def make_pairs(comp, prompts: list[str], seed: int, batch: int, split_name: str) -> dict[str, list]:
+def make_pairs(comp, prompts: list[str], seed: int, batch: int, split_name: str, bar=None) -> dict[str, list]:
     """Two samples per prompt, labelled by the ground truth of their stored JPEGs (Pick-a-Pic schema)."""
-    imgs0 = sample_images(comp, prompts, seed, batch)
-    imgs1 = sample_images(comp, prompts, seed + 1, batch)
+    imgs0 = sample_images(comp, prompts, seed, batch, bar=bar)
+    imgs1 = sample_images(comp, prompts, seed + 1, batch, bar=bar)
     jpg0, jpg1 = [jpeg_bytes(x) for x in imgs0], [jpeg_bytes(x) for x in imgs1]
     s0 = world.score_prompts(torch.stack([decode_jpeg(b) for b in jpg0]), prompts)
     s1 = world.score_prompts(torch.stack([decode_jpeg(b) for b in jpg1]), prompts)
@@ -245,7 +267,8 @@ def build_pairs(out: Path, cfg: BuildConfig) -> dict:
     for name, prompts, seed in (("train", train_prompts, cfg.seed + 100), ("heldout", held, cfg.seed + 200)):
         if not prompts:
             prompts = world.prompts(name)[:2]  # smoke mode: keep the file non-empty
-        cols = make_pairs(comp, prompts, seed, cfg.sample_batch, name)
+        with _bar(2 * -(-len(prompts) // cfg.sample_batch), f"pairs {name}", "batch") as bar:
+            cols = make_pairs(comp, prompts, seed, cfg.sample_batch, name, bar=bar)
         write_parquet(cols, out / f"pairs_{name}.parquet")
         s = torch.tensor(cols["score_0"] + cols["score_1"])
         lab = torch.tensor(cols["label_0"])
@@ -270,6 +293,7 @@ def pretrain_clip(tokenizer, cfg: BuildConfig):
                     return_tensors="pt").input_ids
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     t0, losses, accs = time.perf_counter(), [], []
+    bar = _bar(cfg.clip_steps, "CLIP pretraining", "step")
     for step in range(cfg.clip_steps):
         pick = torch.randperm(len(attrs), generator=gen)[:cfg.clip_batch]
         images = world.render([attrs[i] for i in pick.tolist()], gen, world.sample_quality(len(pick), gen))
@@ -285,9 +309,12 @@ def pretrain_clip(tokenizer, cfg: BuildConfig):
             clip.logit_scale.clamp_(0, math.log(100))
         losses.append(loss.item())
         accs.append((logits.argmax(1) == target).float().mean().item())
+        bar.set_postfix_str(f"loss {np.mean(losses[-100:]):.3f} top1 {np.mean(accs[-100:]):.3f}", refresh=False)
+        bar.update(1)
         if (step + 1) % 100 == 0 or step + 1 == cfg.clip_steps:
             _log(f"clip step {step + 1}/{cfg.clip_steps} loss {np.mean(losses[-100:]):.3f} "
                  f"top1 {np.mean(accs[-100:]):.3f} ({time.perf_counter() - t0:.0f} s)")
+    bar.close()
     clip.eval()
     return spm, {"steps": cfg.clip_steps, "final_loss": float(np.mean(losses[-100:])),
                  "final_top1": float(np.mean(accs[-100:])), "seconds": time.perf_counter() - t0}
@@ -342,7 +369,7 @@ def build_spm(out: Path, cfg: BuildConfig) -> dict:
     tcfg = SPMTrainConfig(steps=cfg.spm_steps, batch_size=cfg.spm_batch, lr=cfg.spm_lr, seed=cfg.seed,
                           guidance_scale=SAMPLER["guidance_scale"], extra_fraction=cfg.spm_rendered_fraction)
     result = train_spm(spm, tokenizer, comp, out / "pairs_train.parquet", out / "pairs_heldout.parquet",
-                       out / "spm", tcfg, extra_pairs=rendered_pairs)
+                       out / "spm", tcfg, extra_pairs=rendered_pairs, progress=PROGRESS)
     return {"clip_pretrain": clip_info, **result}
 
 
@@ -377,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--smoke", action="store_true", help="tiny step counts (seconds; for tests)")
     b.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--no-progress", action="store_true", help="no progress bars (the [toyworld build] lines stay)")
     args = parser.parse_args(argv)
     stages = tuple(s for s in args.stages.split(",") if s)
     bad = [s for s in stages if s not in STAGES]
@@ -387,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or toyworld_assets()
     if args.smoke and args.out is None:
         parser.error("--smoke needs --out (it must not overwrite the shipped weights)")
+    global PROGRESS
+    PROGRESS = not args.no_progress
     meta = build(out, cfg, stages)
     _log(f"done: {json.dumps({k: v for k, v in meta.items() if k != 'config'}, default=str)[:2000]}")
     return 0
