@@ -302,8 +302,8 @@ class PointEvaluator:
                         self.base.images[key] = generate(s.comp, unet, schedule, *args, **kw)
                     self.base.seconds += time.perf_counter() - tb
                 trained = generate(s.comp, s.raw_unet, schedule, *args, **kw)
-                # scored inside the sampling autocast, as the end-of-run evaluation does (trainer.run_eval): with
-                # bf16 sampling the ground truth's convolutions run in bf16 there too, so the numbers match it
+                # evaluation.rewards scores in fp32 (autocast off) whatever the sampling autocast, as the end-of-run
+                # evaluation does, so the numbers match eval.json
                 stats = compare(self.base.images[key], trained, prompts, reward)
         finally:
             s.raw_unet.train(was_training)

@@ -71,6 +71,10 @@ class SamplingConfig:
     buffers; CUDA only) | ``compile`` (``torch.compile(mode="reduce-overhead")``). ``off`` by default: the
     graph modes are tested for equality with eager on GPU by benchmarks/gpu_suite.sh but their speed has not been
     measured on a GPU yet (see the README's speed section)."""
+    merge_lora: bool = False
+    """SPO: run the rollout on a plain copy of the UNet with the LoRA merged into its weights, refreshed before every
+    rollout (``spo_fast.merged``): no peft dispatch or rank-r matmuls in the rollout, at the price of a second UNet
+    in memory (on in the toy recipes; off by default, where a second SD UNet costs GBs). Needs ``lora.enabled``."""
     dtype: str = "auto"
     """Autocast dtype of the no-grad sampling (the SPO rollout, the sample grid, the end-of-run evaluation):
     ``auto`` = the run's ``train.mixed_precision`` | ``bf16`` | ``fp32`` (autocast off). Training is unaffected.
@@ -485,6 +489,9 @@ def validate(cfg: Config, given: set[str] | None = None) -> None:
         need(0 <= s.divert_start_step < sp.num_steps,
              f"spo.divert_start_step={s.divert_start_step}: must be in [0, sampling.num_steps={sp.num_steps})")
         need(sp.eta > 0, f"sampling.eta={sp.eta}: SPO needs a stochastic sampler (eta > 0; official 1.0)")
+        need(not sp.merge_lora or cfg.lora.enabled,
+             "sampling.merge_lora=true needs lora.enabled=true (it merges the LoRA into a copy of the UNet); set "
+             "sampling.merge_lora=false for full fine-tuning")
     need(sp.guidance_scale >= 1.0, f"sampling.guidance_scale={sp.guidance_scale}: must be >= 1")
     need(t.seed >= 0, f"train.seed={t.seed}: must be >= 0")
     need(t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1")

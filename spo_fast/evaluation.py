@@ -97,8 +97,10 @@ def rewards(base: torch.Tensor, trained: torch.Tensor, prompts: list[str], rewar
     components (dicts of flat tensors; empty without)."""
     seeds = base.shape[0]
     flat_prompts = prompts * seeds
-    rb, comp_b = reward(base.flatten(0, 1), flat_prompts)
-    rt, comp_t = reward(trained.flatten(0, 1), flat_prompts)
+    # scored in fp32 whatever autocast the sampling ran under (sampling.dtype=bf16): the reward is the measurement
+    with torch.autocast(base.device.type, enabled=False):
+        rb, comp_b = reward(base.flatten(0, 1).float(), flat_prompts)
+        rt, comp_t = reward(trained.flatten(0, 1).float(), flat_prompts)
     return rb.view(seeds, -1).double(), rt.view(seeds, -1).double(), comp_b, comp_t
 
 

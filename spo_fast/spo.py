@@ -23,6 +23,7 @@ import torch
 from .config import Config, ConfigError
 from .data import PromptSampler, load_prompts
 from .kernels.spo_loss import spo_loss
+from .merged import MergedLoRA
 from .models import encode_negative, encode_prompts
 from .profiling import stage
 from .rollout import RolloutBuffer, RolloutCalls, rollout
@@ -132,7 +133,10 @@ class SPO:
         self.decode = decoder(s.comp)
         # made once: with sampling.graphs the rollout's calls are captured (or compiled) at the first rollout and
         # replayed at every later one
-        self.calls = RolloutCalls(s.raw_unet, self.decode, self.scorer, cfg.sampling.graphs, accelerator.device)
+        # sampling.merge_lora: the rollout runs a plain copy of the UNet with the LoRA merged in (spo_fast.merged)
+        self.merged = MergedLoRA(s.raw_unet) if cfg.sampling.merge_lora else None
+        rollout_unet = self.merged.module if self.merged is not None else s.raw_unet
+        self.calls = RolloutCalls(rollout_unet, self.decode, self.scorer, cfg.sampling.graphs, accelerator.device)
 
     def epoch_iterations(self, cfg: Config, world_size: int) -> int:
         return self.sampler.iterations_for(cfg.train.epochs)
@@ -153,6 +157,8 @@ class SPO:
         self.cond = encode_prompts(s.comp, prompts, dev, s.resolution)
         noise = torch.randn((len(prompts), *s.latent_shape), generator=gen, device=dev)
         s.raw_unet.eval()
+        if self.merged is not None:
+            self.merged.refresh()  # the adapters moved since the last rollout
         with torch.no_grad(), sampling_autocast(cfg, self.acc):
             buf = rollout(s.raw_unet, s.schedule, self.cond, self.uncond, self.scorer, self.scorer.prepare(prompts),
                           self.decode, noise, cfg.spo, cfg.sampling, gen, backend=kernel_backend(cfg), calls=self.calls)

@@ -51,6 +51,9 @@ class SPMTrainConfig:
     log_every: int = 100
     extra_fraction: float = 0.0
     """Share of each batch drawn from ``extra_pairs`` (a generator of labelled pairs) instead of the file."""
+    sampling_dtype: str = "fp32"
+    """Autocast of the base model's no-grad x0_hat prediction: ``fp32`` or ``bf16`` (the toy world's build uses its
+    recipes' bf16 sampling, so the SPM learns on the x0_hat its rollouts will show it)."""
 
 
 def image_resolution(comp: Components) -> int:
@@ -59,9 +62,10 @@ def image_resolution(comp: Components) -> int:
 
 @torch.no_grad()
 def noisy_x0_hat(comp: Components, images: torch.Tensor, prompts: list[str], t: torch.Tensor,
-                 noise: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+                 noise: torch.Tensor, guidance_scale: float, dtype: str = "fp32") -> torch.Tensor:
     """Images (N, 3, H, W) -> decoded x0_hat after noising at t (N,) with ``noise`` (N, C, h, w)
-    and one CFG prediction of the base model. t = 0 entries are passed through clean."""
+    and one CFG prediction of the base model (under bf16 autocast when ``dtype`` is ``bf16``). t = 0 entries are
+    passed through clean."""
     z = encode_images(comp, images)
     alphas = comp.scheduler.alphas_cumprod.to(z.device, torch.float32)
     a = alphas[t].view(-1, 1, 1, 1)
@@ -69,7 +73,8 @@ def noisy_x0_hat(comp: Components, images: torch.Tensor, prompts: list[str], t: 
     res = image_resolution(comp)
     cond = encode_prompts(comp, prompts, z.device, res)
     uncond = encode_negative(comp, "", len(prompts), z.device, res)
-    out = cfg_model_output(comp.unet, x_t, t, cond, uncond, guidance_scale)
+    with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        out = cfg_model_output(comp.unet, x_t, t, cond, uncond, guidance_scale).float()
     schedule = _Alphas(alphas, comp.scheduler.config.prediction_type)
     x0, _ = predict_x0_eps(schedule, out, x_t, t)
     x0 = torch.where((t == 0).view(-1, 1, 1, 1), z, x0)
@@ -104,10 +109,10 @@ def _text_feats(spm, tokenizer, captions: list[str], device):
     return feats, torch.tensor([where[c] for c in captions], device=device)
 
 
-def _pair_scores(spm, tokenizer, comp, caps, img0, img1, t, noise, guidance_scale):
+def _pair_scores(spm, tokenizer, comp, caps, img0, img1, t, noise, guidance_scale, dtype="fp32"):
     n = len(caps)
     x0 = noisy_x0_hat(comp, torch.cat([img0, img1]), caps + caps, torch.cat([t, t]), torch.cat([noise, noise]),
-                      guidance_scale)
+                      guidance_scale, dtype)
     feats, index = _text_feats(spm, tokenizer, caps, img0.device)
     s = spm.scores(spm.preprocess(x0), torch.cat([t, t]), feats, torch.cat([index, index]))
     return s[:n], s[n:]
@@ -115,7 +120,8 @@ def _pair_scores(spm, tokenizer, comp, caps, img0, img1, t, noise, guidance_scal
 
 @torch.no_grad()
 def evaluate_spm(spm, tokenizer, comp: Components, pairs: Pairs, seed: int = 0, batch_size: int = 64,
-                 guidance_scale: float = 5.0, progress: bool = False, desc: str = "SPM held-out accuracy") -> dict:
+                 guidance_scale: float = 5.0, progress: bool = False, desc: str = "SPM held-out accuracy",
+                 sampling_dtype: str = "fp32") -> dict:
     """Held-out pairwise accuracy (ties excluded) per timestep bucket and on the clean images (a progress bar
     when ``progress``)."""
     from tqdm.auto import tqdm
@@ -139,7 +145,7 @@ def evaluate_spm(spm, tokenizer, comp: Components, pairs: Pairs, seed: int = 0, 
                 t = torch.randint(lo, hi, (len(idx),), generator=gen)
                 noise = torch.randn((len(idx), *latent), generator=gen)
                 s0, s1 = _pair_scores(spm, tokenizer, comp, caps, img0.to(device), img1.to(device), t.to(device),
-                                      noise.to(device), guidance_scale)
+                                      noise.to(device), guidance_scale, sampling_dtype)
                 correct.append(pair_loss(s0, s1, lab.to(device))[1])
                 bar.update(1)
             result[name] = torch.cat(correct).float().nanmean().item() if correct else float("nan")
@@ -172,6 +178,7 @@ def train_spm(spm, tokenizer, comp: Components, train_pairs, eval_pairs, out: Pa
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     gen = torch.Generator().manual_seed(cfg.seed + 31)
     before = evaluate_spm(spm, tokenizer, comp, eval_set, cfg.seed, guidance_scale=cfg.guidance_scale,
+                          sampling_dtype=cfg.sampling_dtype,
                           progress=progress, desc="SPM held-out accuracy (before)") if eval_set is not None else None
     if before is not None:
         print(f"[train_spm] before: {json.dumps(before)}", flush=True)
@@ -190,7 +197,7 @@ def train_spm(spm, tokenizer, comp: Components, train_pairs, eval_pairs, out: Pa
             t = torch.randint(0, T, (len(caps),), generator=gen)
             noise = torch.randn((len(caps), *latent), generator=gen)
             s0, s1 = _pair_scores(spm, tokenizer, comp, caps, img0.to(device), img1.to(device), t.to(device),
-                                  noise.to(device), cfg.guidance_scale)
+                                  noise.to(device), cfg.guidance_scale, cfg.sampling_dtype)
             loss, correct = pair_loss(s0, s1, lab.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -221,6 +228,7 @@ def train_spm(spm, tokenizer, comp: Components, train_pairs, eval_pairs, out: Pa
     spm.save_pretrained(out)
     tokenizer.save_pretrained(out)
     after = evaluate_spm(spm, tokenizer, comp, eval_set, cfg.seed, guidance_scale=cfg.guidance_scale,
+                         sampling_dtype=cfg.sampling_dtype,
                          progress=progress, desc="SPM held-out accuracy (after)") if eval_set is not None else None
     result = {"config": asdict(cfg), "train_pairs": len(train_set), "seconds": time.perf_counter() - t0,
               "eval_before": before, "eval": after}

@@ -367,7 +367,8 @@ def build_spm(out: Path, cfg: BuildConfig) -> dict:
     spm, clip_info = pretrain_clip(tokenizer, cfg)
     comp = load_components(str(out / "base"), FAMILY)
     tcfg = SPMTrainConfig(steps=cfg.spm_steps, batch_size=cfg.spm_batch, lr=cfg.spm_lr, seed=cfg.seed,
-                          guidance_scale=SAMPLER["guidance_scale"], extra_fraction=cfg.spm_rendered_fraction)
+                          guidance_scale=SAMPLER["guidance_scale"], extra_fraction=cfg.spm_rendered_fraction,
+                          sampling_dtype=SAMPLER["dtype"])
     result = train_spm(spm, tokenizer, comp, out / "pairs_train.parquet", out / "pairs_heldout.parquet",
                        out / "spm", tcfg, extra_pairs=rendered_pairs, progress=PROGRESS)
     return {"clip_pretrain": clip_info, **result}

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The embedded default run (`python -m spo_fast.train`, training + evaluation), timed side by side: an old commit
+# and the current checkout, one after the other on this machine (machines of one kind differ by 2x or more, so
+# only a ratio measured in one session means anything).
+#
+#   bash benchmarks/toy_side_by_side.sh [OLD_COMMIT=a5b6ee8] [OUTDIR=outputs/side_by_side]
+#
+# The old commit runs from a git worktree with its own shipped toy-world assets, imported through PYTHONPATH
+# (its `kernels/` and `configs/` are installed inside `spo_fast` by setup.py's package_dir: symlinked here).
+# Nothing else should run meanwhile (OMP_WAIT_POLICY=PASSIVE keeps OpenMP from spin-waiting if something does).
+# Writes OUTDIR/side_by_side.json: both wall times, the ratio, both eval.json summaries.
+set -euo pipefail
+OLD=${1:-a5b6ee8}
+OUT=$(realpath -m "${2:-outputs/side_by_side}")
+REPO=$(git rev-parse --show-toplevel)
+NEW=$(git -C "$REPO" rev-parse --short HEAD)
+export HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE
+mkdir -p "$OUT"
+WT=$(mktemp -d /tmp/spo_fast_old.XXXXXX)
+trap 'git -C "$REPO" worktree remove --force "$WT" >/dev/null 2>&1 || rm -rf "$WT"' EXIT
+git -C "$REPO" worktree add --detach "$WT" "$OLD" >/dev/null
+ln -s ../kernels "$WT/spo_fast/kernels"
+ln -s ../configs "$WT/spo_fast/configs"
+
+run() {  # name dir pythonpath
+  local name=$1 dir=$2 pp=$3 t0 t1
+  rm -rf "$OUT/$name"
+  t0=$(date +%s.%N)
+  (cd "$dir" && PYTHONPATH="$pp" python -m spo_fast.train log.output_dir="$OUT/$name" log.progress=false \
+     > "$OUT/$name.log" 2>&1)
+  t1=$(date +%s.%N)
+  python -c "print(round($t1 - $t0, 1))"
+}
+echo "[side by side] old $OLD ..."
+T_OLD=$(run old "$WT" "$WT")
+echo "[side by side] old: $T_OLD s; new $NEW ..."
+T_NEW=$(run new "$REPO" "")  # the installed (editable) checkout
+echo "[side by side] new: $T_NEW s"
+python - "$OUT" "$OLD" "$NEW" "$T_OLD" "$T_NEW" <<'EOF'
+import json, platform, sys
+from pathlib import Path
+out, old, new, t_old, t_new = Path(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4]), float(sys.argv[5])
+def summary(name):
+    f = out / name / "eval.json"
+    if not f.is_file():
+        return None
+    e = json.loads(f.read_text())
+    return {k: e.get(k) for k in ("reward_base", "reward_trained", "margin", "win_rate", "reward_base_seed_spread")}
+res = {"old_commit": old, "new_commit": new, "old_wall_s": t_old, "new_wall_s": t_new,
+       "speedup": round(t_old / t_new, 3), "machine": platform.processor() or platform.machine(),
+       "old_eval": summary("old"), "new_eval": summary("new")}
+(out / "side_by_side.json").write_text(json.dumps(res, indent=1) + "\n")
+print(json.dumps(res, indent=1))
+EOF
