@@ -78,8 +78,8 @@ class SamplingConfig:
     dtype: str = "auto"
     """Autocast dtype of the no-grad sampling (the SPO rollout, the sample grid, the end-of-run evaluation):
     ``auto`` = the run's ``train.mixed_precision`` | ``bf16`` | ``fp32`` (autocast off). Training is unaffected.
-    The toy recipes set ``bf16``: on CPUs with AMX/AVX512-BF16 the toy UNet's sampling forward is ~1.8x faster in
-    bf16, while its backward is slower in bf16 than in fp32, so training stays fp32 (README, "Speed on CPU")."""
+    The toy recipes set ``bf16``: on CPUs with AMX/AVX512-BF16 the toy UNet's sampling forward is ~1.6x faster in
+    bf16, while its backward is slower in bf16 than in fp32, so training stays fp32 (README, "Speed of the default run")."""
 
 
 @dataclass
