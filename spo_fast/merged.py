@@ -59,7 +59,7 @@ class MergedLoRA:
     def refresh(self) -> None:
         """Write W_base + scaling * B @ A (the policy's current adapter) into the copy's layers, in place."""
         for name, layer in self.layers.items():
-            target = self.targets[name]
-            base = layer.base_layer.weight
-            delta = layer.get_delta_weight(self.adapter) if self.adapter in layer.lora_A else 0
-            target.weight.copy_((base.float() + delta).to(target.weight.dtype) if torch.is_tensor(delta) else base)
+            merged = layer.base_layer.weight.float()
+            if self.adapter in layer.lora_A:
+                merged = merged + layer.get_delta_weight(self.adapter)
+            self.targets[name].weight.copy_(merged)  # copy_ casts to the copy's dtype
