@@ -54,6 +54,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import InputError
+
 DEFAULT_OUT = "outputs/compare"
 SPLITS = {"test": "toyworld:test", "validation": "toyworld:validation"}
 TUNE_LRS = (3e-4, 1e-3)
@@ -72,7 +74,7 @@ NOTES = [
 ]
 
 
-class CompareError(Exception):
+class CompareError(InputError):
     """Bad input: printed as one ``error: ...`` line, exit code 2."""
 
 

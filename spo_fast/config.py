@@ -23,8 +23,10 @@ from typing import Any
 
 import yaml
 
+from .errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A bad recipe, override or value; the message names it and says what is accepted."""
 
 

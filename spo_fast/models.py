@@ -30,6 +30,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .config import ConfigError
+from .errors import InputError, check_loading_info, check_weights_dir
 
 FAMILIES = ("sd15", "sdxl")
 INITS = ("pretrained", "random")
@@ -53,7 +54,7 @@ _NETWORKS = ("unet", "vae", "text_encoder", "text_encoder_2")  # subfolders that
 _REAL_CLIP_VOCAB = 49408
 
 
-class ModelDirError(ValueError):
+class ModelDirError(InputError):
     """A model directory is missing, incomplete or malformed."""
 
 
@@ -164,7 +165,9 @@ def check_model_dir(path: Path, family: str, init: str) -> None:
     """Fail fast, before building anything, if ``path`` is not a usable ``family`` model directory.
 
     Checks: the directory and the family's subfolders exist, each holds its config files, every
-    ``*.json`` in them parses and, for ``init="pretrained"``, the networks have weights.
+    ``*.json`` in them parses and, for ``init="pretrained"``, the networks have weights files that are complete
+    (``spo_fast.errors.check_weights_file``: their headers only). Whether the weights are the networks' own is
+    checked as they load (``load_components``).
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
@@ -198,6 +201,8 @@ def check_model_dir(path: Path, family: str, init: str) -> None:
                 f"{d} has no weights (*.safetensors or *.bin) but model.init=pretrained. Point "
                 f"model.path at a directory with weights, or use model.init=random."
             )
+        if init == "pretrained" and sub in _NETWORKS:
+            check_weights_dir(d, f"{sub} weights")  # truncated or not a weights file: headers only
 
 
 def is_pixel_space(path: Path) -> bool:
@@ -270,12 +275,10 @@ def load_components(path: str, family: str, init: str = "pretrained", seed: int 
         # Explicit fp32: transformers 5 defaults to dtype="auto" (the checkpoint's, often fp16).
         kw = {"local_files_only": True, "torch_dtype": torch.float32}
         with quiet_loading():
-            unet = UNet2DConditionModel.from_pretrained(root / "unet", **kw)
-            vae = None if pixel else AutoencoderKL.from_pretrained(root / "vae", **kw)
-            text_encoders = [
-                cls.from_pretrained(root / enc, local_files_only=True, dtype=torch.float32)
-                for enc, _, cls in encoders
-            ]
+            unet = load_checked(UNet2DConditionModel, root / "unet", "unet", **kw)
+            vae = None if pixel else load_checked(AutoencoderKL, root / "vae", "vae", **kw)
+            text_encoders = [load_checked(cls, root / enc, enc, local_files_only=True, dtype=torch.float32)
+                             for enc, _, cls in encoders]
     tokenizers = [CLIPTokenizer.from_pretrained(root / tok) for _, tok, _ in encoders]
     for (enc_name, tok_name, _), enc, tok in zip(encoders, text_encoders, tokenizers):
         if len(tok) > enc.config.vocab_size:
@@ -289,6 +292,32 @@ def load_components(path: str, family: str, init: str = "pretrained", seed: int 
         module.eval().requires_grad_(False)
     scheduler = DDIMScheduler.from_config(sched_cfg)
     return Components(family, unet, vae, text_encoders, tokenizers, scheduler, force_zeros_for_empty_prompt(root, family))
+
+
+def load_checked(cls, directory: Path, what: str, **kw):
+    """``cls.from_pretrained(directory)``, failing with a ModelDirError / WeightsFileError naming the directory when
+    its weights cannot be read or are not this network's (diffusers and transformers would initialise missing
+    weights randomly and carry on). Their own missing-weights warnings are silenced: the check reports them."""
+    from diffusers.utils import logging as d_log
+    from transformers.utils import logging as t_log
+
+    levels = t_log.get_verbosity(), d_log.get_verbosity()
+    t_log.set_verbosity_error()
+    d_log.set_verbosity_error()
+    try:
+        model, info = cls.from_pretrained(directory, output_loading_info=True, **kw)
+    except (OSError, RuntimeError, ValueError) as e:
+        if isinstance(e, InputError):
+            raise
+        first = " ".join(str(e).split())[:300]
+        raise ModelDirError(f"{what} weights in {directory} could not be loaded ({type(e).__name__}: {first}); check "
+                            "that the directory's config.json and weights come from the same model, or re-download "
+                            "them") from e
+    finally:
+        t_log.set_verbosity(levels[0])
+        d_log.set_verbosity(levels[1])
+    check_loading_info(info, directory, what)
+    return model
 
 
 @contextlib.contextmanager

@@ -35,12 +35,52 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, PreTrainedTokenizerBase
 
+from .errors import InputError, check_weights_dir, safetensors_header
+
 __all__ = ["SPMScorer", "StepAwarePreferenceModel", "TimeConditioning", "pair_loss", "timestep_embedding"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SPM_WEIGHTS = "spm.safetensors"
 SPM_CONFIG = "spm_config.json"
+
+
+_TIME_PREFIXES = ("layers.", "pooled.", "time_mlp.")  # TimeConditioning's parameters
+
+
+class SPMError(InputError, FileNotFoundError):
+    """A step-aware preference model directory or weights file that cannot be used; the message names the file."""
+
+
+def check_spm_dir(path: str | Path) -> None:
+    """Every cheap check of an SPM (or plain CLIP / PickScore) directory, before anything is built: config.json
+    exists, parses and is a CLIPModel's, tokenizer files are there, every weights file is complete (headers only) and
+    ``spm.safetensors``, when present, holds time-conditioning weights. Raises SPMError."""
+    path = Path(path)
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        why = "no config.json there" if path.is_dir() else "no such directory"
+        raise SPMError(f"{path}: expected a local step-aware preference model or CLIP/PickScore directory with "
+                       f"config.json and model.safetensors; {why}")
+    try:
+        model_type = json.loads(cfg.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise SPMError(f"{cfg} is not a valid JSON object ({e}); re-download or re-export the directory") from e
+    if model_type != "clip":
+        raise SPMError(f"{cfg}: expected model_type 'clip' (a CLIPModel: an SPM, PickScore or CLIP), got "
+                       f"{model_type!r}; point at a step-aware preference model directory")
+    if not (path / "tokenizer.json").is_file() and not ((path / "vocab.json").is_file()
+                                                          and (path / "merges.txt").is_file()):
+        raise SPMError(f"{path}: expected CLIPTokenizer files (tokenizer.json, or vocab.json + merges.txt); copy the "
+                       "tokenizer of the CLIP the model was trained from (PickScore's repo has none: use CLIP ViT-H/14's)")
+    check_weights_dir(path, "preference model weights")
+    if (path / SPM_WEIGHTS).is_file():
+        names = safetensors_header(path / SPM_WEIGHTS, "SPM time-conditioning weights")
+        foreign = sorted(k for k in names if not k.startswith(_TIME_PREFIXES))
+        if foreign or not names:
+            raise SPMError(f"{path / SPM_WEIGHTS} is not an spo_fast SPM time-conditioning file: expected tensors "
+                           f"named {', '.join(p + '*' for p in _TIME_PREFIXES)}, found "
+                           f"{', '.join(foreign[:3]) or 'none'}; re-export the SPM (python -m spo_fast.train_spm)")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -148,16 +188,19 @@ class StepAwarePreferenceModel(nn.Module):
         path = Path(path)
         if not (path / "config.json").is_file():
             why = "no config.json there" if path.is_dir() else "no such directory"
-            raise FileNotFoundError(f"{path}: expected a local transformers CLIPModel directory with config.json "
+            raise SPMError(f"{path}: expected a local transformers CLIPModel directory with config.json "
                                     f"(and model.safetensors / pytorch_model.bin); {why}")
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
         if model_type != "clip":
-            raise ValueError(f"{path / 'config.json'}: expected model_type 'clip' (a CLIPModel), got {model_type!r}")
+            raise SPMError(f"{path / 'config.json'}: expected model_type 'clip' (a CLIPModel), got {model_type!r}")
         spm_cfg = json.loads((path / SPM_CONFIG).read_text()) if (path / SPM_CONFIG).is_file() else {}
         from .models import quiet_loading
 
+        from .models import load_checked
+
+        check_weights_dir(path, "preference model weights")
         with quiet_loading():  # no "Loading weights" bar for a local directory
-            clip = CLIPModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+            clip = load_checked(CLIPModel, path, "preference model (CLIP)", local_files_only=True, dtype=torch.float32)
         model = cls(clip, time_freq_dim=int(spm_cfg.get("time_freq_dim", 256)))
         if spm_weights is None and (path / SPM_WEIGHTS).is_file():
             spm_weights = path / SPM_WEIGHTS
@@ -172,14 +215,15 @@ class StepAwarePreferenceModel(nn.Module):
 
         file = Path(file)
         if not file.is_file():
-            raise FileNotFoundError(f"{file}: expected a safetensors file of SPM time-conditioning weights")
+            raise SPMError(f"{file}: expected a safetensors file of SPM time-conditioning weights")
+        safetensors_header(file, "SPM time-conditioning weights")  # complete, before reading the tensors
         sd = load_file(str(file))
         own = self.time_cond.state_dict()
         missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
         shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                   for k in sorted(own.keys() & sd.keys()) if sd[k].shape != own[k].shape]
         if missing or unexpected or shapes:
-            raise KeyError(f"{file}: SPM time-conditioning weights do not match the model "
+            raise SPMError(f"{file}: SPM time-conditioning weights do not match the model "
                            f"(missing={missing}, unexpected={unexpected}, shape mismatches={shapes})")
         self.time_cond.load_state_dict(sd)
 
@@ -356,7 +400,7 @@ class SPMScorer:
 
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path}: expected a CLIPModel config.json (an SPM architecture directory)")
+            raise SPMError(f"{path}: expected a CLIPModel config.json (an SPM architecture directory)")
         spm_cfg = json.loads((path / SPM_CONFIG).read_text()) if (path / SPM_CONFIG).is_file() else {}
         dev = torch.device(device if device is not None else "cpu")
         with random_init(dev, seed):
@@ -412,5 +456,5 @@ def _tokenizer(tok_dir: Path) -> CLIPTokenizer:
     """The ``CLIPTokenizer`` in ``tok_dir`` (local files only)."""
     if not (tok_dir / "tokenizer.json").is_file() and not (
             (tok_dir / "vocab.json").is_file() and (tok_dir / "merges.txt").is_file()):
-        raise FileNotFoundError(f"{tok_dir}: expected CLIPTokenizer files (tokenizer.json, or vocab.json + merges.txt)")
+        raise SPMError(f"{tok_dir}: expected CLIPTokenizer files (tokenizer.json, or vocab.json + merges.txt)")
     return CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-from spo_fast.spm import CLIP_MEAN, CLIP_STD, SPMScorer, StepAwarePreferenceModel, pair_loss
+from spo_fast.spm import CLIP_MEAN, CLIP_STD, SPMError, SPMScorer, StepAwarePreferenceModel, pair_loss
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "configs/arch/tiny_sd15/tokenizer"
 PROMPTS = ["a red cat on a sofa", "blue sky", "a photo of a green dog in the park at night"]
@@ -279,7 +279,7 @@ def test_load_errors_name_the_path(tok, tmp_path):
     sd = load_file(tmp_path / "m/spm.safetensors")
     sd["extra.weight"] = sd.pop("pooled.weight")
     save_file(sd, tmp_path / "bad.safetensors")
-    with pytest.raises(KeyError, match=r"bad\.safetensors.*missing=\['pooled\.weight'\].*unexpected=\['extra"):
+    with pytest.raises(SPMError, match=r"bad\.safetensors.*missing=\['pooled\.weight'\].*unexpected=\['extra"):
         StepAwarePreferenceModel.from_pretrained(tmp_path / "m", tmp_path / "bad.safetensors")
 
 

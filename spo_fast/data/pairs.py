@@ -25,6 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from ..errors import InputError
+
 PAIR_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 TIES = ("drop", "keep")
 BAD_ROWS = ("error", "skip")
@@ -40,7 +42,7 @@ _COLUMN_TYPES = {
 }
 
 
-class PairsError(ValueError):
+class PairsError(InputError):
     """A preference-pairs problem: a missing or non-parquet file, a schema, label or image error.
 
     The message names the file (and the 0-based row within that file) and the fix."""
