@@ -5,6 +5,7 @@ Layout: ``<output_dir>/checkpoints/iter_<N>/`` with
   optimizer.pt, lr_scheduler.pt, scaler.pt (fp16 only)
   rng_rank<r>.pt          python/numpy/torch(/cuda) RNG states of each process
   state.json              iteration, optimizer step, world size
+  config.yaml             the resolved config of the run that wrote it (compared on resume: spo_fast.trainer)
 A checkpoint is written to ``iter_<N>.tmp`` and renamed when complete, so a crash or kill at any
 moment leaves either the previous checkpoints or the new one, never a half-written one.
 Batch contents and rollout noise are pure functions of (seed, iteration, rank), so the iteration
@@ -21,9 +22,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
+from .errors import DivergedError, InputError, WeightsFileError, check_weights_file
+
 _NAME = re.compile(r"^iter_(\d+)$")
+CONFIG_FILE = "config.yaml"
+
+
+class CheckpointError(InputError):
+    """A checkpoint that cannot be resumed from: unreadable, incomplete, or made for another setup."""
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -59,9 +68,22 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise DivergedError when any tensor of ``state`` holds inf or NaN (one host sync for all of them)."""
+    if state and not bool(torch.stack([torch.isfinite(t).all() for t in state.values()]).all()):
+        bad = [n for n, t in state.items() if not torch.isfinite(t).all()]
+        raise DivergedError(f"{len(bad)} of the {len(state)} trained tensors hold inf or NaN (e.g. {bad[0]}); "
+                            f"{what} is not written. Lower train.lr or check the inputs, then resume from the last "
+                            "checkpoint (checkpoint.resume=auto) or start again")
+
+
 def save_checkpoint(accelerator, output_dir: str | Path, iteration: int, opt_step: int, model: torch.nn.Module,
-                    optimizer, lr_scheduler, keep: int) -> Path:
-    """Write checkpoint ``iter_<iteration>`` atomically (every process calls this)."""
+                    optimizer, lr_scheduler, keep: int, config: dict | None = None) -> Path:
+    """Write checkpoint ``iter_<iteration>`` atomically (every process calls this); ``config``: the run's resolved
+    config (``config.to_dict``), recorded for the comparison on resume. Weights with inf/NaN are never written
+    (DivergedError, before anything is written)."""
+    trainable = trainable_state(model)
+    check_finite(trainable, f"checkpoint iter_{iteration:07d}")
     root = checkpoint_root(output_dir)
     final = root / f"iter_{iteration:07d}"
     tmp = root / f"iter_{iteration:07d}.tmp"
@@ -72,7 +94,9 @@ def save_checkpoint(accelerator, output_dir: str | Path, iteration: int, opt_ste
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng_rank{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file(trainable, str(tmp / "trainable.safetensors"))
+        if config is not None:
+            (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
         if accelerator.scaler is not None:
@@ -93,11 +117,61 @@ def save_checkpoint(accelerator, output_dir: str | Path, iteration: int, opt_ste
     return final
 
 
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.json, checked; raises CheckpointError naming the file."""
+    f = path / "state.json"
+    try:
+        state = json.loads(f.read_text())
+        for key in ("iteration", "opt_step", "world_size"):
+            int(state[key])
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{f} is unreadable or incomplete ({type(e).__name__}: {e}); resume from another "
+                              "checkpoint (checkpoint.resume=<output_dir>/checkpoints/iter_N), delete this one, or "
+                              "start afresh (checkpoint.resume=never)") from e
+    return state
+
+
+def read_config(path: Path) -> dict | None:
+    """The config recorded in a checkpoint (None for a checkpoint written before configs were recorded)."""
+    f = path / CONFIG_FILE
+    if not f.is_file():
+        return None
+    try:
+        data = yaml.safe_load(f.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{f} is unreadable ({e}); delete the checkpoint or use checkpoint.resume=never") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{f} is not a config mapping; delete the checkpoint or use checkpoint.resume=never")
+    return data
+
+
+def check_files(path: Path) -> dict:
+    """Every cheap check of a checkpoint before any model is built: state.json, the recorded config, and the weights,
+    optimizer and scheduler files complete (headers only). Returns state.json."""
+    state = read_state(path)
+    read_config(path)
+    for name in ("trainable.safetensors", "optimizer.pt", "lr_scheduler.pt"):
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} lacks {name}; resume from another checkpoint, delete this one, "
+                                  "or start afresh (checkpoint.resume=never)")
+        try:
+            check_weights_file(f, "checkpoint")
+        except WeightsFileError as e:
+            raise CheckpointError(f"{e}; resume from another checkpoint, delete this one, or start afresh "
+                                  "(checkpoint.resume=never)") from e
+    return state
+
+
 def load_checkpoint(accelerator, path: Path, model: torch.nn.Module, optimizer, lr_scheduler) -> dict:
-    """Restore what ``save_checkpoint`` wrote; returns state.json. Raises ValueError on a mismatch."""
-    state = json.loads((path / "state.json").read_text())
+    """Restore what ``save_checkpoint`` wrote; returns state.json. Raises CheckpointError on a mismatch.
+
+    The optimizer's hyperparameters (lr, betas, eps, weight decay, ...) and the schedule's base lr stay those of the
+    current config: the checkpoint supplies the moments and the step counts only, so a changed ``train.lr`` applies
+    from the resumed step on."""
+    state = read_state(path)
     if state["world_size"] != accelerator.num_processes:
-        raise ValueError(f"checkpoint {path} was written by {state['world_size']} processes, this run has "
+        raise CheckpointError(f"checkpoint {path} was written by {state['world_size']} processes, this run has "
                          f"{accelerator.num_processes}; resume with the same number of processes "
                          "(the data order and the per-rank noise depend on it)")
     saved = load_file(str(path / "trainable.safetensors"), device=str(next(model.parameters()).device))
@@ -105,13 +179,28 @@ def load_checkpoint(accelerator, path: Path, model: torch.nn.Module, optimizer, 
     missing = sorted(n for n, p in params.items() if p.requires_grad and n not in saved)
     unknown = sorted(n for n in saved if n not in params)
     if missing or unknown:
-        raise ValueError(f"checkpoint {path} does not match the model (LoRA rank/targets or full fine-tuning "
+        raise CheckpointError(f"checkpoint {path} does not match the model (LoRA rank/targets or full fine-tuning "
                          f"changed?): missing {missing[:3]}, unexpected {unknown[:3]}")
     with torch.no_grad():
         for n, t in saved.items():
             params[n].copy_(t)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=False))
+    hparams = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=False))
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"the optimizer state in {path} does not fit this run's optimizer ({e}); resume with the "
+                              "same train.optimizer, or start afresh (checkpoint.resume=never)") from e
+    for group, own in zip(optimizer.param_groups, hparams):
+        group.update(own)
+    base = [own.get("initial_lr", own["lr"]) for own in hparams]
+    lr_scheduler.base_lrs = base
+    lambdas = getattr(lr_scheduler, "lr_lambdas", None)
+    if lambdas is not None:  # LambdaLR (diffusers' schedules): the lr at the resumed step, from the current base lr
+        lrs = [b * fn(lr_scheduler.last_epoch) for b, fn in zip(base, lambdas)]
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        lr_scheduler._last_lr = lrs
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
         accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
     rng = path / f"rng_rank{accelerator.process_index}.pt"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -170,6 +171,10 @@ class TrainConfig:
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm; 0 disables it."""
+    max_bad_steps: int = 3
+    """An optimizer step whose loss or gradient norm is not finite is skipped (no weight or optimizer-state change),
+    counted (``bad_steps`` in metrics.jsonl) and reported; this many in a row stop the run with an error, keeping
+    the last checkpoint (no checkpoint or weights are written from that point)."""
     mixed_precision: str = "no"
     """``no`` | ``fp16`` | ``bf16`` (accelerate)."""
     gradient_checkpointing: bool = False
@@ -365,14 +370,19 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 pass
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}={value}: must be a finite number (not inf or nan); e.g. {key}=1e-4")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -519,6 +529,8 @@ def validate(cfg: Config, given: set[str] | None = None) -> None:
     need(t.lr > 0, f"train.lr={t.lr}: must be > 0")
     need(t.epochs > 0 or t.max_iterations > 0, "set train.epochs > 0 or train.max_iterations > 0")
     need(t.max_iterations >= 0, f"train.max_iterations={t.max_iterations}: must be >= 0")
+    need(t.max_bad_steps >= 1, f"train.max_bad_steps={t.max_bad_steps}: must be >= 1 (consecutive non-finite "
+         "optimizer steps that stop the run)")
     need(t.max_grad_norm >= 0, f"train.max_grad_norm={t.max_grad_norm}: must be >= 0 (0 disables clipping)")
     need(cfg.scorer.scale > 0, f"scorer.scale={cfg.scorer.scale}: must be > 0")
     need(cfg.scorer.name != "spm" or bool(cfg.scorer.path),

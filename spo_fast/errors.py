@@ -136,3 +136,8 @@ def check_loading_info(info: dict, directory: str | Path, what: str) -> None:
     raise WeightsFileError(f"{what} weights in {directory} are not this model's: {'; '.join(parts)}{found}. The "
                            "file may belong to another component or architecture; check that the directory's "
                            "config.json and weights come from the same model")
+
+
+class DivergedError(RuntimeError):
+    """Training stopped because its loss, gradients or weights went non-finite (``train.max_bad_steps``); the
+    checkpoints written before are intact. The CLI prints it as one ``error: ...`` line and exits with code 1."""

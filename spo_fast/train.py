@@ -9,13 +9,11 @@ Multi-process: ``accelerate launch -m spo_fast.train RECIPE ...`` (any accelerat
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from .config import Config, ConfigError, available_recipes, load_config
-from .data.pairs import PairsError
-from .models import ModelDirError
+from .config import Config, available_recipes, load_config
+from .errors import ArgumentParser, DivergedError, InputError, report
 from .trainer import Method, Setup, clip_gradients
 from .trainer import preflight as _preflight
 from .trainer import run as run_method
@@ -45,12 +43,14 @@ def run(cfg: Config) -> tuple[dict, Setup]:
 
 
 def train(cfg: Config) -> dict:
-    """Train as configured; returns the summary dict. Raises ConfigError/ModelDirError/PairsError early."""
+    """Train as configured; returns the summary dict. Bad input raises an ``InputError`` (ConfigError, ModelDirError,
+    PairsError, CheckpointError, ...) before any model is built wherever it can be seen without one; a run whose steps
+    keep going non-finite raises ``DivergedError``."""
     return run(cfg)[0]
 
 
 def parse_args(argv: list[str] | None) -> tuple[str | None, list[str], bool]:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m spo_fast.train",
         description="Preference optimisation of Stable Diffusion 1.5 / SDXL: SPO (Step-aware Preference "
                     "Optimization) or the Diffusion-DPO baseline, picked by the recipe's method key. With no "
@@ -78,9 +78,11 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             return 0
         train(cfg)
-    except (ConfigError, ModelDirError, PairsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except InputError as e:  # what the user gave: one line, exit code 2 (tracebacks are for bugs)
+        return report(e)
+    except DivergedError as e:  # the run went non-finite: one line, exit code 1; its checkpoints are intact
+        report(e)
+        return 1
     return 0
 
 

@@ -36,8 +36,18 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from .config import Config, ConfigError, save_config
+from .checkpoint import (
+    CheckpointError,
+    check_files,
+    check_finite,
+    list_checkpoints,
+    load_checkpoint,
+    read_config,
+    save_checkpoint,
+    trainable_state,
+)
+from .config import Config, ConfigError, flatten, save_config, to_dict
+from .errors import DivergedError
 from .data import load_prompts
 from .models import (
     Components,
@@ -145,10 +155,17 @@ def check_scorer(cfg: Config) -> None:
     """``scorer.path`` of an SPM scorer is a directory with a config.json."""
     if cfg.scorer.name != "spm":
         return
+    from .spm import SPMError, check_spm_dir
+
     spm_dir = resolve_model_path(cfg.scorer.path)
     if not (spm_dir / "config.json").is_file():
         raise ConfigError(f"scorer.path={cfg.scorer.path!r}: {spm_dir} is not a step-aware preference model "
                           "directory (no config.json); give a local SPM directory (or toyworld:spm for the toy world)")
+    if cfg.scorer.init == "pretrained":
+        try:
+            check_spm_dir(spm_dir)
+        except SPMError as e:
+            raise ConfigError(f"scorer.path={cfg.scorer.path!r}: {e}") from e
 
 
 def check_speed_options(cfg: Config) -> None:
@@ -170,7 +187,12 @@ def preflight(cfg: Config, method: Method) -> Path:
     out = check_output_dir(cfg.log.output_dir)
     check_model(cfg)
     check_speed_options(cfg)
-    resume_path(cfg, out)
+    ckpt = resume_path(cfg, out)
+    if ckpt is not None:
+        changed = check_resume(cfg, ckpt)
+        if changed and int(os.environ.get("RANK", "0")) == 0:
+            print(f"warning: resuming from {ckpt} with changed settings, used from here on: {'; '.join(changed)}",
+                  file=sys.stderr, flush=True)
     check_scorer(cfg)
     if cfg.eval.enabled:
         eval_prompts(cfg)
@@ -179,7 +201,8 @@ def preflight(cfg: Config, method: Method) -> Path:
 
 
 def resume_path(cfg: Config, out: Path) -> Path | None:
-    """The checkpoint to resume from (``checkpoint.resume``: auto | never | a path), checked before any model."""
+    """The checkpoint to resume from (``checkpoint.resume``: auto | never | a path). The choice only: ``preflight``
+    checks the checkpoint (``check_resume``)."""
     resume = cfg.checkpoint.resume
     if resume == "never":
         return None
@@ -191,6 +214,55 @@ def resume_path(cfg: Config, out: Path) -> Path | None:
         raise ConfigError(f"checkpoint.resume={resume!r} is not a checkpoint directory (no state.json); "
                           "use auto, never, or a path like <output_dir>/checkpoints/iter_0000050")
     return ckpt
+
+
+# Keys whose change makes a checkpoint's state unusable or its meaning different: resuming across one is an error.
+# Everything else (lr and the other optimizer settings, logging, evaluation, sampling speed options, run length...)
+# is applied from the resumed step on, with a warning. Not compared at all: where the run is and how it resumes.
+RESUME_UNSAFE = ("method", "model.family", "model.path", "model.init", "model.seed", "lora.enabled", "lora.rank",
+                 "lora.alpha", "lora.targets", "train.optimizer", "train.batch_size", "train.train_batch_size",
+                 "train.grad_accum")
+RESUME_IGNORED = ("checkpoint.resume", "log.output_dir")
+
+
+def resume_changes(saved: dict, cfg: Config) -> tuple[list[tuple], list[tuple]]:
+    """(unsafe, safe) differences between a checkpoint's recorded config and ``cfg``, as ``(key, old, new)``.
+    ``model.seed`` only matters for random weights; keys that one side lacks (other versions) are not compared."""
+    old, new = flatten(saved), flatten(to_dict(cfg))
+    unsafe, safe = [], []
+    for key in sorted(old.keys() & new.keys()):
+        if old[key] == new[key] or key in RESUME_IGNORED:
+            continue
+        if isinstance(old[key], (int, float)) and isinstance(new[key], (int, float)) and \
+                not isinstance(old[key], bool) and float(old[key]) == float(new[key]):
+            continue
+        if key == "model.seed" and cfg.model.init == "pretrained":
+            continue
+        (unsafe if key in RESUME_UNSAFE else safe).append((key, old[key], new[key]))
+    return unsafe, safe
+
+
+def check_resume(cfg: Config, ckpt: Path) -> list[str]:
+    """Check the checkpoint a run would resume from, before any model is built: its files (``checkpoint.check_files``),
+    the number of processes, and its recorded config against ``cfg`` (``resume_changes``). Raises CheckpointError
+    for an unsafe change; returns the safe changes (printed as a warning and used)."""
+    state = check_files(ckpt)
+    fix = f"use checkpoint.resume=never to start afresh in {cfg.log.output_dir}, or another log.output_dir"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if int(state["world_size"]) != world:
+        raise CheckpointError(f"checkpoint {ckpt} was written by {state['world_size']} processes, this run has {world}; "
+                              "resume with the same number of processes (the data order and the per-rank noise depend "
+                              f"on it), or {fix}")
+    saved = read_config(ckpt)
+    if saved is None:
+        return [f"{ckpt} records no config (written by an older version): the settings were not compared"]
+    unsafe, safe = resume_changes(saved, cfg)
+    if unsafe:
+        changes = "; ".join(f"{k} was {old!r}, is now {new!r}" for k, old, new in unsafe)
+        restore = " ".join(f"{k}={','.join(map(str, old)) if isinstance(old, list) else old}" for k, old, _ in unsafe)
+        raise CheckpointError(f"cannot resume from {ckpt}: {changes}; the checkpoint's state does not carry over to "
+                              f"the new value{'s' if len(unsafe) > 1 else ''}. Restore {restore}, or {fix}")
+    return [f"{k}: {old!r} -> {new!r}" for k, old, new in safe]
 
 
 # ----------------------------------------------------------------------------- model setup
@@ -371,7 +443,9 @@ class StopFlag:
 
 
 def save_weights(s: Setup, out: Path) -> Path:
-    """LoRA weights in diffusers format (``pipe.load_lora_weights(dir)``), or the full UNet (``unet/``)."""
+    """LoRA weights in diffusers format (``pipe.load_lora_weights(dir)``), or the full UNet (``unet/``). Weights with
+    inf/NaN are never written (DivergedError)."""
+    check_finite(trainable_state(s.raw_unet), "the final weights")
     if s.ref_unet is not None:
         target = out / "unet"
         s.raw_unet.save_pretrained(target)
@@ -484,8 +558,12 @@ def train_iteration(cfg: Config, s: Setup, accelerator, method: Method, work: Wo
     Each micro-batch's loss is its mean over its valid pairs; it is backpropagated with weight
     world * n_valid(micro-batch) / n_valid(step, all processes), so after DDP's average a step's gradient is that of
     the mean over the step's valid pairs on all processes.
-    Returns sums for the metrics (tensors: no host sync): loss and accuracy weighted by valid pairs, valid pairs,
-    optimizer steps, the sum of the steps' gradient norms."""
+    A step whose loss (any micro-batch's, on any process) or gradient norm is not finite is skipped: no optimizer
+    or schedule step, the gradients are dropped, nothing changes (fp16: the loss only, as the loss scaler handles
+    overflowing gradients); ``bad`` records, per optimizer step in order,
+    whether it was skipped (one host read per optimizer step decides it).
+    Returns sums for the metrics (tensors) over the steps taken: loss and accuracy weighted by valid pairs, valid
+    pairs, optimizer steps, the sum of the steps' gradient norms; and ``bad``."""
     micro = list(work.micro)
     world = accelerator.num_processes
     if world > 1:  # every process runs the same number of micro-batches (DDP all-reduces)
@@ -502,8 +580,9 @@ def train_iteration(cfg: Config, s: Setup, accelerator, method: Method, work: Wo
         step_valid = local
     dev = accelerator.device
     loss_sum, acc_sum, norm_sum = (torch.zeros((), device=dev) for _ in range(3))
-    steps, n_valid = 0, 0
+    steps, n_valid, bad = 0, 0, []
     for group, n_group, n_all in zip(groups, local, step_valid):
+        g_loss, g_acc = torch.zeros((), device=dev), torch.zeros((), device=dev)
         for j, mb in enumerate(group):
             sync = j == len(group) - 1
             ctx = contextlib.nullcontext() if sync else accelerator.no_sync(s.unet)
@@ -512,16 +591,29 @@ def train_iteration(cfg: Config, s: Setup, accelerator, method: Method, work: Wo
                     lo = method.loss(mb)
                 with stage("train/backward"):
                     accelerator.backward(lo.loss * (mb.n_valid * world / max(n_all, 1)))
-            loss_sum += lo.loss.detach().float() * mb.n_valid
-            acc_sum += lo.accuracy.detach().float() * mb.n_valid
+            g_loss += lo.loss.detach().float() * mb.n_valid
+            g_acc += lo.accuracy.detach().float() * mb.n_valid
         with stage("train/optimizer"):
-            norm_sum += clip_gradients(accelerator, s.params, cfg.train.max_grad_norm).float().to(dev)
-            s.optimizer.step()
-            s.lr_scheduler.step()
+            norm = clip_gradients(accelerator, s.params, cfg.train.max_grad_norm).float().to(dev)
+            if accelerator.scaler is None:
+                finite = torch.isfinite(norm) & torch.isfinite(g_loss)
+            else:  # fp16: the loss scaler skips overflowing steps itself and lowers its scale; only the loss counts
+                finite = torch.isfinite(g_loss)
+                norm = torch.nan_to_num(norm, nan=0.0, posinf=0.0)
+            if world > 1:  # the processes skip together (their losses differ; their reduced gradients do not)
+                finite = accelerator.reduce((~finite).float().reshape(1), "sum")[0] == 0
+            if bool(finite):
+                s.optimizer.step()
+                s.lr_scheduler.step()
+                loss_sum += g_loss
+                acc_sum += g_acc
+                norm_sum += norm
+                steps += 1
+                n_valid += n_group
+            bad.append(not bool(finite))
             s.optimizer.zero_grad(set_to_none=True)
-        steps += 1
-        n_valid += n_group
-    return {"loss_sum": loss_sum, "acc_sum": acc_sum, "norm_sum": norm_sum, "steps": steps, "n_valid": n_valid}
+    return {"loss_sum": loss_sum, "acc_sum": acc_sum, "norm_sum": norm_sum, "steps": steps, "n_valid": n_valid,
+            "bad": bad}
 
 
 def run_length(cfg: Config, epoch_iterations: int) -> int:
@@ -553,6 +645,7 @@ def iteration_metrics(accelerator, it: int, opt_step: int, work: Work, sums: dic
            "implicit_acc": acc_sum / n_valid if n_valid else None,
            "valid_pairs": int(n_valid), "opt_steps": round(steps / world),
            "grad_norm": norm_sum / steps if steps else None}
+    row["bad_steps"] = sum(sums.get("bad", ()))
     row.update({k: v / world for k, v in zip(keys, total[5:])})
     row.update({"lr": lr, "samples_per_s": work.samples * world / dt, "seconds": dt})
     return row
@@ -602,6 +695,7 @@ def run(cfg: Config, method: Method, hook=None) -> tuple[dict, Setup]:
     bar = tqdm(total=total, initial=start_iter, disable=not (main and cfg.log.progress), desc=method.name, unit="it")
     profiler = _profiler(cfg, out) if cfg.profile.enabled else contextlib.nullcontext()
     last = {}
+    bad_run, bad_total = 0, 0  # consecutive and total skipped (non-finite) optimizer steps
     try:
         with profiler as prof:
             for it in range(start_iter, total):
@@ -610,6 +704,9 @@ def run(cfg: Config, method: Method, hook=None) -> tuple[dict, Setup]:
                 s.raw_unet.train()
                 sums = train_iteration(cfg, s, accelerator, method, work)
                 opt_step += sums["steps"]
+                for skipped in sums["bad"]:
+                    bad_run = bad_run + 1 if skipped else 0
+                    bad_total += skipped
                 last = iteration_metrics(accelerator, it, opt_step, work, sums, s.lr_scheduler.get_last_lr()[0],
                                          time.perf_counter() - t0)
                 if (it + 1) % cfg.log.every == 0 or it + 1 == total:
@@ -619,6 +716,18 @@ def run(cfg: Config, method: Method, hook=None) -> tuple[dict, Setup]:
                     if use_tb:
                         accelerator.log({k: v for k, v in last.items() if k != "iteration" and v is not None},
                                         step=it + 1)
+                if last["bad_steps"]:
+                    say(f"iteration {it + 1}: skipped {last['bad_steps']} optimizer step(s) with a non-finite loss or "
+                        f"gradient norm (no weight change; {bad_run} in a row, {bad_total} in all; the run stops at "
+                        f"train.max_bad_steps={cfg.train.max_bad_steps} in a row)")
+                if bad_run >= cfg.train.max_bad_steps:
+                    found = list_checkpoints(out)
+                    kept = f"the last checkpoint, {found[-1]}, is intact" if found else "no checkpoint was written"
+                    raise DivergedError(
+                        f"stopped at iteration {it + 1}: {bad_run} optimizer steps in a row had a non-finite loss or "
+                        f"gradient norm (train.max_bad_steps={cfg.train.max_bad_steps}); {kept} and no weights were "
+                        "written. Lower train.lr (or raise train.max_grad_norm's clipping), check the data and the "
+                        "model, then run again (checkpoint.resume=auto resumes from that checkpoint)")
                 bar.update(1)
                 bar.set_postfix({k: _short(last[k]) for k in ("loss", "implicit_acc", "valid_pairs", "samples_per_s")})
                 if hook is not None:
@@ -629,7 +738,7 @@ def run(cfg: Config, method: Method, hook=None) -> tuple[dict, Setup]:
                 every = cfg.checkpoint.every
                 if stopping or it + 1 == total or (every and (it + 1) % every == 0):
                     path = save_checkpoint(accelerator, out, it + 1, opt_step, s.raw_unet, s.optimizer,
-                                           s.lr_scheduler, cfg.checkpoint.keep)
+                                           s.lr_scheduler, cfg.checkpoint.keep, config=to_dict(cfg))
                 if stopping:
                     say(f"stopped at iteration {it + 1} (checkpoint {path}); run the same command again to resume")
                     return {"stopped": True, **last}, s

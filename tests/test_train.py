@@ -218,7 +218,7 @@ def test_profile_writes_a_trace(tmp_path):
     ("model.path=/nonexistent/sd15", "/nonexistent/sd15"),
     ("model.resolution=20", "model.resolution=20"),
     ("checkpoint.resume=/nonexistent/ckpt", "/nonexistent/ckpt"),
-    ("data.prompts=EMPTY", "no prompts"),
+    ("data.prompts=EMPTY", "empty.txt"),
     ("data.prompts=/nonexistent/prompts.txt", "/nonexistent/prompts.txt"),
     ("log.output_dir=FILE/sub", "not writable"),
     pytest.param("sampling.graphs=cuda_graphs", "sampling.graphs=cuda_graphs needs a CUDA GPU",
