@@ -54,7 +54,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError
+from .errors import ArgumentParser, DivergedError, InputError
 
 DEFAULT_OUT = "outputs/compare"
 SPLITS = {"test": "toyworld:test", "validation": "toyworld:validation"}
@@ -127,12 +127,7 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (``error: ...``, exit 2) instead of usage + error."""
-
-    def error(self, message):
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
+_Parser = ArgumentParser  # argparse with one-line errors (``error: ...``, exit 2) instead of usage + error
 
 
 # ----------------------------------------------------------------------------- configs
@@ -187,9 +182,6 @@ def protocol(cfg) -> dict:
 def preflight(specs: list[RunSpec]) -> None:
     """Every cheap check of every run (models, prompts, pairs, output dirs) before any model is built, and that all
     runs share one evaluation protocol."""
-    from .config import ConfigError
-    from .data.pairs import PairsError
-    from .models import ModelDirError
     from .train import make_method
     from .trainer import preflight as trainer_preflight
     from .trainer import run_length
@@ -205,7 +197,7 @@ def preflight(specs: list[RunSpec]) -> None:
         spec.method = make_method(spec.cfg)
         try:
             trainer_preflight(spec.cfg, spec.method)
-        except (ConfigError, ModelDirError, PairsError, OSError) as e:
+        except (InputError, OSError) as e:
             raise CompareError(f"{spec.label}: {_one_line(e)}") from e
         spec.total = run_length(spec.cfg, _epoch_iterations(spec))
 
@@ -671,6 +663,12 @@ def main(argv: list[str] | None = None) -> int:
             report = run_compare(args, *specs, out)
             print(summary_text(report))
             print(f"[spo_fast.compare] wrote {out / 'compare.json'} and {out / 'compare.png'}")
+    except InputError as e:  # found only while running (a bad image row of the pairs, ...)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except DivergedError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -32,7 +32,7 @@ class WeightsFileError(InputError):
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, with its usage errors as one line ``error: <prog>: <message> (see --help)`` and exit code 2."""
 
-    def error(self, message: str):  # noqa: D102 (argparse API)
+    def error(self, message: str):
         print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
 
@@ -73,7 +73,7 @@ def safetensors_header(path: str | Path, what: str = "weights") -> dict[str, dic
     try:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
-            raise ValueError("not a mapping")
+            raise TypeError("not a mapping")
         tensors = {k: v for k, v in header.items() if k != "__metadata__"}
         end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
         for v in tensors.values():

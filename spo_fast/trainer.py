@@ -47,8 +47,8 @@ from .checkpoint import (
     trainable_state,
 )
 from .config import Config, ConfigError, flatten, save_config, to_dict
-from .errors import DivergedError
 from .data import load_prompts
+from .errors import DivergedError
 from .models import (
     Components,
     check_attention,

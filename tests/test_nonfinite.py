@@ -59,7 +59,7 @@ def test_bad_steps_are_skipped_and_the_run_continues(tmp_path, poison, mode):
                       [{k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()} for st in opt_state]))
 
     cfg = cfg_for(tmp_path, "train.max_iterations=4", "train.max_bad_steps=10", "checkpoint.resume=never")
-    summary, s = trainer.run(cfg, SPO(), hook=hook)
+    summary, _s = trainer.run(cfg, SPO(), hook=hook)
     rows = _rows(tmp_path)
     assert [r["bad_steps"] for r in rows][:2] == [0, rows[1]["bad_steps"]] and rows[1]["bad_steps"] >= 1
     assert rows[1]["opt_steps"] == 0 and rows[1]["loss"] is None  # nothing trained in the poisoned iteration
