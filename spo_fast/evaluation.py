@@ -1,22 +1,23 @@
 """The evaluation's library half: base vs trained on the same noise, the statistics, the grid.
 
-For each of ``n_prompts`` evaluation prompts and each of ``seeds`` noise seeds, the base model and the trained
-model (base + LoRA, or a fine-tuned UNet) sample from the *same* initial noise and the same per-step DDIM noise,
-with the run's sampling settings (steps, eta, guidance, negative prompt). Rewards:
+For each of ``n_prompts`` evaluation prompts and each of ``seeds`` noise seeds (``seed_offset`` ..
+``seed_offset + seeds - 1``; 0 .. ``seeds - 1`` by default), the base model and the trained model (base + LoRA, or a
+fine-tuned UNet) sample from the *same* initial noise and the same per-step DDIM noise, with the run's sampling
+settings (steps, eta, guidance, negative prompt). Rewards:
 
 - toy world (``ground_truth_reward``): the ground-truth score (``spo_fast.toyworld.world.score``), which no
   model was trained on;
 - real models: a scorer at t = 0 (``scorer_reward``: the SPM, or a plain CLIP-style reward model such as a local
   PickScore).
 
-``eval.json``: ``n_prompts``, ``n_seeds``, ``reward_base`` and ``reward_trained`` (means over prompt x seed),
-``win_rate`` (fraction of prompt/seed pairs where trained > base; exact ties count as losses and are reported as
-``ties``), ``reward_base_seed_spread`` (std over seeds of the base model's per-seed mean reward) and ``margin`` =
-trained - base, ``seconds``; with the ground truth also the mean of each score component. ``eval_grid.png``
-(``spo_fast.grids.labelled_grid``): the first ``grid_prompts`` prompts (``eval.grid_prompts``, default 8) at noise
-seed 0, base (top) above trained (bottom), each image upscaled and captioned with its prompt, its reward written
-under it, the mean rewards and the win rate in a header line. The command line is ``spo_fast.evaluate``; the
-trainer calls ``evaluate`` here at the end of a run.
+``eval.json``: ``n_prompts``, ``n_seeds``, ``seed_offset`` (the first noise seed), ``reward_base`` and
+``reward_trained`` (means over prompt x seed), ``win_rate`` (fraction of prompt/seed pairs where trained > base;
+exact ties count as losses and are reported as ``ties``), ``reward_base_seed_spread`` (std over seeds of the base
+model's per-seed mean reward) and ``margin`` = trained - base, ``seconds``; with the ground truth also the mean of
+each score component. ``eval_grid.png`` (``spo_fast.grids.labelled_grid``): the first ``grid_prompts`` prompts
+(``eval.grid_prompts``, default 8) at the first noise seed (``seed_offset``), base (top) above trained (bottom), each
+image upscaled and captioned with its prompt, its reward written under it, the mean rewards and the win rate in a
+header line. The command line is ``spo_fast.evaluate``; the trainer calls ``evaluate`` here at the end of a run.
 """
 from __future__ import annotations
 
@@ -36,15 +37,19 @@ GRID_PROMPTS = 8
 @torch.no_grad()
 def generate(comp: Components, unet, schedule: DDIMSchedule, prompts: list[str], seeds: int, guidance_scale: float,
              eta: float, batch_size: int, device, base_seed: int = 0, resolution: int | None = None,
-             latent_shape=None, backend: str | None = None, negative_prompt: str = "", bar=None) -> torch.Tensor:
-    """(seeds, P, 3, H, W) images in [-1, 1] (``bar``: a progress bar advanced once per sampled chunk). The noise of (seed s, prompt chunk c) is a pure function of
-    (base_seed, s, c) (and of the step op's backend, ``backend``): two models called with the same arguments see
-    identical noise. The unconditional branch is ``negative_prompt`` (``models.encode_negative``: zeros for an
-    empty one on SDXL)."""
+             latent_shape=None, backend: str | None = None, negative_prompt: str = "", bar=None,
+             seed_offset: int = 0) -> torch.Tensor:
+    """(seeds, P, 3, H, W) images in [-1, 1] at the noise seeds ``seed_offset`` .. ``seed_offset + seeds - 1``
+    (``bar``: a progress bar advanced once per sampled chunk). The noise of (seed s, prompt chunk c) is a pure
+    function of (base_seed, s, c) (and of the step op's backend, ``backend``): two models called with the same
+    arguments see identical noise, and seed s is the same whatever ``seeds`` and ``seed_offset`` select it. The
+    unconditional branch is ``negative_prompt`` (``models.encode_negative``: zeros for an empty one on SDXL)."""
     latent_shape = latent_shape or comp.latent_shape
     res = resolution or latent_shape[1] * comp.vae_scale_factor
     out = []
-    for s in range(seeds):
+    if seed_offset < 0:
+        raise ValueError(f"seed_offset={seed_offset}: noise seeds start at 0")
+    for s in range(seed_offset, seed_offset + seeds):
         rows = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
@@ -131,9 +136,10 @@ def statistics(rb: torch.Tensor, rt: torch.Tensor, comp_b: dict, comp_t: dict, p
 def save_grid(base: torch.Tensor, trained: torch.Tensor, path: Path, prompts: list[str],
               base_rewards: list[float] | None = None, trained_rewards: list[float] | None = None,
               header: str | None = None, n: int = GRID_PROMPTS) -> None:
-    """eval_grid.png: base (top row) above trained (bottom row) at noise seed 0 for the first ``n`` prompts, each
-    column captioned with its prompt, each image's reward under it ("base 3.21", "trained 5.08"; green where the
-    trained image beats the base one, red where it is worse), ``header`` on top (``spo_fast.grids``)."""
+    """eval_grid.png: base (top row) above trained (bottom row) at the first noise seed (``base[0]``) for the first
+    ``n`` prompts, each column captioned with its prompt, each image's reward under it ("base 3.21", "trained 5.08";
+    green where the trained image beats the base one, red where it is worse), ``header`` on top
+    (``spo_fast.grids``)."""
     from .grids import compare_colours, labelled_grid
 
     n = min(n, len(prompts))
@@ -150,14 +156,15 @@ def grid_header(r: dict, label: str, n: int) -> str:
     """The eval grid's header line: the statistics of the whole evaluation and what the grid shows."""
     return (f"{r['n_prompts']} prompts x {r['n_seeds']} seeds, reward = {label}: base {r['reward_base']:.3f} -> "
             f"trained {r['reward_trained']:.3f} (margin {r['margin']:+.3f}), win rate {r['win_rate']:.3f}. "
-            f"Shown: the first {n} prompts at noise seed 0.")
+            f"Shown: the first {n} prompts at noise seed {r.get('seed_offset', 0)}.")
 
 
 def evaluate(comp: Components, base_ctx, trained_ctx, prompts: list[str], seeds: int, reward: Callable,
              out: Path, sampling, batch_size: int, device, latent_shape=None, backend: str | None = None,
-             progress: bool = True, grid_prompts: int = GRID_PROMPTS) -> dict:
-    """Run both models on the same noise, score, write eval.json and eval_grid.png (the first ``grid_prompts``
-    prompts) into ``out`` (a progress bar with the time left unless ``progress`` is false)."""
+             progress: bool = True, grid_prompts: int = GRID_PROMPTS, seed_offset: int = 0) -> dict:
+    """Run both models on the same noise (noise seeds ``seed_offset`` .. ``seed_offset + seeds - 1``), score, write
+    eval.json and eval_grid.png (the first ``grid_prompts`` prompts at the first of those seeds) into ``out`` (a
+    progress bar with the time left unless ``progress`` is false)."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -171,9 +178,11 @@ def evaluate(comp: Components, base_ctx, trained_ctx, prompts: list[str], seeds:
             with ctx as unet:
                 images[name] = generate(comp, unet, schedule, prompts, seeds, sampling.guidance_scale, sampling.eta,
                                         batch_size, device, latent_shape=latent_shape, backend=backend,
-                                        negative_prompt=getattr(sampling, "negative_prompt", ""), bar=bar)
+                                        negative_prompt=getattr(sampling, "negative_prompt", ""), bar=bar,
+                                        seed_offset=seed_offset)
     rb, rt, comp_b, comp_t = rewards(images["base"], images["trained"], prompts, reward)
     result = statistics(rb, rt, comp_b, comp_t, prompts)
+    result["seed_offset"] = seed_offset
     result["seconds"] = time.perf_counter() - t0
     result["prompts"] = prompts
     out.mkdir(parents=True, exist_ok=True)
@@ -185,6 +194,8 @@ def evaluate(comp: Components, base_ctx, trained_ctx, prompts: list[str], seeds:
 
 
 def summary_line(r: dict) -> str:
-    return (f"{r['n_prompts']} prompts x {r['n_seeds']} seeds: reward base {r['reward_base']:.3f} -> trained "
+    offset, n = r.get("seed_offset", 0), r["n_seeds"]
+    seeds = "" if not offset else f" (noise seed {offset})" if n == 1 else f" (noise seeds {offset}..{offset + n - 1})"
+    return (f"{r['n_prompts']} prompts x {r['n_seeds']} seeds{seeds}: reward base {r['reward_base']:.3f} -> trained "
             f"{r['reward_trained']:.3f} (margin {r['margin']:+.3f}, base seed spread "
             f"{r['reward_base_seed_spread']:.3f}), win rate {r['win_rate']:.3f}")
