@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -24,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.pairs import Pairs, PairsError, decode_image, load_all
+from .data.pairs import Pairs, load_all
+from .errors import ArgumentParser, InputError, report
 from .models import (
     Components,
-    ModelDirError,
     decode_latents,
     encode_images,
     encode_negative,
@@ -93,9 +94,10 @@ class _Alphas:
 
 
 def _batch_inputs(pairs: Pairs, idx: list[int], res: int):
+    """Captions, decoded images (an undecodable one raises PairsError naming file and row) and labels."""
     caps = [pairs.captions[i] for i in idx]
-    img0 = torch.stack([decode_image(pairs.jpg_0[i], res) for i in idx])
-    img1 = torch.stack([decode_image(pairs.jpg_1[i], res) for i in idx])
+    img0 = torch.stack([pairs.image(i, "jpg_0", res) for i in idx])
+    img1 = torch.stack([pairs.image(i, "jpg_1", res) for i in idx])
     return caps, img0, img1, pairs.label_0[idx]
 
 
@@ -152,9 +154,19 @@ def evaluate_spm(spm, tokenizer, comp: Components, pairs: Pairs, seed: int = 0, 
     return result
 
 
+def _load_checked(path, progress: bool = False) -> Pairs:
+    """``load_all`` (schema and labels) plus ``Pairs.check_images`` (every image decodes): a bad file or row
+    raises PairsError now, naming the file and row, not when a training batch first draws the row."""
+    pairs = load_all(str(path), ties="keep")
+    pairs.check_images(progress=progress, desc=f"checking the images of {Path(str(path)).name}")
+    return pairs
+
+
 def train_spm(spm, tokenizer, comp: Components, train_pairs, eval_pairs, out: Path, cfg: SPMTrainConfig,
               extra_pairs=None, progress: bool = True) -> dict:
     """Train ``spm`` in place on ``train_pairs`` (path or Pairs); evaluate on ``eval_pairs``; save to ``out``.
+    Pairs given as paths are checked first (``_load_checked``); a row whose image cannot be decoded raises
+    PairsError naming file and row.
 
     ``extra_pairs(n, generator) -> (captions, img0, img1, label_0)``, when given, supplies
     ``cfg.extra_fraction`` of every batch (the toy world's rendered hard negatives). ``progress``: tqdm bars (with
@@ -164,8 +176,8 @@ def train_spm(spm, tokenizer, comp: Components, train_pairs, eval_pairs, out: Pa
 
     from .spm import pair_loss
 
-    train_set = train_pairs if isinstance(train_pairs, Pairs) else load_all(str(train_pairs), ties="keep")
-    eval_set = eval_pairs if isinstance(eval_pairs, Pairs) or eval_pairs is None else load_all(str(eval_pairs), ties="keep")
+    train_set, eval_set = (p if isinstance(p, Pairs) or p is None else _load_checked(p, progress)
+                           for p in (train_pairs, eval_pairs))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = comp.unet.device
@@ -237,46 +249,75 @@ def train_spm(spm, tokenizer, comp: Components, train_pairs, eval_pairs, out: Pa
     return result
 
 
+def _number(kind: type, low: float, strict: bool = False):
+    """An argparse type: a finite ``kind`` >= ``low`` (> ``low`` when ``strict``), else a one-line usage error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
+                from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            what = "an integer" if kind is int else "a finite number"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: expected {what} {'>' if strict else '>='} "
+                                             f"{low:g}")
+        return value
+    return parse
+
+
+_RANGES = {"steps": (int, 1, False), "batch_size": (int, 1, False), "lr": (float, 0, True), "seed": (int, 0, False),
+           "guidance_scale": (float, 0, False)}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    """Parse ``argv``, check every input, train. Bad input: one line ``error: ...`` on stderr, returns 2.
+
+    Checked before any model is built: the numbers (range, finite), ``--out`` (a directory that can be created
+    and written), ``--model`` (layout, configs, weights-file headers), ``--init`` (``spm.check_spm_dir``) and the
+    pairs files (parquet, schema, labels, every image decodable)."""
+    parser = ArgumentParser(
         prog="python -m spo_fast.train_spm",
         description="Train a step-aware preference model on Pick-a-Pic-schema preference pairs.",
         epilog="Example (toy world): python -m spo_fast.train_spm --pairs spo_fast/toyworld/assets/pairs_train.parquet "
                "--eval-pairs spo_fast/toyworld/assets/pairs_heldout.parquet --model toyworld:base "
                "--init toyworld:spm --out outputs/spm")
-    parser.add_argument("--pairs", required=True, type=Path, help="training pairs (parquet, Pick-a-Pic schema)")
-    parser.add_argument("--eval-pairs", type=Path, help="held-out pairs for per-timestep accuracy")
+    parser.add_argument("--pairs", required=True, help="training pairs (parquet file, directory of shards or glob; "
+                                                       "Pick-a-Pic schema), or toyworld:train")
+    parser.add_argument("--eval-pairs", help="held-out pairs for per-timestep accuracy (same forms as --pairs)")
     parser.add_argument("--model", required=True, help="base diffusion model dir (or toyworld:base / arch:...) "
                                                        "used to make the noisy inputs")
     parser.add_argument("--family", default="sd15", choices=("sd15", "sdxl"))
     parser.add_argument("--init", required=True, help="CLIP / PickScore / SPM directory to start from "
                                                       "(or toyworld:spm)")
     parser.add_argument("--out", required=True, type=Path, help="output directory for the SPM")
-    for f in ("steps", "batch_size", "lr", "seed", "guidance_scale"):
+    for f, (kind, low, strict) in _RANGES.items():
         default = getattr(SPMTrainConfig, f)
-        parser.add_argument("--" + f.replace("_", "-"), type=type(default), default=default,
+        parser.add_argument("--" + f.replace("_", "-"), type=_number(kind, low, strict), default=default,
                             help=f"(default {default})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (the [train_spm] lines stay)")
     args = parser.parse_args(argv)
-    from .models import resolve_model_path
-    from .spm import SPMScorer
+    from .data.cache import check_writable_dir
+    from .models import check_model_dir, resolve_model_path
+    from .spm import SPMScorer, check_spm_dir
 
     try:
-        for path in (args.pairs, args.eval_pairs):
-            if path is not None:
-                load_all(str(path), ties="keep")  # fail fast on a bad file
+        out = check_writable_dir(args.out, "--out")
+        check_model_dir(resolve_model_path(args.model), args.family, "pretrained")
+        init = resolve_model_path(args.init)
+        check_spm_dir(init)
+        train_set, eval_set = (_load_checked(p, not args.no_progress) if p is not None else None
+                               for p in (args.pairs, args.eval_pairs))
         comp = load_components(args.model, args.family)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         for m in (comp.unet, *comp.text_encoders, *([comp.vae] if comp.vae is not None else [])):
             m.to(device)
-        scorer = SPMScorer.from_pretrained(resolve_model_path(args.init), device=device)
-    except (PairsError, ModelDirError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    cfg = SPMTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         guidance_scale=args.guidance_scale)
-    train_spm(scorer.model, scorer.tokenizer, comp, args.pairs, args.eval_pairs, args.out, cfg,
-              progress=not args.no_progress)
+        scorer = SPMScorer.from_pretrained(init, device=device)
+        cfg = SPMTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                             guidance_scale=args.guidance_scale)
+        train_spm(scorer.model, scorer.tokenizer, comp, train_set, eval_set, out, cfg,
+                  progress=not args.no_progress)
+    except InputError as e:  # PairsError, ModelDirError, WeightsFileError, SPMError, ...
+        return report(e)
     return 0
 
 

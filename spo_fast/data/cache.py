@@ -38,6 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import flatten
+from ..errors import InputError
 from .pairs import PairDataset, PairsError
 
 if TYPE_CHECKING:
@@ -87,13 +88,15 @@ def encoders_for(comp: Components, model_path: str, resolution: int, device) -> 
     each weights file in unet/, vae/, text_encoder*/. encode_images: (n, 3, H, W) in [-1, 1] ->
     (n, C, h, w) latents (identity for a pixel-space model). encode_text: captions -> {"embeds":
     (n, L, D)}, plus "pooled" (n, P) for SDXL; SDXL time_ids are not cached (they follow from the
-    resolution). Raises ValueError when ``resolution`` is not a positive multiple of the VAE's scale.
+    resolution). Raises CacheError (a ValueError) when ``resolution`` is not a positive multiple of the VAE's
+    scale.
     """
     from ..models import encode_images, encode_prompts, resolve_model_path  # diffusers: imported on use
 
     scale = comp.vae_scale_factor
     if resolution < 1 or resolution % scale:
-        raise ValueError(f"resolution {resolution} must be a positive multiple of {scale} (the VAE's scale factor)")
+        raise CacheError(f"resolution {resolution} must be a positive multiple of {scale} (the VAE's scale factor); "
+                         f"give a multiple of {scale}")
     root = resolve_model_path(model_path).resolve()
     files = {}
     for sub in sorted(p for p in root.iterdir() if p.name in ("unet", "vae") or p.name.startswith("text_encoder")):
@@ -114,6 +117,41 @@ def encoders_for(comp: Components, model_path: str, resolution: int, device) -> 
         return {"embeds": cond.embeds} if cond.pooled is None else {"embeds": cond.embeds, "pooled": cond.pooled}
 
     return model_id, encode, encode_text
+
+
+def check_writable_dir(path, name: str, error: type[InputError] = InputError) -> Path:
+    """Fail before anything is built when directory ``path`` (the value of option ``name``) could not be created
+    or written: it is a file, lies under a file, or its nearest existing ancestor is not writable. Creates
+    nothing; returns the expanded path. Raises ``error`` naming the option and the path."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise error(f"{name}={path} is a file, not a directory; give a directory (it is created when missing)")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise error(f"{name}={path} cannot be created: {existing} is a file, not a directory; give a path under "
+                    "a writable directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "it" if existing == path else f"its parent {existing}"
+        raise error(f"{name}={path} is not writable ({where} is not writable by this user); give a writable "
+                    "directory")
+    return path
+
+
+def check_cache_dir(cache_dir, name: str = "data.cache_dir") -> None:
+    """The cheap checks of a cache directory, before any model is built: when it holds a manifest, the manifest
+    parses (whether its key matches is checked by ``LatentCache.open``, which needs the model); otherwise the
+    directory can be created and written. Raises CacheError."""
+    path = Path(cache_dir).expanduser()
+    if (path / MANIFEST).is_file():
+        try:
+            json.loads((path / MANIFEST).read_text(encoding="utf-8"))["key"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CacheError(f"{path / MANIFEST} is not a cache manifest ({type(e).__name__}: {e}); use another "
+                             f"{name}, or delete it to rebuild") from e
+        return
+    check_writable_dir(path, name, CacheError)
 
 
 def _wait_for_chunks(path: Path, n_blocks: int, progress: bool, poll_s: float = 2.0) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import InputError
 
@@ -56,9 +57,43 @@ class Pairs:
     jpg_0: list[bytes]
     jpg_1: list[bytes]
     label_0: torch.Tensor  # (N,) float32 in {0, 0.5, 1}
+    sources: list[tuple[Path, int]] | None = None
+    """(file, 0-based row within it) of each pair, for error messages (``load_all`` fills it)."""
 
     def __len__(self) -> int:
         return len(self.captions)
+
+    def _where(self, i: int) -> str:
+        return f"{self.sources[i][0]} row {self.sources[i][1]}" if self.sources is not None else f"pair {i}"
+
+    def image(self, i: int, column: str, size: int) -> torch.Tensor:
+        """``decode_image`` of pair ``i``'s ``column`` (jpg_0 / jpg_1); an undecodable image raises PairsError
+        naming the file, row and column."""
+        data = (self.jpg_0 if column == "jpg_0" else self.jpg_1)[i]
+        try:
+            if data is None:
+                raise OSError("the value is null")
+            return decode_image(data, size)
+        except _IMAGE_ERRORS as e:
+            raise PairsError(f"{self._where(i)}: {column} cannot be decoded as an image ({_why(e)}); {_FIX_ALL}") from e
+
+    def check_images(self, progress: bool = False, desc: str = "checking images") -> None:
+        """Decode every pair's images once, cheaply (``check_decodable``), and check that each caption is a
+        string: a bad row raises PairsError naming file, row and column now, not in the middle of training. A
+        progress bar when ``progress`` and the check takes more than two seconds."""
+        from tqdm.auto import tqdm
+
+        for i in tqdm(range(len(self)), desc=desc, unit="pair", disable=not progress, delay=2.0, mininterval=1.0):
+            if not isinstance(self.captions[i], str):
+                raise PairsError(f"{self._where(i)}: caption is {self.captions[i]!r}, expected a string; "
+                                 f"{_FIX_ALL}")
+            for column in ("jpg_0", "jpg_1"):
+                data = (self.jpg_0 if column == "jpg_0" else self.jpg_1)[i]
+                try:
+                    check_decodable(data)
+                except _IMAGE_ERRORS as e:
+                    raise PairsError(f"{self._where(i)}: {column} cannot be decoded as an image ({_why(e)}); "
+                                     f"{_FIX_ALL}") from e
 
 
 @dataclass
@@ -121,11 +156,33 @@ def resolve_shards(spec: str) -> list[Path]:
     return [path]
 
 
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what PIL raises on bad bytes
+
+
+def _why(e: BaseException) -> str:
+    """A short reason for an undecodable image (without PIL's object addresses)."""
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image format PIL knows"
+    return f"{type(e).__name__}: {e}"
+
+
+_FIX_ALL = ("fix or remove the row (every row is used here; Diffusion-DPO training can skip such rows with "
+            "data.bad_rows=skip)")
+
+
+def check_decodable(data: bytes | None) -> None:
+    """Decode ``data`` as cheaply as PIL allows (JPEG: at 1/8 scale, which still reads every byte of the image, so
+    truncation is found); raises what PIL raises (see ``decode_image``), OSError for a null value."""
+    if data is None:
+        raise OSError("the value is null")
+    img = Image.open(io.BytesIO(data))
+    img.draft("RGB", (1, 1))
+    img.load()
+
+
 def decode_image(data: bytes, size: int) -> torch.Tensor:
     """Encoded image bytes -> (3, size, size) float32 in [-1, 1]: RGB, centre crop to a square,
     bicubic resize when needed. Raises what PIL raises on bad bytes (OSError, SyntaxError, ...)."""
-    from PIL import Image
-
     img = Image.open(io.BytesIO(data)).convert("RGB")
     w, h = img.size
     if w != h:
@@ -159,6 +216,13 @@ class PairDataset:
             self._index_shard(shard, path)
         self._starts = np.cumsum([0] + [len(b.rows) for b in self._blocks], dtype=np.int64)  # (blocks + 1,)
         self.counts["usable"] = int(self._starts[-1])
+        if not self.counts["rows"]:
+            if len(self.shards) == 1:
+                what = f"{self.shards[0]} has no rows (an empty parquet file)"
+            else:
+                what = f"data.pairs={spec!r}: all {len(self.shards)} files have no rows (empty parquet files)"
+            raise PairsError(f"{what}; give preference pairs with columns {', '.join(PAIR_COLUMNS)} and at least "
+                             "one row")
         if not len(self):
             c = self.counts
             fix = "; set data.ties=keep to train on ties" if c["ties_dropped"] else ""
@@ -298,16 +362,14 @@ class PairDataset:
 
     def _decode(self, data: bytes | None, size: int, path: Path, row: int, column: str) -> torch.Tensor | None:
         """(3, size, size), or None for an undecodable image with bad_rows=skip."""
-        from PIL import Image
-
         try:
             if data is None:
                 raise OSError("the value is null")
             return decode_image(data, size)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        except _IMAGE_ERRORS as e:
             if self.bad_rows == "skip":
                 return None
-            raise PairsError(f"{path} row {row}: {column} cannot be decoded as an image ({type(e).__name__}: {e}); "
+            raise PairsError(f"{path} row {row}: {column} cannot be decoded as an image ({_why(e)}); "
                              "fix or remove the row, or set data.bad_rows=skip to skip such rows") from e
 
     def load(self, indices: list[int], resolution: int) -> PairBatch:
@@ -337,6 +399,14 @@ class PairDataset:
                 if int(idx[out]) in self._bad_images:
                     ok[out] = False
                     continue
+                if not isinstance(captions[out], str):  # a null caption
+                    if self.bad_rows == "error":
+                        raise PairsError(f"{path} row {int(rows[k])}: caption is {captions[out]!r}, expected a "
+                                         "string; fix or remove the row, or set data.bad_rows=skip to skip such rows")
+                    captions[out] = ""
+                    self._bad_images.add(int(idx[out]))
+                    ok[out] = False
+                    continue
                 pair = [self._decode(cols[c][k], resolution, path, int(rows[k]), c) for c in ("jpg_0", "jpg_1")]
                 if pair[0] is None or pair[1] is None:
                     self._bad_images.add(int(idx[out]))
@@ -346,6 +416,29 @@ class PairDataset:
                 images[0, out], images[1, out] = pair[win], pair[lose]
         self.counts["bad_images_skipped"] = len(self._bad_images)
         return PairBatch(captions, images[0], images[1], label, ok)
+
+    def check_first(self, n: int = 16) -> None:
+        """Decode-check (``check_decodable``) the images and captions of the first ``n`` usable pairs, when bad rows
+        are errors: a file whose images are all unreadable fails now, before any model is built (``verify``, or
+        the cache build, checks every row). Raises PairsError naming file, row and column."""
+        if self.bad_rows != "error" or not len(self):
+            return
+        for i in range(min(n, len(self))):
+            b = int(self.block_of([i])[0])
+            blk = self._blocks[b]
+            row = int(blk.rows[i - self._starts[b]])
+            table = self._row_group(blk).slice(row - blk.first_row, 1)
+            path = self.shards[blk.shard]
+            caption = table.column("caption")[0].as_py()
+            if not isinstance(caption, str):
+                raise PairsError(f"{path} row {row}: caption is {caption!r}, expected a string; fix or remove the "
+                                 "row, or set data.bad_rows=skip to skip such rows")
+            for column in ("jpg_0", "jpg_1"):
+                try:
+                    check_decodable(table.column(column)[0].as_py())
+                except _IMAGE_ERRORS as e:
+                    raise PairsError(f"{path} row {row}: {column} cannot be decoded as an image ({_why(e)}); fix or "
+                                     "remove the row, or set data.bad_rows=skip to skip such rows") from e
 
     def verify(self, resolution: int, progress: bool = True) -> int:
         """Decode every usable pair's images once (a tqdm bar when ``progress``). Raises PairsError on
@@ -363,13 +456,15 @@ class PairDataset:
 
 
 def load_all(spec: str, ties: str = "keep") -> Pairs:
-    """Every usable pair of ``spec`` in memory, images still encoded (bad labels raise PairsError)."""
+    """Every usable pair of ``spec`` in memory, images still encoded, with each pair's file and row (bad labels
+    raise PairsError; ``Pairs.check_images`` checks the images)."""
     ds = PairDataset(spec, ties=ties)
-    captions, jpg_0, jpg_1, label_0 = [], [], [], []
+    captions, jpg_0, jpg_1, label_0, sources = [], [], [], [], []
     for blk in ds._blocks:
         table = ds._row_group(blk).take(blk.rows - blk.first_row)
         captions += table.column("caption").to_pylist()
         jpg_0 += table.column("jpg_0").to_pylist()
         jpg_1 += table.column("jpg_1").to_pylist()
         label_0.append(blk.label_0)
-    return Pairs(captions, jpg_0, jpg_1, torch.tensor(np.concatenate(label_0), dtype=torch.float32))
+        sources += [(ds.shards[blk.shard], int(r)) for r in blk.rows]
+    return Pairs(captions, jpg_0, jpg_1, torch.tensor(np.concatenate(label_0), dtype=torch.float32), sources)

@@ -36,14 +36,18 @@ def load_prompts(spec: str) -> list[str]:
         raise ConfigError(f"data.prompts={spec!r}: unknown built-in prompt set; accepted: builtin:toy, toyworld:train, toyworld:heldout or a file path")
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise ConfigError(f"data.prompts={spec!r}: no such file; give a text file with one prompt per line "
+        what = "is a directory, not a file" if path.is_dir() else "no such file"
+        raise ConfigError(f"data.prompts={spec!r}: {what}; give a text file with one prompt per line "
                           "or builtin:toy")
     try:
         prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"data.prompts={spec!r}: cannot read it as UTF-8 text ({e})") from e
+        why = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise ConfigError(f"data.prompts={spec!r}: cannot read it as UTF-8 text ({why}); give a UTF-8 text file "
+                          "with one prompt per line") from e
     if not prompts:
-        raise ConfigError(f"data.prompts={spec!r}: the file has no prompts (one per line expected)")
+        state = "is empty" if not path.stat().st_size else "holds only blank lines"
+        raise ConfigError(f"data.prompts={spec!r}: the file {state}; write one prompt per line")
     return prompts
 
 

@@ -398,28 +398,78 @@ def build(out: Path, cfg: BuildConfig, stages: tuple[str, ...] = STAGES) -> dict
     return meta
 
 
+def check_inputs(out: Path, stages: tuple[str, ...]) -> None:
+    """Before anything is trained: ``out`` can be created and written, and a stage run without the stages before
+    it finds their outputs there (``pairs`` and ``spm`` need ``base/``, ``spm`` needs the two pairs files, schema,
+    labels and images checked). Raises InputError naming the option, file or directory."""
+    from ..data.cache import check_writable_dir
+    from ..data.pairs import load_all
+    from ..errors import InputError
+    from ..models import check_model_dir
+
+    check_writable_dir(out, "--out")
+    needs = {"pairs": ("base",), "spm": ("base", "pairs")}
+    for stage in stages:
+        for before in needs.get(stage, ()):
+            if before in stages:
+                continue
+            needed = out / "base" if before == "base" else out / "pairs_train.parquet"
+            if not needed.exists():
+                raise InputError(f"--stages {','.join(stages)}: stage {stage} needs {needed}, the {before} stage's "
+                                 f"output, which does not exist; add {before} to --stages, or give the --out of an "
+                                 "earlier build")
+            try:
+                if before == "base":
+                    check_model_dir(out / "base", FAMILY, "pretrained")
+                else:
+                    for name in ("train", "heldout"):
+                        load_all(str(out / f"pairs_{name}.parquet")).check_images()
+            except InputError as e:
+                raise InputError(f"--stages {','.join(stages)}: stage {stage} needs the {before} stage's output in "
+                                 f"{out}, which is unusable: {e} (add {before} to --stages to rebuild it)") from e
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m spo_fast.toyworld",
-                                     description="Toy world: rebuild the shipped base model, pairs and SPM.")
+    """Parse ``argv``, check the inputs, build. Bad input: one line ``error: ...`` on stderr, exit code 2."""
+    from ..errors import ArgumentParser, InputError, report
+
+    def seed(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{value} is negative; expected an integer >= 0")
+        return value
+
+    parser = ArgumentParser(prog="python -m spo_fast.toyworld",
+                            description="Toy world: rebuild the shipped base model, pairs and SPM.")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="train the base model, sample labelled pairs, train the SPM")
     b.add_argument("--out", type=Path, default=None, help="output dir (default: the packaged assets dir)")
     b.add_argument("--smoke", action="store_true", help="tiny step counts (seconds; for tests)")
     b.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=seed, default=0, help="(default 0; >= 0)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars (the [toyworld build] lines stay)")
     args = parser.parse_args(argv)
-    stages = tuple(s for s in args.stages.split(",") if s)
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     bad = [s for s in stages if s not in STAGES]
     if bad:
-        parser.error(f"--stages: unknown stage(s) {bad}; accepted: {', '.join(STAGES)}")
+        b.error(f"--stages: unknown stage(s) {', '.join(bad)}; accepted: {', '.join(STAGES)}")
+    if not stages:
+        b.error(f"--stages {args.stages!r} names no stage; accepted: a comma-separated subset of {','.join(STAGES)}")
+    if args.smoke and args.out is None:
+        b.error("--smoke needs --out (it must not overwrite the shipped weights)")
+    stages = tuple(s for s in STAGES if s in stages)  # in build order, once each
     cfg = BuildConfig.smoke() if args.smoke else BuildConfig()
     cfg = replace(cfg, seed=args.seed)
-    out = args.out or toyworld_assets()
-    if args.smoke and args.out is None:
-        parser.error("--smoke needs --out (it must not overwrite the shipped weights)")
+    out = (args.out or toyworld_assets()).expanduser()
     global PROGRESS
     PROGRESS = not args.no_progress
-    meta = build(out, cfg, stages)
+    try:
+        check_inputs(out, stages)
+        meta = build(out, cfg, stages)
+    except InputError as e:
+        return report(e)
     _log(f"done: {json.dumps({k: v for k, v in meta.items() if k != 'config'}, default=str)[:2000]}")
     return 0
