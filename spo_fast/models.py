@@ -176,7 +176,8 @@ def check_model_dir(path: Path, family: str, init: str) -> None:
     path = Path(path)
     subs = _SUBFOLDERS[family]
     layout = f"a {family} diffusers directory ({', '.join(s + '/' for s in subs)})"
-    fix = f"Point model.path at {layout}, or use model.init=random with model.path={ARCH_PREFIX}{family}."
+    fix = (f"Point model.path (--model on the other commands) at {layout}, or use model.init=random with "
+           f"model.path={ARCH_PREFIX}{family}.")
     if not path.is_dir():
         what = "is not a directory" if path.exists() else "does not exist"
         raise ModelDirError(f"model directory {path} {what}. {fix}")
