@@ -59,7 +59,8 @@ def check_spm_dir(path: str | Path) -> None:
     path = Path(path)
     cfg = path / "config.json"
     if not cfg.is_file():
-        why = "no config.json there" if path.is_dir() else "no such directory"
+        why = "no config.json there" if path.is_dir() else "a file, not a directory" if path.exists() else \
+            "no such directory"
         raise SPMError(f"{path}: expected a local step-aware preference model or CLIP/PickScore directory with "
                        f"config.json and model.safetensors; {why}")
     try:
