@@ -20,6 +20,11 @@ Weights: the CLIP part is a transformers ``CLIPModel`` directory (e.g. PickScore
 with ``local_files_only=True`` -- nothing is ever downloaded. The time-conditioning parameters live in
 ``spm.safetensors`` (+ ``spm_config.json``) next to it, written by :meth:`StepAwarePreferenceModel.save_pretrained`.
 :class:`SPMScorer` adapts the model to the rollout's scorer interface (see :mod:`spo_fast.scorers`).
+
+``spm_config.json`` also holds the image preprocessing (``"resize"``, see :data:`RESIZE_KEYS`): an SPM trained here
+resizes as spo_fast always has (:data:`RESIZE_SPO_FAST`, also the default when the key is absent); an official
+checkpoint converted with ``python -m spo_fast.spm convert`` (:mod:`spo_fast.spm_convert`) resizes as the official
+code does (:data:`RESIZE_OFFICIAL`).
 """
 from __future__ import annotations
 
@@ -37,7 +42,8 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, PreTrainedTokeniz
 
 from .errors import InputError, check_weights_dir, safetensors_header
 
-__all__ = ["SPMScorer", "StepAwarePreferenceModel", "TimeConditioning", "pair_loss", "timestep_embedding"]
+__all__ = ["RESIZE_OFFICIAL", "RESIZE_SPO_FAST", "SPMScorer", "StepAwarePreferenceModel", "TimeConditioning",
+           "check_spm_dir", "convert_hint", "pair_loss", "read_spm_config", "timestep_embedding"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -52,6 +58,73 @@ class SPMError(InputError, FileNotFoundError):
     """A step-aware preference model directory or weights file that cannot be used; the message names the file."""
 
 
+# ----------------------------------------------------------------------------- preprocessing (spm_config.json)
+# "resize" in spm_config.json: how (N, 3, H, W) images in [-1, 1] become S x S pixels (S = the vision image_size).
+#   mode           "bicubic" | "bilinear"        F.interpolate mode (align_corners=False)
+#   antialias      true | false                  F.interpolate antialias (downsampling filter)
+#   clamp_first    true:  clamp to [-1, 1], map to [0, 1], resize, clamp to [0, 1]      (spo_fast)
+#                  false: resize the unclamped [-1, 1] image, x / 2 + 0.5, clamp to [0, 1] (official SPO)
+#   size_rounding  "round":   short side -> S, long side -> max(S, round(long * S / short))  (Python round)
+#                  "half_up": scale = S / short, each side -> int(side * scale + 0.5)      (official SPO)
+#   crop_offset    "floor": top = (new_h - S) // 2      "round": top = int(round((new_h - S) / 2))  (torchvision)
+# An image already S x S is not resized (for bicubic without antialias a same-size resize is the identity).
+RESIZE_KEYS = {"mode": ("bicubic", "bilinear"), "antialias": (True, False), "clamp_first": (True, False),
+               "size_rounding": ("round", "half_up"), "crop_offset": ("floor", "round")}
+RESIZE_SPO_FAST = {"mode": "bicubic", "antialias": True, "clamp_first": True, "size_rounding": "round",
+                   "crop_offset": "floor"}
+# RockeyCoss/SPO StepAwarePreferenceModel.get_preference_score: F.interpolate(bicubic) on the VAE output, CenterCrop,
+# (x / 2 + 0.5).clamp(0, 1), CLIP normalisation
+RESIZE_OFFICIAL = {"mode": "bicubic", "antialias": False, "clamp_first": False, "size_rounding": "half_up",
+                   "crop_offset": "round"}
+
+
+def convert_hint(out: str | Path = "/models/spo_spm_sd15") -> str:
+    """The command that makes an SPM directory ``out`` from the official checkpoint (for error messages)."""
+    return (f"python -m spo_fast.spm convert --official sd-v1-5_step-aware_preference_model.bin (or "
+            f"sdxl_step-aware_preference_model.bin) --clip /models/CLIP-ViT-H-14-laion2B-s32B-b79K --out {out}")
+
+
+def _check_resize(raw, file: Path | str) -> dict:
+    """The validated resize settings of ``spm_config.json`` (absent: :data:`RESIZE_SPO_FAST`; keys left out keep
+    their spo_fast value). Raises SPMError naming the file and the key."""
+    if raw is None:
+        return dict(RESIZE_SPO_FAST)
+    if not isinstance(raw, dict):
+        raise SPMError(f"{file}: resize must be an object like {json.dumps(RESIZE_SPO_FAST)}, got {raw!r}")
+    unknown = sorted(set(raw) - set(RESIZE_KEYS))
+    if unknown:
+        raise SPMError(f"{file}: unknown key resize.{unknown[0]}; accepted: "
+                       f"{', '.join('resize.' + k for k in RESIZE_KEYS)}")
+    out = dict(RESIZE_SPO_FAST)
+    for key, value in raw.items():
+        allowed = RESIZE_KEYS[key]
+        # bools are ints in Python: compare types too, so resize.antialias=1 is refused
+        if not any(type(value) is type(a) and value == a for a in allowed):
+            raise SPMError(f"{file}: resize.{key}={json.dumps(value)} is not accepted; use one of "
+                           f"{', '.join(json.dumps(a) for a in allowed)}")
+        out[key] = value
+    return out
+
+
+def read_spm_config(path: str | Path) -> dict:
+    """``path/spm_config.json`` parsed and checked (``{}`` + defaults when absent): ``time_freq_dim`` (an integer
+    >= 2, default 256) and ``resize`` (validated, see :data:`RESIZE_KEYS`). Raises SPMError naming the file."""
+    file = Path(path) / SPM_CONFIG
+    cfg = {}
+    if file.is_file():
+        try:
+            cfg = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SPMError(f"{file} is not a valid JSON file ({e}); re-export the SPM") from e
+        if not isinstance(cfg, dict):
+            raise SPMError(f"{file}: expected a JSON object, got {type(cfg).__name__}; re-export the SPM")
+    dim = cfg.get("time_freq_dim", 256)
+    if type(dim) is not int or dim < 2:
+        raise SPMError(f"{file}: time_freq_dim={json.dumps(dim)} is not accepted; expected an integer >= 2 (the "
+                       "official SPM: 256)")
+    return {**cfg, "time_freq_dim": dim, "resize": _check_resize(cfg.get("resize"), file)}
+
+
 def check_spm_dir(path: str | Path) -> None:
     """Every cheap check of an SPM (or plain CLIP / PickScore) directory, before anything is built: config.json
     exists, parses and is a CLIPModel's, tokenizer files are there, every weights file is complete (headers only) and
@@ -59,10 +132,13 @@ def check_spm_dir(path: str | Path) -> None:
     path = Path(path)
     cfg = path / "config.json"
     if not cfg.is_file():
-        why = "no config.json there" if path.is_dir() else "a file, not a directory" if path.exists() else \
-            "no such directory"
+        if path.exists() and not path.is_dir():
+            raise SPMError(f"{path}: expected a local step-aware preference model or CLIP/PickScore directory with "
+                           "config.json and model.safetensors; a file, not a directory")
+        why = "no config.json there" if path.is_dir() else "no such directory"
         raise SPMError(f"{path}: expected a local step-aware preference model or CLIP/PickScore directory with "
-                       f"config.json and model.safetensors; {why}")
+                       f"config.json and model.safetensors; {why}. To make one from the official SPM checkpoint: "
+                       f"{convert_hint(path)}")
     try:
         model_type = json.loads(cfg.read_text()).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
@@ -74,6 +150,7 @@ def check_spm_dir(path: str | Path) -> None:
                                                           and (path / "merges.txt").is_file()):
         raise SPMError(f"{path}: expected CLIPTokenizer files (tokenizer.json, or vocab.json + merges.txt); copy the "
                        "tokenizer of the CLIP the model was trained from (PickScore's repo has none: use CLIP ViT-H/14's)")
+    read_spm_config(path)
     check_weights_dir(path, "preference model weights")
     if (path / SPM_WEIGHTS).is_file():
         names = safetensors_header(path / SPM_WEIGHTS, "SPM time-conditioning weights")
@@ -119,9 +196,10 @@ class StepAwarePreferenceModel(nn.Module):
     (per layer, in training mode with grad enabled).
     """
 
-    def __init__(self, clip: CLIPModel, time_freq_dim: int = 256):
+    def __init__(self, clip: CLIPModel, time_freq_dim: int = 256, resize: dict | None = None):
         super().__init__()
         self.clip = clip
+        self.resize = _check_resize(resize, "StepAwarePreferenceModel(resize=...)")  # RESIZE_KEYS; in spm_config
         vcfg = clip.config.vision_config
         ref = clip.visual_projection.weight
         self.time_cond = TimeConditioning(vcfg.hidden_size, vcfg.num_hidden_layers, time_freq_dim).to(
@@ -181,7 +259,8 @@ class StepAwarePreferenceModel(nn.Module):
     def from_pretrained(cls, path: str | Path, spm_weights: str | Path | None = None) -> StepAwarePreferenceModel:
         """Load the CLIPModel from local directory ``path`` (fp32, never downloads) and, if given, the
         time-conditioning weights from ``spm_weights``; ``path/spm.safetensors`` is used when present and
-        ``spm_weights`` is None. ``path/spm_config.json`` (if present) supplies ``time_freq_dim``.
+        ``spm_weights`` is None. ``path/spm_config.json`` (if present) supplies ``time_freq_dim`` and the
+        preprocessing (``resize``; default :data:`RESIZE_SPO_FAST`).
 
         Without SPM weights the result is the identity-initialised SPM (= plain CLIP/PickScore) with a randomly
         initialised timestep MLP.
@@ -194,15 +273,13 @@ class StepAwarePreferenceModel(nn.Module):
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
         if model_type != "clip":
             raise SPMError(f"{path / 'config.json'}: expected model_type 'clip' (a CLIPModel), got {model_type!r}")
-        spm_cfg = json.loads((path / SPM_CONFIG).read_text()) if (path / SPM_CONFIG).is_file() else {}
-        from .models import quiet_loading
-
-        from .models import load_checked
+        spm_cfg = read_spm_config(path)
+        from .models import load_checked, quiet_loading
 
         check_weights_dir(path, "preference model weights")
         with quiet_loading():  # no "Loading weights" bar for a local directory
             clip = load_checked(CLIPModel, path, "preference model (CLIP)", local_files_only=True, dtype=torch.float32)
-        model = cls(clip, time_freq_dim=int(spm_cfg.get("time_freq_dim", 256)))
+        model = cls(clip, time_freq_dim=spm_cfg["time_freq_dim"], resize=spm_cfg["resize"])
         if spm_weights is None and (path / SPM_WEIGHTS).is_file():
             spm_weights = path / SPM_WEIGHTS
         if spm_weights is not None:
@@ -230,7 +307,7 @@ class StepAwarePreferenceModel(nn.Module):
 
     def save_pretrained(self, out_dir: str | Path) -> None:
         """Write the CLIPModel (safetensors), ``spm.safetensors`` (time-conditioning params only) and
-        ``spm_config.json``."""
+        ``spm_config.json`` (with the preprocessing, ``resize``)."""
         from safetensors.torch import save_file
 
         from .models import quiet_loading
@@ -243,7 +320,8 @@ class StepAwarePreferenceModel(nn.Module):
                   str(out_dir / SPM_WEIGHTS), metadata={"format": "pt"})
         vcfg = self.clip.config.vision_config
         cfg = {"time_freq_dim": self.time_cond.time_freq_dim, "vision_hidden_size": vcfg.hidden_size,
-               "num_layers": vcfg.num_hidden_layers, "modulation": "adaLN shift/scale/gate per layer + pooled"}
+               "num_layers": vcfg.num_hidden_layers, "modulation": "adaLN shift/scale/gate per layer + pooled",
+               "resize": _check_resize(self.resize, out_dir / SPM_CONFIG)}
         (out_dir / SPM_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
 
     # ----------------------------------------------------------------------------------------------------- helpers
@@ -262,17 +340,34 @@ class StepAwarePreferenceModel(nn.Module):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) in [-1, 1] (any float dtype) -> (N, 3, S, S) CLIP pixel_values in the model's dtype.
 
-        Clamp, map to [0, 1], bicubic-antialias resize so the short side is S = vision image_size and centre-crop
-        (= a plain resize for square images; skipped when already S x S), clamp to [0, 1], CLIP mean/std normalise.
+        Resize so the short side is S = vision image_size and centre-crop (= a plain resize for square images;
+        skipped when already S x S), map to [0, 1] and clamp, CLIP mean/std normalise; how exactly is ``self.resize``
+        (see :data:`RESIZE_KEYS`). spo_fast's default: clamp, map to [0, 1], bicubic with antialias, clamp, floor
+        crop offsets. The official SPM's (converted checkpoints): bicubic without antialias on the unclamped image,
+        then ``x / 2 + 0.5`` clamped to [0, 1], torchvision's rounded crop offsets.
         """
-        x = (images.float().clamp(-1, 1) + 1) / 2
+        r = self.resize
+        x = images.float()
+        if r["clamp_first"]:
+            x = (x.clamp(-1, 1) + 1) / 2
         s = self.clip.config.vision_config.image_size
         h, w = x.shape[-2:]
         if (h, w) != (s, s):
-            nh, nw = (s, max(s, round(w * s / h))) if h <= w else (max(s, round(h * s / w)), s)
-            x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-            top, left = (nh - s) // 2, (nw - s) // 2
+            if r["size_rounding"] == "round":
+                nh, nw = (s, max(s, round(w * s / h))) if h <= w else (max(s, round(h * s / w)), s)
+            else:  # half_up, as the official code: int(side * scale + 0.5)
+                scale = s / min(h, w)
+                nh, nw = max(s, int(h * scale + 0.5)), max(s, int(w * scale + 0.5))
+            x = F.interpolate(x, size=(nh, nw), mode=r["mode"], antialias=r["antialias"], align_corners=False)
+            if r["clamp_first"]:
+                x = x.clamp(0, 1)
+            if r["crop_offset"] == "floor":
+                top, left = (nh - s) // 2, (nw - s) // 2
+            else:  # torchvision CenterCrop
+                top, left = round((nh - s) / 2.0), round((nw - s) / 2.0)
             x = x[..., top:top + s, left:left + s]
+        if not r["clamp_first"]:
+            x = (x / 2 + 0.5).clamp(0, 1)
         mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
         x = (x - mean) / std
         return x.to(self.dtype)
@@ -402,11 +497,11 @@ class SPMScorer:
         path = Path(path)
         if not (path / "config.json").is_file():
             raise SPMError(f"{path}: expected a CLIPModel config.json (an SPM architecture directory)")
-        spm_cfg = json.loads((path / SPM_CONFIG).read_text()) if (path / SPM_CONFIG).is_file() else {}
+        spm_cfg = read_spm_config(path)
         dev = torch.device(device if device is not None else "cpu")
         with random_init(dev, seed):
             model = StepAwarePreferenceModel(CLIPModel(CLIPConfig.from_pretrained(path)),
-                                             time_freq_dim=int(spm_cfg.get("time_freq_dim", 256)))
+                                             time_freq_dim=spm_cfg["time_freq_dim"], resize=spm_cfg["resize"])
         return cls(model.eval().requires_grad_(False), _tokenizer(path), device=dev, precision=precision)
 
     @property
@@ -459,3 +554,14 @@ def _tokenizer(tok_dir: Path) -> CLIPTokenizer:
             (tok_dir / "vocab.json").is_file() and (tok_dir / "merges.txt").is_file()):
         raise SPMError(f"{tok_dir}: expected CLIPTokenizer files (tokenizer.json, or vocab.json + merges.txt)")
     return CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m spo_fast.spm convert ...``: see :mod:`spo_fast.spm_convert`."""
+    from .spm_convert import main as convert_main
+
+    return convert_main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
