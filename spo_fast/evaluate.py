@@ -68,26 +68,11 @@ def check_args(args) -> None:
 
 
 def read_prompts(spec: str) -> list[str]:
-    """``--prompts``: a named set (``toyworld:heldout``, ...) or a UTF-8 file with one prompt per line."""
+    """``--prompts``: a named set (``toyworld:heldout``, ...), a UTF-8 file with one prompt per line or a table
+    (``spo_fast.data.load_prompts``: Pick-a-Pic parquet, PartiPrompts tsv, HPSv2 json; ``FILE:COLUMN``)."""
     from .data import load_prompts
 
-    if spec.startswith(("toyworld:", "builtin:")):
-        return load_prompts(spec)  # ConfigError (an InputError) naming the set and the accepted ones
-    path = Path(spec).expanduser()
-    fix = "give a UTF-8 text file with one prompt per line, or toyworld:heldout"
-    if not path.is_file():
-        what = "is a directory, not a file" if path.is_dir() else "does not exist"
-        raise InputError(f"--prompts {spec}: {what}; {fix}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        why = e.strerror if isinstance(e, OSError) else f"not UTF-8 text: {e}"
-        raise InputError(f"--prompts {spec}: cannot be read ({why}); {fix}") from e
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        state = "is empty" if not text else "holds only blank lines"
-        raise InputError(f"--prompts {spec}: the file {state}; {fix}")
-    return prompts
+    return load_prompts(spec, key="--prompts")
 
 
 def reward_kind(args, prompts: list[str]) -> str:

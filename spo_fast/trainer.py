@@ -158,11 +158,8 @@ def check_scorer(cfg: Config) -> None:
     from .spm import SPMError, check_spm_dir
 
     spm_dir = resolve_model_path(cfg.scorer.path)
-    if not (spm_dir / "config.json").is_file():
-        raise ConfigError(f"scorer.path={cfg.scorer.path!r}: {spm_dir} is not a step-aware preference model "
-                          "directory (no config.json); give a local SPM directory (or toyworld:spm for the toy world)")
-    if cfg.scorer.init == "pretrained":
-        try:
+    if cfg.scorer.init == "pretrained" or not (spm_dir / "config.json").is_file():
+        try:  # a missing directory's message says how to convert the official SPM into one
             check_spm_dir(spm_dir)
         except SPMError as e:
             raise ConfigError(f"scorer.path={cfg.scorer.path!r}: {e}") from e
