@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .errors import ArgumentParser, InputError, WeightsFileError, check_weights_dir, report, safetensors_header
+from .rewards import METRICS, check_metric, load_metric
 from .evaluation import GRID_PROMPTS, all_toy_prompts, evaluate, ground_truth_reward, scorer_reward, summary_line
 from .models import Components, ModelDirError, check_model_dir, load_components, quiet_loading, resolve_model_path
 
@@ -59,6 +60,8 @@ def check_args(args) -> None:
     if args.seed_offset < 0:
         raise InputError(f"--seed-offset {args.seed_offset}: expected the first noise seed, >= 0 (0 = the end-of-run "
                          "evaluation's seeds); give --seed-offset 0 or more")
+    if args.eta is None:  # the toy world's runs sample with eta 1; real models are evaluated with plain DDIM
+        args.eta = 1.0 if args.model.startswith("toyworld:") else 0.0
     if not math.isfinite(args.eta) or args.eta < 0:
         raise InputError(f"--eta {args.eta}: expected a finite DDIM eta >= 0 (0 = deterministic DDIM, 1 = the "
                          "default); give e.g. --eta 1.0")
@@ -86,8 +89,10 @@ def reward_kind(args, prompts: list[str]) -> str:
         return "clip"
     if args.reward is not None:
         kind = args.reward
-    else:
-        kind = "ground_truth" if args.model.startswith("toyworld:") and all_toy_prompts(prompts) else "spm"
+    elif args.model.startswith("toyworld:") and all_toy_prompts(prompts):
+        kind = "ground_truth"
+    else:  # real models: the first --metric leads (the grid shows it), else the SPM at t = 0
+        kind = "metric" if args.metric else "spm"
     if kind == "ground_truth":
         from .toyworld import world
 
@@ -247,6 +252,8 @@ def check_trained(args, root: Path) -> Trained:
         raise InputError(f"--lora {args.lora} is a file, not a directory: {expected}{hint}")
     if (weights / "config.json").is_file():
         return _check_unet_dir(weights, root, args)
+    if (weights / "model_index.json").is_file() and (weights / "unet" / "config.json").is_file():
+        return _check_unet_dir(weights / "unet", root, args)  # a full pipeline (e.g. the authors' SPO checkpoints)
     files = sorted(weights.glob("*.safetensors"))
     if not files:
         others = sorted(p.name for p in weights.iterdir())
@@ -308,8 +315,8 @@ def _check_unet_dir(weights: Path, root: Path, args) -> Trained:
 
 
 def check_reward_dir(args, kind: str) -> Path | None:
-    """The SPM / CLIP reward directory the reward ``kind`` uses (None for the ground truth)."""
-    if kind == "ground_truth":
+    """The SPM / CLIP reward directory the reward ``kind`` uses (None for the ground truth and the metrics)."""
+    if kind in ("ground_truth", "metric"):
         return None
     from .spm import check_spm_dir
 
@@ -354,6 +361,27 @@ def _load_trained(comp: Components, trained: Trained):
     return comp.unet, comp.unet
 
 
+METRIC_USAGE = [m.usage for m in METRICS.values()]
+
+
+class LazyMetric:
+    """A ``--metric`` reward model, loaded on its first call and freed by ``release()`` (the evaluation scores the
+    metrics one after the other, so only one reward model is in memory at a time)."""
+
+    def __init__(self, spec, device):
+        self.spec, self.device, self.label, self._reward = spec, device, spec.label, None
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]):
+        if self._reward is None:
+            self._reward = load_metric(self.spec, self.device)
+        return self._reward(images, prompts)
+
+    def release(self) -> None:
+        self._reward = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 @contextlib.contextmanager
 def _adapters_disabled(unet):
     unet.disable_adapters()
@@ -389,7 +417,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = ArgumentParser(prog="python -m spo_fast.evaluate", description=__doc__.splitlines()[0],
                             epilog="Example: python -m spo_fast.evaluate --lora outputs/toy_spo/lora")
-    parser.add_argument("--lora", required=True, type=Path, help="LoRA dir written by spo_fast.train (or a UNet dir)")
+    parser.add_argument("--lora", "--trained", dest="lora", required=True, type=Path,
+                        help="the trained model: a LoRA dir (written by spo_fast.train, or the authors' released SPO "
+                             "LoRA), a fine-tuned UNet dir, or a full diffusers pipeline dir (its unet/ is used: the "
+                             "authors' released SPO checkpoints)")
     parser.add_argument("--model", default="toyworld:base", help="base model dir (default: toyworld:base)")
     parser.add_argument("--family", default="sd15", choices=("sd15", "sdxl"))
     parser.add_argument("--prompts", default="toyworld:heldout", help="prompt file or toyworld:heldout")
@@ -405,8 +436,14 @@ def main(argv: list[str] | None = None) -> int:
                              "prompt (toyworld:heldout or a file of them), else spm")
     parser.add_argument("--spm", default="toyworld:spm", help="SPM dir (reward at t = 0)")
     parser.add_argument("--clip-reward", default=None, help="a local CLIP-style reward model dir (e.g. PickScore)")
+    parser.add_argument("--metric", action="append", default=[], metavar="KIND=PATH[,PATH...]",
+                        help="a reward model to score base and trained with (repeatable; local files only): "
+                             + "; ".join(METRIC_USAGE) + ". With any, eval.json gets 'metrics' and eval.md the "
+                             "paper's table layout")
     parser.add_argument("--num-steps", type=int, default=20)
-    parser.add_argument("--eta", type=float, default=1.0)
+    parser.add_argument("--eta", type=float, default=None,
+                        help="DDIM eta (default: 1.0 for toyworld: models, as their runs sample; 0.0 = plain DDIM, the "
+                             "paper's evaluation sampler, for real models)")
     parser.add_argument("--guidance-scale", type=float, default=5.0)
     parser.add_argument("--negative-prompt", default="", help="the unconditional prompt (default empty: zeros on an "
                                                              "SDXL pipeline with force_zeros_for_empty_prompt)")
@@ -425,12 +462,16 @@ def main(argv: list[str] | None = None) -> int:
         root = check_model(args)
         trained = check_trained(args, root)
         reward_dir = check_reward_dir(args, kind)
+        metrics = [check_metric(m) for m in args.metric]  # RewardError (an InputError) naming metric and file
         out = args.out.expanduser() if args.out is not None else args.lora.expanduser().resolve().parent
         check_out(out, "--out" if args.out is not None else "--out (default: the --lora directory's parent)")
         # the models
         comp = load_components(args.model, args.family)
         base_unet, trained_unet = _load_trained(comp, trained)
-        if reward_dir is None:
+        lazy = [LazyMetric(spec, device) for spec in metrics]
+        if kind == "metric":
+            reward, lazy = lazy[0], lazy[1:]
+        elif reward_dir is None:
             reward = ground_truth_reward
         else:
             from .spm import SPMScorer
@@ -448,13 +489,24 @@ def main(argv: list[str] | None = None) -> int:
                                negative_prompt=args.negative_prompt)
     dtype = args.dtype if args.dtype != "auto" else _run_sampling_dtype(args.lora.expanduser())
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    settings = (f"DDIM {args.num_steps} steps, eta {args.eta:g}, CFG {args.guidance_scale:g}, {dtype} sampling, "
+                f"base {args.model}, trained {args.lora}")
+    markdown = {"names": (f"base ({Path(args.model).name or args.model})", f"trained ({args.lora.name})"),
+                "family": None if args.model.startswith("toyworld:") else args.family, "settings": settings}
     with autocast:
         result = evaluate(comp, base_ctx, contextlib.nullcontext(trained_unet), prompts, args.seeds, reward, out,
                           sampling, args.batch_size, device, grid_prompts=args.grid_prompts,
-                          seed_offset=args.seed_offset)
+                          seed_offset=args.seed_offset, metrics=tuple(lazy),
+                          markdown=markdown if args.metric else None)
     result["sampling_dtype"] = dtype  # recorded next to the statistics evaluate() wrote
+    result["sampling"] = {"num_steps": args.num_steps, "eta": args.eta, "guidance_scale": args.guidance_scale}
     (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"[spo_fast.evaluate] {summary_line(result)}; wrote {out / 'eval.json'} and {out / 'eval_grid.png'}")
+    for label, m in result.get("metrics", {}).items():
+        print(f"[spo_fast.evaluate] {label}: base {m['base']:.4g} -> trained {m['trained']:.4g} (margin "
+              f"{m['margin']:+.4g} ± {m['margin_se']:.2g}, win rate {m['win_rate']:.3f})")
+    if "metrics" in result:
+        print(f"[spo_fast.evaluate] wrote {out / 'eval.md'} (the paper's table layout)")
     return 0
 
 

@@ -18,6 +18,11 @@ each score component. ``eval_grid.png`` (``spo_fast.grids.labelled_grid``): the 
 (``eval.grid_prompts``, default 8) at the first noise seed (``seed_offset``), base (top) above trained (bottom), each
 image upscaled and captioned with its prompt, its reward written under it, the mean rewards and the win rate in a
 header line. The command line is ``spo_fast.evaluate``; the trainer calls ``evaluate`` here at the end of a run.
+
+More metrics (``metrics``: reward callables such as ``spo_fast.rewards``' PickScore, HPSv2, ImageReward, Aesthetic)
+score the same images; ``eval.json``'s ``metrics`` then holds, per metric (the main reward first), the mean and
+standard error of base and trained, the paired margin and its standard error, the win rate and ties, and ``eval.md``
+is a markdown table in the paper's layout (a row per model, a column per metric).
 """
 from __future__ import annotations
 
@@ -133,6 +138,59 @@ def statistics(rb: torch.Tensor, rt: torch.Tensor, comp_b: dict, comp_t: dict, p
     return result
 
 
+def metric_statistics(rb: torch.Tensor, rt: torch.Tensor) -> dict:
+    """One metric's (S, P) rewards of both models -> means, standard errors (over the S * P images), the paired
+    margin with its standard error, the win rate (trained > base) and ties."""
+    n = rb.numel()
+
+    def se(x: torch.Tensor) -> float:
+        return (x.std() / n ** 0.5).item() if n > 1 else float("nan")
+
+    d = rt - rb
+    return {"base": rb.mean().item(), "base_se": se(rb), "trained": rt.mean().item(), "trained_se": se(rt),
+            "margin": d.mean().item(), "margin_se": se(d), "win_rate": (rt > rb).double().mean().item(),
+            "ties": int((rt == rb).sum()), "n": n}
+
+
+# The paper's numbers (SPO_FACTS, "Results"): its prompts and seeds, not this evaluation's; printed beside ours in
+# eval.md for orientation only.
+PAPER = {
+    "sd15": {"base": {"PickScore": 20.53, "HPSv2": 23.79, "ImageReward": -0.163, "Aesthetic": 5.365},
+             "Diffusion-DPO": {"PickScore": 20.98, "HPSv2": 25.05, "ImageReward": 0.112, "Aesthetic": 5.505},
+             "SPO": {"PickScore": 21.43, "HPSv2": 26.45, "ImageReward": 0.171, "Aesthetic": 5.887}},
+    "sdxl": {"base": {"PickScore": 21.95, "HPSv2": 26.95, "ImageReward": 0.538, "Aesthetic": 5.950},
+             "Diffusion-DPO": {"PickScore": 22.64, "HPSv2": 29.31, "ImageReward": 0.944, "Aesthetic": 6.015},
+             "SPO": {"PickScore": 23.06, "HPSv2": 31.80, "ImageReward": 1.080, "Aesthetic": 6.364}},
+}
+
+
+def eval_markdown(result: dict, names: tuple[str, str] = ("base", "trained"), family: str | None = None,
+                  settings: str = "") -> str:
+    """``eval.md``: the metrics of ``result["metrics"]`` in the paper's layout (a row per model, a column per metric:
+    mean ± standard error), then the paired margin and win rate per metric and, for ``family`` sd15/sdxl, the
+    paper's rows for the metrics it reports (its prompts and seeds: orientation, not a like-for-like comparison)."""
+    metrics = result["metrics"]
+    cols = list(metrics)
+    lines = [f"# Evaluation: {names[1]} vs {names[0]}", "",
+             f"{result['n_prompts']} prompts x {result['n_seeds']} noise seeds (seed {result.get('seed_offset', 0)} "
+             f"first), the same noise for both models{'; ' + settings if settings else ''}. Mean ± standard error "
+             "over the images.", "",
+             "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for label, key in ((names[0], "base"), (names[1], "trained")):
+        lines.append(f"| {label} | " + " | ".join(f"{metrics[c][key]:.4g} ± {metrics[c][key + '_se']:.2g}"
+                                                    for c in cols) + " |")
+    lines.append("| margin (trained - base) | " + " | ".join(
+        f"{metrics[c]['margin']:+.4g} ± {metrics[c]['margin_se']:.2g}" for c in cols) + " |")
+    lines.append("| win rate (trained > base) | " + " | ".join(f"{metrics[c]['win_rate']:.3f}" for c in cols) + " |")
+    paper = PAPER.get(family or "")
+    shared = [c for c in cols if paper and c in paper["SPO"]]
+    if shared:
+        lines += ["", f"The paper's {family.upper().replace('SD15', 'SD1.5')} table (its own prompts and seeds; for "
+                  "orientation only):", "", "| paper | " + " | ".join(shared) + " |", "|---|" + "---|" * len(shared)]
+        lines += [f"| {row} | " + " | ".join(f"{paper[row][c]:g}" for c in shared) + " |" for row in paper]
+    return "\n".join(lines) + "\n"
+
+
 def save_grid(base: torch.Tensor, trained: torch.Tensor, path: Path, prompts: list[str],
               base_rewards: list[float] | None = None, trained_rewards: list[float] | None = None,
               header: str | None = None, n: int = GRID_PROMPTS) -> None:
@@ -161,10 +219,15 @@ def grid_header(r: dict, label: str, n: int) -> str:
 
 def evaluate(comp: Components, base_ctx, trained_ctx, prompts: list[str], seeds: int, reward: Callable,
              out: Path, sampling, batch_size: int, device, latent_shape=None, backend: str | None = None,
-             progress: bool = True, grid_prompts: int = GRID_PROMPTS, seed_offset: int = 0) -> dict:
+             progress: bool = True, grid_prompts: int = GRID_PROMPTS, seed_offset: int = 0,
+             metrics: tuple = (), markdown: dict | None = None) -> dict:
     """Run both models on the same noise (noise seeds ``seed_offset`` .. ``seed_offset + seeds - 1``), score, write
     eval.json and eval_grid.png (the first ``grid_prompts`` prompts at the first of those seeds) into ``out`` (a
-    progress bar with the time left unless ``progress`` is false)."""
+    progress bar with the time left unless ``progress`` is false). ``metrics``: more reward callables (each with a
+    ``label``) scored on the same images, one after the other (a metric with a ``release()`` has it called after
+    its scoring: a reward model loaded on first use is freed before the next one loads); with them or with
+    ``markdown`` (keyword arguments of ``eval_markdown``), eval.json's ``metrics`` (the main reward first) and
+    ``eval.md``."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -183,10 +246,19 @@ def evaluate(comp: Components, base_ctx, trained_ctx, prompts: list[str], seeds:
     rb, rt, comp_b, comp_t = rewards(images["base"], images["trained"], prompts, reward)
     result = statistics(rb, rt, comp_b, comp_t, prompts)
     result["seed_offset"] = seed_offset
+    getattr(reward, "release", lambda: None)()
+    if metrics or markdown is not None:
+        result["metrics"] = {getattr(reward, "label", "reward"): metric_statistics(rb, rt)}
+        for metric in metrics:
+            mb, mt, _, _ = rewards(images["base"], images["trained"], prompts, metric)
+            result["metrics"][metric.label] = metric_statistics(mb, mt)
+            getattr(metric, "release", lambda: None)()  # a lazily loaded reward model frees its memory
     result["seconds"] = time.perf_counter() - t0
     result["prompts"] = prompts
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    if "metrics" in result:
+        (out / "eval.md").write_text(eval_markdown(result, **(markdown or {})))
     n = min(grid_prompts, len(prompts))
     save_grid(images["base"], images["trained"], out / "eval_grid.png", prompts, rb[0].tolist(), rt[0].tolist(),
               grid_header(result, getattr(reward, "label", "reward"), n), n)
