@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 from .errors import ArgumentParser, InputError, WeightsFileError, check_weights_dir, report, safetensors_header
-from .rewards import METRICS, check_metric, load_metric
 from .evaluation import GRID_PROMPTS, all_toy_prompts, evaluate, ground_truth_reward, scorer_reward, summary_line
 from .models import Components, ModelDirError, check_model_dir, load_components, quiet_loading, resolve_model_path
+from .rewards import METRICS, check_metric, load_metric
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights (spo_fast.train) writes
 UNET_PREFIX = "unet."

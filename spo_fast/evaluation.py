@@ -171,10 +171,10 @@ def eval_markdown(result: dict, names: tuple[str, str] = ("base", "trained"), fa
     paper's rows for the metrics it reports (its prompts and seeds: orientation, not a like-for-like comparison)."""
     metrics = result["metrics"]
     cols = list(metrics)
-    lines = [f"# Evaluation: {names[1]} vs {names[0]}", "",
-             f"{result['n_prompts']} prompts x {result['n_seeds']} noise seeds (seed {result.get('seed_offset', 0)} "
+    about = (f"{result['n_prompts']} prompts x {result['n_seeds']} noise seeds (seed {result.get('seed_offset', 0)} "
              f"first), the same noise for both models{'; ' + settings if settings else ''}. Mean ± standard error "
-             "over the images.", "",
+             "over the images.")
+    lines = [f"# Evaluation: {names[1]} vs {names[0]}", "", about, "",
              "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for label, key in ((names[0], "base"), (names[1], "trained")):
         lines.append(f"| {label} | " + " | ".join(f"{metrics[c][key]:.4g} ± {metrics[c][key + '_se']:.2g}"
@@ -185,8 +185,9 @@ def eval_markdown(result: dict, names: tuple[str, str] = ("base", "trained"), fa
     paper = PAPER.get(family or "")
     shared = [c for c in cols if paper and c in paper["SPO"]]
     if shared:
-        lines += ["", f"The paper's {family.upper().replace('SD15', 'SD1.5')} table (its own prompts and seeds; for "
-                  "orientation only):", "", "| paper | " + " | ".join(shared) + " |", "|---|" + "---|" * len(shared)]
+        title = (f"The paper's {family.upper().replace('SD15', 'SD1.5')} table (its own prompts and seeds; for "
+                 "orientation only):")
+        lines += ["", title, "", "| paper | " + " | ".join(shared) + " |", "|---|" + "---|" * len(shared)]
         lines += [f"| {row} | " + " | ".join(f"{paper[row][c]:g}" for c in shared) + " |" for row in paper]
     return "\n".join(lines) + "\n"
 

@@ -3,7 +3,6 @@ paper's layout, prompt tables, pipeline directories as the trained model, the re
 bad metric specs named before any model is built."""
 import json
 import shutil
-from pathlib import Path
 from types import SimpleNamespace
 
 import pyarrow as pa
@@ -121,3 +120,19 @@ def test_bad_metric_is_one_named_line_before_any_model(tmp_path, lora_dir, clip,
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
     assert "Traceback" not in err
+
+
+def test_the_authors_lora_file_name_is_accepted(tmp_path, lora_dir, capsys):  # noqa: F811
+    """The released SPO LoRA is one diffusers-format safetensors file with its own name
+    (spo-sd-v1-5_4k-p_10ep_lora_diffusers.safetensors): a directory holding it is a trained model."""
+    theirs = tmp_path / "SPO-SD-v1-5_4k-p_10ep_LoRA"
+    theirs.mkdir()
+    shutil.copy(lora_dir / "pytorch_lora_weights.safetensors", theirs / "spo-sd-v1-5_4k-p_10ep_lora_diffusers.safetensors")
+    out = tmp_path / "eval"
+    code, _, err = run_main(["--lora", str(theirs), *FAST, "--out", str(out)], capsys)
+    assert code == 0, err
+    ours = tmp_path / "ours"
+    code, _, err = run_main(["--lora", str(lora_dir), *FAST, "--out", str(ours)], capsys)
+    assert code == 0, err
+    a, b = (json.loads((d / "eval.json").read_text()) for d in (out, ours))
+    assert a["reward_trained"] == b["reward_trained"] and a["reward_base"] == b["reward_base"]
