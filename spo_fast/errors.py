@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import struct
 import sys
 import zipfile
@@ -35,6 +36,22 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
+
+
+def number_arg(kind: type, low: float, strict: bool = False):
+    """An argparse ``type``: a finite ``kind`` >= ``low`` (> ``low`` when ``strict``), else a one-line usage error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
+                from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            what = "an integer" if kind is int else "a finite number"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: expected {what} {'>' if strict else '>='} "
+                                             f"{low:g}")
+        return value
+    return parse
 
 
 def report(e: BaseException) -> int:

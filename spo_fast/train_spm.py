@@ -14,9 +14,7 @@ plus ``clean`` (the stored images themselves at t = 0). Written to ``<out>/spm_e
 """
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -26,7 +24,7 @@ import numpy as np
 import torch
 
 from .data.pairs import Pairs, load_all
-from .errors import ArgumentParser, InputError, report
+from .errors import ArgumentParser, InputError, number_arg, report
 from .models import (
     Components,
     decode_latents,
@@ -249,22 +247,6 @@ def train_spm(spm, tokenizer, comp: Components, train_pairs, eval_pairs, out: Pa
     return result
 
 
-def _number(kind: type, low: float, strict: bool = False):
-    """An argparse type: a finite ``kind`` >= ``low`` (> ``low`` when ``strict``), else a one-line usage error."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
-                from None
-        if not math.isfinite(value) or value < low or (strict and value == low):
-            what = "an integer" if kind is int else "a finite number"
-            raise argparse.ArgumentTypeError(f"{text} is out of range: expected {what} {'>' if strict else '>='} "
-                                             f"{low:g}")
-        return value
-    return parse
-
-
 _RANGES = {"steps": (int, 1, False), "batch_size": (int, 1, False), "lr": (float, 0, True), "seed": (int, 0, False),
            "guidance_scale": (float, 0, False)}
 
@@ -292,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="output directory for the SPM")
     for f, (kind, low, strict) in _RANGES.items():
         default = getattr(SPMTrainConfig, f)
-        parser.add_argument("--" + f.replace("_", "-"), type=_number(kind, low, strict), default=default,
+        parser.add_argument("--" + f.replace("_", "-"), type=number_arg(kind, low, strict), default=default,
                             help=f"(default {default})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (the [train_spm] lines stay)")
     args = parser.parse_args(argv)

@@ -214,7 +214,7 @@ CACHE_CASES = {
     "cache-dir-bad-manifest": (lambda w: _cache_argv(w, **{"--cache-dir": str(w.bad_manifest)}),
                                lambda w: [str(w.bad_manifest / "manifest.json"), "not a cache manifest"]),
     "resolution-zero": (lambda w: _cache_argv(w, **{"--resolution": "0"}),
-                                lambda w: ["--resolution", "positive"]),
+                                lambda w: ["--resolution", "expected an integer >= 1"]),
     "batch-size-not-int": (lambda w: _cache_argv(w, **{"--batch-size": "x"}), lambda w: ["--batch-size", "'x'"]),
     "bad-rows-choice": (lambda w: _cache_argv(w, **{"--bad-rows": "ignore"}), lambda w: ["--bad-rows", "ignore"]),
 }

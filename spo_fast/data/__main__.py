@@ -5,24 +5,13 @@ Example (toy world): python -m spo_fast.data cache --pairs spo_fast/toyworld/ass
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
-from ..errors import ArgumentParser, InputError, report
+from ..errors import ArgumentParser, InputError, number_arg, report
 from .cache import LatentCache, cache_key, check_cache_dir, encoders_for
 from .pairs import BAD_ROWS, TIES, PairDataset
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,11 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     cmd.add_argument("--pairs", required=True, help="a parquet file, a directory of shards or a glob (Pick-a-Pic schema), or toyworld:train")
     cmd.add_argument("--model", required=True, help="diffusers model directory (or toyworld:base)")
     cmd.add_argument("--family", default="sd15", choices=("sd15", "sdxl"))
-    cmd.add_argument("--resolution", type=_positive, help="image side in pixels (default: the model's native size)")
+    cmd.add_argument("--resolution", type=number_arg(int, 1), help="image side in pixels (default: the model's native size)")
     cmd.add_argument("--cache-dir", required=True, help="output directory (created; an existing cache is completed)")
     cmd.add_argument("--ties", default="drop", choices=TIES)
     cmd.add_argument("--bad-rows", default="error", choices=BAD_ROWS)
-    cmd.add_argument("--batch-size", type=_positive, default=16, help="pairs per encoder call (default 16)")
+    cmd.add_argument("--batch-size", type=number_arg(int, 1), default=16, help="pairs per encoder call (default 16)")
     cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     from ..models import check_model_dir, load_components, native_resolution, resolve_model_path  # diffusers

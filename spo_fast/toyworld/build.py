@@ -26,7 +26,6 @@ step counts into a scratch directory (the tests use it).
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -431,17 +430,9 @@ def check_inputs(out: Path, stages: tuple[str, ...]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, check the inputs, build. Bad input: one line ``error: ...`` on stderr, exit code 2."""
-    from ..errors import ArgumentParser, InputError, report
+    from ..errors import ArgumentParser, InputError, number_arg, report
 
-    def seed(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{value} is negative; expected an integer >= 0")
-        return value
-
+    seed = number_arg(int, 0)
     parser = ArgumentParser(prog="python -m spo_fast.toyworld",
                             description="Toy world: rebuild the shipped base model, pairs and SPM.")
     sub = parser.add_subparsers(dest="command", required=True)
