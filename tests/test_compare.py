@@ -212,7 +212,7 @@ def test_tune_dpo_then_compare_reads_the_choice(tmp_path, monkeypatch):
     (["--spo", "method=dpo"], "method is fixed"),
     (["--spo", "lr"], "expected KEY=VALUE"),
     (["--dpo-from", "/nonexistent/tune_dpo.json"], "no such file"),
-    (["--spo", "data.prompts=/nonexistent.txt"], "no such file"),
+    (["--spo", "data.prompts=/nonexistent.txt"], "/nonexistent.txt': does not exist"),
     (["--split", "train"], "invalid choice"),
     (["--points", "x"], "invalid int"),
     (["tune-dpo", "--lrs", "fast"], "comma-separated"),
