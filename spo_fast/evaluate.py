@@ -320,6 +320,12 @@ def check_reward_dir(args, kind: str) -> Path | None:
         return None
     from .spm import check_spm_dir
 
+    if kind == "spm" and args.spm is None:
+        if not args.model.startswith("toyworld:"):
+            raise InputError(f"--model {args.model}: no reward to evaluate with; give the paper's reward models with "
+                             "--metric (e.g. --metric pickscore=/models/PickScore_v1,tokenizer=/models/CLIP-ViT-H-14), "
+                             "or an SPM with --spm DIR")
+        args.spm = "toyworld:spm"
     flag, value = ("--clip-reward", args.clip_reward) if kind == "clip" else ("--spm", args.spm)
     with _named(flag):
         path = resolve_model_path(value)
@@ -434,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reward", choices=("ground_truth", "spm", "clip"), default=None,
                         help="default: ground_truth when the model is a toyworld: one and every prompt is a toy-world "
                              "prompt (toyworld:heldout or a file of them), else spm")
-    parser.add_argument("--spm", default="toyworld:spm", help="SPM dir (reward at t = 0)")
+    parser.add_argument("--spm", default=None, help="SPM dir (reward at t = 0; default toyworld:spm for toyworld: "
+                                                     "models; a real model needs --spm DIR or a --metric)")
     parser.add_argument("--clip-reward", default=None, help="a local CLIP-style reward model dir (e.g. PickScore)")
     parser.add_argument("--metric", action="append", default=[], metavar="KIND=PATH[,PATH...]",
                         help="a reward model to score base and trained with (repeatable; local files only): "

@@ -136,3 +136,14 @@ def test_the_authors_lora_file_name_is_accepted(tmp_path, lora_dir, capsys):  # 
     assert code == 0, err
     a, b = (json.loads((d / "eval.json").read_text()) for d in (out, ours))
     assert a["reward_trained"] == b["reward_trained"] and a["reward_base"] == b["reward_base"]
+
+
+def test_a_real_model_without_a_reward_is_named(tmp_path, lora_dir, no_models, capsys):  # noqa: F811
+    """The toy SPM is the default reward of toyworld: models only; a real model needs --metric or --spm."""
+    base = tmp_path / "sd15"
+    shutil.copytree(resolve_model_path("toyworld:base"), base)
+    code, _, err = run_main(["--lora", str(lora_dir), "--model", str(base), *FAST, "--out", str(tmp_path / "o")],
+                            capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: --model {base}: no reward to evaluate with; give the paper's reward models with "
+                          "--metric")
