@@ -69,6 +69,7 @@ class BuildConfig:
     base_steps: int = 1500
     base_batch: int = 48
     base_probe_every: int = 500  # ground truth of base samples on the validation prompts every this many steps
+    base_probe_prompts: int = 64  # validation prompts per probe (one sample each)
     base_lr: float = 2e-3
     cond_dropout: float = 0.1
     pairs_per_train_prompt: int = 1
@@ -84,7 +85,7 @@ class BuildConfig:
 
     @classmethod
     def smoke(cls) -> BuildConfig:
-        return cls(base_steps=3, base_batch=8, base_probe_every=2, pairs_per_train_prompt=0, heldout_pair_prompts=4, sample_batch=8,
+        return cls(base_steps=3, base_batch=8, base_probe_every=2, base_probe_prompts=4, pairs_per_train_prompt=0, heldout_pair_prompts=4, sample_batch=8,
                    clip_steps=3, clip_batch=8, spm_steps=3, spm_batch=4)
 
 
@@ -177,7 +178,7 @@ def train_base(out: Path, cfg: BuildConfig) -> dict:
                  f"({time.perf_counter() - t0:.0f} s)")
         if cfg.base_probe_every and ((step + 1) % cfg.base_probe_every == 0 or step + 1 == cfg.base_steps):
             with torch.no_grad():  # its own generator: the training stream is unchanged by probing
-                probes.append({"step": step + 1, **probe_base(comp, unet, cfg.seed + 300)})
+                probes.append({"step": step + 1, **probe_base(comp, unet, cfg.seed + 300, cfg.base_probe_prompts)})
             _log(f"base probe: {json.dumps({k: round(v, 3) for k, v in probes[-1].items()})}")
     bar.close()
     with quiet_loading():  # no "Writing model shards" bar
