@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import struct
 import sys
 import zipfile
@@ -59,6 +60,26 @@ def report(e: BaseException) -> int:
     text = " ".join(str(e).split())  # one line, whatever the message holds
     print(f"error: {text}", file=sys.stderr)
     return 2
+
+
+def check_writable_dir(path, name: str, error: type[InputError] = InputError) -> Path:
+    """Fail before anything is built when directory ``path`` (the value of option ``name``) could not be created
+    or written: it is a file, lies under a file, or its nearest existing ancestor is not writable. Creates
+    nothing; returns the expanded path. Raises ``error`` naming the option and the path."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise error(f"{name}={path} is a file, not a directory; give a directory (it is created when missing)")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise error(f"{name}={path} cannot be created: {existing} is a file, not a directory; give a path under "
+                    "a writable directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "it" if existing == path else f"its parent {existing}"
+        raise error(f"{name}={path} is not writable ({where} is not writable by this user); give a writable "
+                    "directory")
+    return path
 
 
 # ----------------------------------------------------------------------------- weights files

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -26,7 +25,15 @@ from pathlib import Path
 
 import torch
 
-from .errors import ArgumentParser, InputError, WeightsFileError, check_weights_dir, report, safetensors_header
+from .errors import (
+    ArgumentParser,
+    InputError,
+    WeightsFileError,
+    check_weights_dir,
+    check_writable_dir,
+    report,
+    safetensors_header,
+)
 from .evaluation import GRID_PROMPTS, all_toy_prompts, evaluate, ground_truth_reward, scorer_reward, summary_line
 from .models import Components, ModelDirError, check_model_dir, load_components, quiet_loading, resolve_model_path
 from .rewards import METRICS, check_metric, load_metric
@@ -121,19 +128,6 @@ def check_model(args) -> Path:
         raise InputError(f"--num-steps {args.num_steps}: the scheduler of --model {args.model} has "
                          f"{train_steps} training timesteps; give --num-steps {train_steps} or fewer")
     return root
-
-
-def check_out(out: Path, flag: str) -> None:
-    """The output directory is, or can be created as, a writable directory."""
-    probe = out
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        where = "" if probe == out else f" ({probe} is a file)"
-        raise InputError(f"{flag} {out}: not a directory{where}; give a directory the evaluation can write "
-                         "eval.json and eval_grid.png into")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise InputError(f"{flag} {out}: {probe} is not writable; give a writable output directory with --out")
 
 
 def _meta_unet(unet_dir: Path, what: str):
@@ -471,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         reward_dir = check_reward_dir(args, kind)
         metrics = [check_metric(m) for m in args.metric]  # RewardError (an InputError) naming metric and file
         out = args.out.expanduser() if args.out is not None else args.lora.expanduser().resolve().parent
-        check_out(out, "--out" if args.out is not None else "--out (default: the --lora directory's parent)")
+        check_writable_dir(out, "--out")  # given, or its default: the --lora directory's parent
         # the models
         comp = load_components(args.model, args.family)
         base_unet, trained_unet = _load_trained(comp, trained)

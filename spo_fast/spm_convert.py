@@ -196,7 +196,7 @@ def check_clip_dir(clip: Path, tokenizer: Path, tokenizer_option: str) -> None:
 
 
 def check_out_dir(out: Path) -> Path:
-    from .data.cache import check_writable_dir
+    from .errors import check_writable_dir
 
     out = check_writable_dir(out, "--out", SPMError)
     if out.is_dir() and any(out.iterdir()):

@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                             help=f"(default {default})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (the [train_spm] lines stay)")
     args = parser.parse_args(argv)
-    from .data.cache import check_writable_dir
+    from .errors import check_writable_dir
     from .models import check_model_dir, resolve_model_path
     from .spm import SPMScorer, check_spm_dir
 

@@ -228,10 +228,7 @@ def resume_changes(saved: dict, cfg: Config) -> tuple[list[tuple], list[tuple]]:
     old, new = flatten(saved), flatten(to_dict(cfg))
     unsafe, safe = [], []
     for key in sorted(old.keys() & new.keys()):
-        if old[key] == new[key] or key in RESUME_IGNORED:
-            continue
-        if isinstance(old[key], (int, float)) and isinstance(new[key], (int, float)) and \
-                not isinstance(old[key], bool) and float(old[key]) == float(new[key]):
+        if old[key] == new[key] or key in RESUME_IGNORED:  # 1 == 1.0: an int written as a float is no change
             continue
         if key == "model.seed" and cfg.model.init == "pretrained":
             continue
@@ -599,7 +596,8 @@ def train_iteration(cfg: Config, s: Setup, accelerator, method: Method, work: Wo
                 norm = torch.nan_to_num(norm, nan=0.0, posinf=0.0)
             if world > 1:  # the processes skip together (their losses differ; their reduced gradients do not)
                 finite = accelerator.reduce((~finite).float().reshape(1), "sum")[0] == 0
-            if bool(finite):
+            ok = bool(finite)  # the step's one host read
+            if ok:
                 s.optimizer.step()
                 s.lr_scheduler.step()
                 loss_sum += g_loss
@@ -607,7 +605,7 @@ def train_iteration(cfg: Config, s: Setup, accelerator, method: Method, work: Wo
                 norm_sum += norm
                 steps += 1
                 n_valid += n_group
-            bad.append(not bool(finite))
+            bad.append(not ok)
             s.optimizer.zero_grad(set_to_none=True)
     return {"loss_sum": loss_sum, "acc_sum": acc_sum, "norm_sum": norm_sum, "steps": steps, "n_valid": n_valid,
             "bad": bad}
@@ -723,7 +721,7 @@ def run(cfg: Config, method: Method, hook=None) -> tuple[dict, Setup]:
                     raise DivergedError(
                         f"stopped at iteration {it + 1}: {bad_run} optimizer steps in a row had a non-finite loss or "
                         f"gradient norm (train.max_bad_steps={cfg.train.max_bad_steps}); {kept} and no weights were "
-                        "written. Lower train.lr (or raise train.max_grad_norm's clipping), check the data and the "
+                        "written. Lower train.lr (or clip harder: a smaller train.max_grad_norm), check the data and the "
                         "model, then run again (checkpoint.resume=auto resumes from that checkpoint)")
                 bar.update(1)
                 bar.set_postfix({k: _short(last[k]) for k in ("loss", "implicit_acc", "valid_pairs", "samples_per_s")})

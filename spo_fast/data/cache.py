@@ -38,7 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import flatten
-from ..errors import InputError
+from ..errors import check_writable_dir
 from .pairs import PairDataset, PairsError
 
 if TYPE_CHECKING:
@@ -117,26 +117,6 @@ def encoders_for(comp: Components, model_path: str, resolution: int, device) -> 
         return {"embeds": cond.embeds} if cond.pooled is None else {"embeds": cond.embeds, "pooled": cond.pooled}
 
     return model_id, encode, encode_text
-
-
-def check_writable_dir(path, name: str, error: type[InputError] = InputError) -> Path:
-    """Fail before anything is built when directory ``path`` (the value of option ``name``) could not be created
-    or written: it is a file, lies under a file, or its nearest existing ancestor is not writable. Creates
-    nothing; returns the expanded path. Raises ``error`` naming the option and the path."""
-    path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise error(f"{name}={path} is a file, not a directory; give a directory (it is created when missing)")
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise error(f"{name}={path} cannot be created: {existing} is a file, not a directory; give a path under "
-                    "a writable directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        where = "it" if existing == path else f"its parent {existing}"
-        raise error(f"{name}={path} is not writable ({where} is not writable by this user); give a writable "
-                    "directory")
-    return path
 
 
 def check_cache_dir(cache_dir, name: str = "data.cache_dir") -> None:

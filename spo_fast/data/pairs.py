@@ -75,7 +75,7 @@ class Pairs:
                 raise OSError("the value is null")
             return decode_image(data, size)
         except _IMAGE_ERRORS as e:
-            raise PairsError(f"{self._where(i)}: {column} cannot be decoded as an image ({_why(e)}); {_FIX_ALL}") from e
+            raise _bad_image(self._where(i), column, e, _FIX_ALL) from e
 
     def check_images(self, progress: bool = False, desc: str = "checking images") -> None:
         """Decode every pair's images once, cheaply (``check_decodable``), and check that each caption is a
@@ -85,15 +85,13 @@ class Pairs:
 
         for i in tqdm(range(len(self)), desc=desc, unit="pair", disable=not progress, delay=2.0, mininterval=1.0):
             if not isinstance(self.captions[i], str):
-                raise PairsError(f"{self._where(i)}: caption is {self.captions[i]!r}, expected a string; "
-                                 f"{_FIX_ALL}")
+                raise _bad_caption(self._where(i), self.captions[i], _FIX_ALL)
             for column in ("jpg_0", "jpg_1"):
                 data = (self.jpg_0 if column == "jpg_0" else self.jpg_1)[i]
                 try:
                     check_decodable(data)
                 except _IMAGE_ERRORS as e:
-                    raise PairsError(f"{self._where(i)}: {column} cannot be decoded as an image ({_why(e)}); "
-                                     f"{_FIX_ALL}") from e
+                    raise _bad_image(self._where(i), column, e, _FIX_ALL) from e
 
 
 @dataclass
@@ -168,6 +166,15 @@ def _why(e: BaseException) -> str:
 
 _FIX_ALL = ("fix or remove the row (every row is used here; Diffusion-DPO training can skip such rows with "
             "data.bad_rows=skip)")
+_FIX_SKIP = "fix or remove the row, or set data.bad_rows=skip to skip such rows"
+
+
+def _bad_image(where: str, column: str, e: BaseException, fix: str) -> PairsError:
+    return PairsError(f"{where}: {column} cannot be decoded as an image ({_why(e)}); {fix}")
+
+
+def _bad_caption(where: str, caption, fix: str) -> PairsError:
+    return PairsError(f"{where}: caption is {caption!r}, expected a string; {fix}")
 
 
 def check_decodable(data: bytes | None) -> None:
@@ -369,8 +376,7 @@ class PairDataset:
         except _IMAGE_ERRORS as e:
             if self.bad_rows == "skip":
                 return None
-            raise PairsError(f"{path} row {row}: {column} cannot be decoded as an image ({_why(e)}); "
-                             "fix or remove the row, or set data.bad_rows=skip to skip such rows") from e
+            raise _bad_image(f"{path} row {row}", column, e, _FIX_SKIP) from e
 
     def load(self, indices: list[int], resolution: int) -> PairBatch:
         """Read and decode usable pairs ``indices`` (n,) at ``resolution`` x ``resolution``.
@@ -401,8 +407,7 @@ class PairDataset:
                     continue
                 if not isinstance(captions[out], str):  # a null caption
                     if self.bad_rows == "error":
-                        raise PairsError(f"{path} row {int(rows[k])}: caption is {captions[out]!r}, expected a "
-                                         "string; fix or remove the row, or set data.bad_rows=skip to skip such rows")
+                        raise _bad_caption(f"{path} row {int(rows[k])}", captions[out], _FIX_SKIP)
                     captions[out] = ""
                     self._bad_images.add(int(idx[out]))
                     ok[out] = False
@@ -431,14 +436,12 @@ class PairDataset:
             path = self.shards[blk.shard]
             caption = table.column("caption")[0].as_py()
             if not isinstance(caption, str):
-                raise PairsError(f"{path} row {row}: caption is {caption!r}, expected a string; fix or remove the "
-                                 "row, or set data.bad_rows=skip to skip such rows")
+                raise _bad_caption(f"{path} row {row}", caption, _FIX_SKIP)
             for column in ("jpg_0", "jpg_1"):
                 try:
                     check_decodable(table.column(column)[0].as_py())
                 except _IMAGE_ERRORS as e:
-                    raise PairsError(f"{path} row {row}: {column} cannot be decoded as an image ({_why(e)}); fix or "
-                                     "remove the row, or set data.bad_rows=skip to skip such rows") from e
+                    raise _bad_image(f"{path} row {row}", column, e, _FIX_SKIP) from e
 
     def verify(self, resolution: int, progress: bool = True) -> int:
         """Decode every usable pair's images once (a tqdm bar when ``progress``). Raises PairsError on

@@ -402,9 +402,8 @@ def check_inputs(out: Path, stages: tuple[str, ...]) -> None:
     """Before anything is trained: ``out`` can be created and written, and a stage run without the stages before
     it finds their outputs there (``pairs`` and ``spm`` need ``base/``, ``spm`` needs the two pairs files, schema,
     labels and images checked). Raises InputError naming the option, file or directory."""
-    from ..data.cache import check_writable_dir
     from ..data.pairs import load_all
-    from ..errors import InputError
+    from ..errors import InputError, check_writable_dir
     from ..models import check_model_dir
 
     check_writable_dir(out, "--out")
