@@ -1,34 +1,32 @@
-"""Build script: installs the import packages ``spo_fast``, ``spo_fast.kernels`` and
-``spo_fast.configs``.
+"""Build script: installs one import package, ``spo_fast`` (with its sub-packages and data).
 
-``kernels/`` and ``configs/`` live at the top of the repository but are installed *inside*
-``spo_fast`` through ``package_dir``: a top-level ``kernels`` module would shadow the
-Hugging Face ``kernels`` package that diffusers and transformers probe for.
+Nothing else in the repository is importable: Python puts the working directory first on ``sys.path``, so a
+root folder that is a package (it was ``kernels/``) shadows an installed distribution of the same name
+(Hugging Face's ``kernels``, which transformers requires). ``tests/test_package.py`` enforces it. The recipes
+and architecture files are package data in ``spo_fast/configs/`` (not a package); the root ``configs`` is a link
+to it, so users find them where they look.
+
+Install through the known-good versions: ``pip install -c constraints.txt -e ".[dev]"`` (see README.md).
 """
-import platform
-
-from setuptools import setup
-
-TRITON_OK = platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
+from setuptools import find_packages, setup
 
 setup(
     name="spo_fast",
     version="0.1.0",
     description="Step-aware Preference Optimization (SPO) and Diffusion-DPO for Stable Diffusion, fast.",
     python_requires=">=3.10",
-    packages=["spo_fast", "spo_fast.data", "spo_fast.kernels", "spo_fast.configs", "spo_fast.toyworld"],
-    package_dir={"spo_fast": "spo_fast", "spo_fast.kernels": "kernels", "spo_fast.configs": "configs"},
+    packages=find_packages(include=["spo_fast", "spo_fast.*"]),
     package_data={
-        # arch/<pipeline>/<component>/<file> and arch/<preference model>/<file>
-        "spo_fast.configs": ["*.yaml", "*.txt", "arch/*.txt", "arch/*/*", "arch/*/*/*"],
+        # configs/<recipe>.yaml, configs/arch/<pipeline>/<component>/<file> and arch/<preference model>/<file>
+        "spo_fast": ["configs/*.yaml", "configs/arch/*.txt", "configs/arch/*/*", "configs/arch/*/*/*"],
         # the toy world's trained weights and preference pairs (python -m spo_fast.toyworld build)
         "spo_fast.toyworld": ["assets/*.json", "assets/*.parquet", "assets/*/*", "assets/*/*/*"],
     },
     include_package_data=True,
     install_requires=[
-        # Loose on purpose: the GPU image has torch 2.11 + triton 3.6, the CPU machines
-        # torch 2.13 (local CPU wheel) + triton 3.7. Install torch *first* on CPU machines
-        # (`pip install torch==2.13.0`) so nothing here pulls the CUDA build.
+        # Ranges, not pins: the GPU image has torch 2.11 + triton 3.6, the CPU machines torch 2.13 (local CPU
+        # wheel) + triton 3.7. Install torch *first* on CPU machines (`pip install torch==2.13.0`) so nothing here
+        # pulls the CUDA build. The exact versions the suite last passed with are in constraints.txt.
         "torch>=2.4",
         "diffusers>=0.31",
         "transformers>=4.44",

@@ -1,6 +1,6 @@
 """End-to-end benchmarks: one SPO iteration and one Diffusion-DPO optimizer step through the trainer's own pieces
 (``trainer.preflight``/``build``, the method's ``setup``/``work``, ``trainer.train_iteration``), their stage split
-(``spo_fast.profiling.StageTimer``), FLOPs, MFU and the projection of a full recipe's GPU-hours. The pytest cases
+(``spo_fast.core.profiling.StageTimer``), FLOPs, MFU and the projection of a full recipe's GPU-hours. The pytest cases
 are in ``test_bench_e2e.py``; this module holds everything they measure with, so that ``tests/`` can check the
 arithmetic without running a benchmark.
 
@@ -303,8 +303,8 @@ def build(case: Case, device: torch.device, extra: tuple[str, ...] = (), count_f
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from spo_fast import trainer
-    from spo_fast.config import load_config
+    from spo_fast.core import trainer
+    from spo_fast.core.config import load_config
     from spo_fast.train import make_method
 
     out = tempfile.TemporaryDirectory(prefix=f"spo_e2e_{case.name}_")
@@ -325,7 +325,7 @@ def build(case: Case, device: torch.device, extra: tuple[str, ...] = (), count_f
     run.counter = UNetCounter([s.raw_unet, s.ref_unet] if count_forwards else [])
     if case.method == "dpo":
         from spo_fast.data.prompts import load_prompts
-        from spo_fast.models import encode_prompts
+        from spo_fast.diffusion.models import encode_prompts
 
         captions = (load_prompts("builtin:toy") * cfg.train.batch_size)[:cfg.train.batch_size]
         run.dpo_cond = encode_prompts(s.comp, captions, accelerator.device, s.resolution)
@@ -351,8 +351,8 @@ def dpo_work(run: Run, step: int):
     """One optimizer step's worth of Diffusion-DPO work from random cached latents: ``train.batch_size`` pairs in
     micro-batches of ``train.train_batch_size`` (``PairMicroBatch``es, as ``DiffusionDPO.work`` makes them from
     the cache), shared noise and t per pair, captions encoded once."""
-    from spo_fast.dpo import PairMicroBatch
-    from spo_fast.trainer import MicroBatch, Work
+    from spo_fast.core.trainer import MicroBatch, Work
+    from spo_fast.methods.dpo import PairMicroBatch
 
     cfg, s, dev = run.cfg, run.s, run.accelerator.device
     n, m = cfg.train.batch_size, cfg.train.train_batch_size
@@ -391,7 +391,7 @@ def iteration(run: Run, timer=None, work=None) -> IterationStats:
     checkpoint I/O): SPO ``method.work(it)`` (the rollout) then ``trainer.train_iteration``; DPO a prepared
     ``work`` (``dpo_work``) then ``train_iteration``. ``timer``: a ``StageTimer`` to run it under (its stages and,
     when it counts them, its FLOPs go into the result)."""
-    from spo_fast.trainer import train_iteration
+    from spo_fast.core.trainer import train_iteration
 
     dev = run.device
     run.counter.reset()
@@ -417,14 +417,14 @@ def iteration(run: Run, timer=None, work=None) -> IterationStats:
 
 def flop_pass(run: Run, work=None) -> IterationStats:
     """The FLOP-counting pass (it doubles as the warm-up; its time is not used): FLOPs per stage and in total."""
-    from spo_fast.profiling import StageTimer
+    from spo_fast.core.profiling import StageTimer
 
     return iteration(run, StageTimer(run.accelerator.device, count_flops=True), work)
 
 
 def timed_pass(run: Run, work=None) -> IterationStats:
     """The stage-timed pass: ``StageTimer`` (device syncs at every stage boundary), no FLOP counting."""
-    from spo_fast.profiling import StageTimer
+    from spo_fast.core.profiling import StageTimer
 
     return iteration(run, StageTimer(run.accelerator.device), work)
 
@@ -541,7 +541,7 @@ class Summary:
         tmp.replace(self.path)
 
 
-# The issue's GPU targets (on an H200), read off the summary.
+# The project's GPU targets (on an H200), read off the summary.
 TARGETS = {"sd15_spo_mfu": 0.45, "sd15_spo_recipe_gpu_hours": 8.0, "sdxl_spo_peak_mem_gib": 24.0}
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from bench_utils import compiled, fill_extra_info, skip_reason, sync, tensor_bytes
+
 from spo_fast.kernels.ddim_step import philox_normal, pooled_ddim_step, pooled_ddim_step_reference, torch_normal
 
 GUIDANCE, ETA, PREDICTION_TYPE = 7.5, 1.0, "epsilon"  # the SD1.5 / SDXL recipes

@@ -39,7 +39,7 @@ from e2e import (
     timed_pass,
 )
 
-from spo_fast.config import ConfigError
+from spo_fast.core.config import ConfigError
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from bench_utils import compiled, fill_extra_info, skip_reason, sync, tensor_bytes
+
 from spo_fast.kernels.pair_select import score_and_select, score_and_select_reference
 
 LOGIT_SCALE, THRESHOLD = 100.0, 0.3  # PickScore's logit scale; the recipes' selection threshold

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from bench_utils import compiled, fill_extra_info, skip_reason, sync, tensor_bytes
+
 from spo_fast.kernels.spo_loss import spo_loss, spo_loss_reference
 
 BETA, RATIO_CLIP = 10.0, 0.1  # the SD1.5 / SDXL recipes

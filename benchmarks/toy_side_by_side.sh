@@ -5,8 +5,11 @@
 #
 #   bash benchmarks/toy_side_by_side.sh [OLD_COMMIT=a5b6ee8] [OUTDIR=outputs/side_by_side]
 #
-# The old commit runs from a git worktree with its own shipped toy-world assets, imported through PYTHONPATH
-# (its `kernels/` and `configs/` are installed inside `spo_fast` by setup.py's package_dir: symlinked here).
+# The old commit runs from a git worktree with its own shipped toy-world assets. It is imported through a folder
+# that holds only a link to its `spo_fast/` (PYTHONPATH, and the working directory of its run), so none of its other
+# root folders is ever on sys.path: commits before the package layout had a root `kernels/` package that shadows
+# Hugging Face's `kernels` (and installed it, with `configs/`, inside `spo_fast` by setup.py's package_dir: linked
+# here for those commits).
 # Nothing else should run meanwhile (OMP_WAIT_POLICY=PASSIVE keeps OpenMP from spin-waiting if something does).
 # Writes OUTDIR/side_by_side.json: both wall times, the ratio, both eval.json summaries.
 set -euo pipefail
@@ -17,10 +20,12 @@ NEW=$(git -C "$REPO" rev-parse --short HEAD)
 export HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE
 mkdir -p "$OUT"
 WT=$(mktemp -d /tmp/spo_fast_old.XXXXXX)
-trap 'git -C "$REPO" worktree remove --force "$WT" >/dev/null 2>&1 || rm -rf "$WT"' EXIT
+trap 'rm -rf "$WT.path"; git -C "$REPO" worktree remove --force "$WT" >/dev/null 2>&1 || rm -rf "$WT"' EXIT
 git -C "$REPO" worktree add --detach "$WT" "$OLD" >/dev/null
-ln -s ../kernels "$WT/spo_fast/kernels"
-ln -s ../configs "$WT/spo_fast/configs"
+for d in kernels configs; do  # the old layout: root folders installed inside spo_fast
+  [[ -e "$WT/spo_fast/$d" ]] || ln -s "../$d" "$WT/spo_fast/$d"
+done
+mkdir "$WT.path" && ln -s "$WT/spo_fast" "$WT.path/spo_fast"
 
 run() {  # name dir pythonpath
   local name=$1 dir=$2 pp=$3 t0 t1
@@ -32,7 +37,7 @@ run() {  # name dir pythonpath
   python -c "print(round($t1 - $t0, 1))"
 }
 echo "[side by side] old $OLD ..."
-T_OLD=$(run old "$WT" "$WT")
+T_OLD=$(run old "$WT.path" "$WT.path")
 echo "[side by side] old: $T_OLD s; new $NEW ..."
 T_NEW=$(run new "$REPO" "")  # the installed (editable) checkout
 echo "[side by side] new: $T_NEW s"

@@ -5,7 +5,7 @@ evaluates each at ``--points`` regular points of its run with one held-out proto
 ``compare.png`` (reward and win rate against training cost) into ``--out`` (default ``outputs/compare``).
 
 **Cost units** (logged by the trainer itself, per iteration, in each run's ``metrics.jsonl``; the formulas are
-``spo_fast.spo.iteration_cost`` and ``spo_fast.dpo.iteration_cost``, tested against a count of real UNet calls):
+``spo_fast.methods.spo.iteration_cost`` and ``spo_fast.methods.dpo.iteration_cost``, tested against a count of real UNet calls):
 
 - ``unet_fwd_eq``, UNet forward-equivalents: one UNet forward of one sample = 1; a classifier-free-guidance call on
   N samples (both halves in one batch) = 2N; a backward = 2 forwards. SPO: its rollout (plain steps, the shared
@@ -23,7 +23,7 @@ rollout's sampler (DDIM ``num_steps`` steps with CFG), 2 * 2 * num_steps forward
 reports it for the unique pairs the DPO run used (``pair_production``). The preference model's own training (it
 labels SPO's pools; the ground truth labelled DPO's pairs) is counted for neither.
 
-**Protocol.** The evaluation is the end-of-run one (``spo_fast.evaluation``: ``eval.n_prompts`` prompts x
+**Protocol.** The evaluation is the end-of-run one (``spo_fast.evaluation.heldout``: ``eval.n_prompts`` prompts x
 ``eval.seeds`` seeds, base and trained model from the same noise, the toy world's ground-truth reward, win rate =
 share of prompt/seed pairs where the trained model scores higher, ties counting as losses), run on the trained LoRA
 at iterations ceil(j * total / points), j = 1..points, from a trainer hook between iterations (training is not
@@ -54,7 +54,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ArgumentParser, DivergedError, InputError
+from spo_fast.core.errors import ArgumentParser, DivergedError, InputError
 
 DEFAULT_OUT = "outputs/compare"
 SPLITS = {"test": "toyworld:test", "validation": "toyworld:validation"}
@@ -153,7 +153,7 @@ def _base_overrides(out: Path, split: str) -> list[str]:
 
 def make_spec(label: str, recipe: str, method: str, out: Path, split: str, extra: list[str]) -> RunSpec:
     """Resolve the config (recipe <- compare's settings <- ``extra``) and check it is a ``method`` run."""
-    from .config import ConfigError, load_config
+    from spo_fast.core.config import ConfigError, load_config
 
     overrides = _base_overrides(out, split) + list(extra)
     try:
@@ -168,7 +168,7 @@ def make_spec(label: str, recipe: str, method: str, out: Path, split: str, extra
 
 def protocol(cfg) -> dict:
     """What must agree between two runs for their evaluations (and their cached base images) to be comparable."""
-    from .trainer import kernel_backend
+    from spo_fast.core.trainer import kernel_backend
 
     s, e, m = cfg.sampling, cfg.eval, cfg.model
     return {"model": m.path, "family": m.family, "resolution": m.resolution,
@@ -182,9 +182,9 @@ def protocol(cfg) -> dict:
 def preflight(specs: list[RunSpec]) -> None:
     """Every cheap check of every run (models, prompts, pairs, output dirs) before any model is built, and that all
     runs share one evaluation protocol."""
-    from .train import make_method
-    from .trainer import preflight as trainer_preflight
-    from .trainer import run_length
+    from spo_fast.core.trainer import preflight as trainer_preflight
+    from spo_fast.core.trainer import run_length
+    from spo_fast.train import make_method
 
     first = protocol(specs[0].cfg)
     for spec in specs:
@@ -207,7 +207,7 @@ def _epoch_iterations(spec: RunSpec) -> int:
     cfg, m = spec.cfg, spec.method
     if cfg.method == "dpo":
         return m.ds.iterations_for(cfg.train.epochs, cfg.train.batch_size, 1)
-    from .data import PromptSampler
+    from spo_fast.data import PromptSampler
 
     return PromptSampler(m.prompts, cfg.train.batch_size, 1, 0, cfg.train.seed).iterations_for(cfg.train.epochs)
 
@@ -236,7 +236,7 @@ class BaseImages:
 @dataclass
 class PointEvaluator:
     """The trainer hook: adds up each iteration's costs and seconds, and at the evaluation iterations scores the
-    trained LoRA against the cached base images (``spo_fast.evaluation.generate`` and ``compare``)."""
+    trained LoRA against the cached base images (``spo_fast.evaluation.heldout.generate`` and ``compare``)."""
 
     spec: RunSpec
     points: int
@@ -272,9 +272,9 @@ class PointEvaluator:
         """base (cached) vs the trained model on the evaluation prompts and seeds: ``evaluation.compare``'s dict."""
         import torch
 
-        from .evaluation import compare, generate, ground_truth_reward, scorer_reward
-        from .sampling import DDIMSchedule
-        from .trainer import eval_prompts, kernel_backend, reference_unet
+        from spo_fast.core.trainer import eval_prompts, kernel_backend, reference_unet
+        from spo_fast.diffusion.sampling import DDIMSchedule
+        from spo_fast.evaluation.heldout import compare, generate, ground_truth_reward, scorer_reward
 
         t0 = time.perf_counter()
         cfg = self.spec.cfg
@@ -343,7 +343,7 @@ def pair_production(spec: RunSpec) -> dict:
     for it in range(spec.total):
         used.update(ds.batch_indices(it, cfg.train.batch_size, 1, 0, cfg.train.seed))
     if cfg.data.pairs == "toyworld:train":
-        from .toyworld.build import SAMPLER
+        from spo_fast.toyworld.build import SAMPLER
 
         steps, source = SAMPLER["num_steps"], "spo_fast.toyworld.build.SAMPLER (the shipped pairs' sampler)"
     else:
@@ -361,7 +361,7 @@ def pair_production(spec: RunSpec) -> dict:
 def train_and_evaluate(spec: RunSpec, points: int, base: BaseImages, log, phase: str, progress: bool) -> dict:
     """Train one run with the evaluation hook (its own progress bar, ``phase`` like "[1/2]"); its points (point 0 =
     the base model) and settings. The trainer's own lines go to ``log``."""
-    from .trainer import run
+    from spo_fast.core.trainer import run
 
     metrics = Path(spec.cfg.log.output_dir) / "metrics.jsonl"
     if metrics.exists():  # a fresh run (checkpoint.resume=never): the trainer appends to metrics.jsonl

@@ -1,12 +1,12 @@
 """Base vs trained on the same noise, from the command line: ``python -m spo_fast.evaluate --lora DIR [...]``.
 
-The library half (sampling both models, the statistics, eval.json and the grid) is ``spo_fast.evaluation``; this
+The library half (sampling both models, the statistics, eval.json and the grid) is ``spo_fast.evaluation.heldout``; this
 module loads the models and the reward from the command line. Rewards: the toy world's ground truth
 (``--reward ground_truth``, the default for toy prompts), the SPM at t = 0 (``--spm DIR``) or a plain CLIP-style
 reward model such as a local PickScore (``--clip-reward DIR``), all local directories. ``--seed-offset N`` samples
 at the noise seeds N .. N + seeds - 1 (default 0 .. seeds - 1: the end-of-run evaluation's).
 
-Bad input (``spo_fast.errors``): every argument, file and directory is checked before any model is built, and a
+Bad input (``spo_fast.core.errors``): every argument, file and directory is checked before any model is built, and a
 problem is one line ``error: ...`` naming it, with exit code 2. That includes the weights: the LoRA file's header
 (a truncated or non-safetensors file), and whether its tensors fit the base model's UNet (``check_lora_fits``,
 against the UNet's module tree built on the meta device from its config: diffusers' ``load_lora_adapter`` would
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import (
+from spo_fast.core.errors import (
     ArgumentParser,
     InputError,
     WeightsFileError,
@@ -34,9 +34,23 @@ from .errors import (
     report,
     safetensors_header,
 )
-from .evaluation import GRID_PROMPTS, all_toy_prompts, evaluate, ground_truth_reward, scorer_reward, summary_line
-from .models import Components, ModelDirError, check_model_dir, load_components, quiet_loading, resolve_model_path
-from .rewards import METRICS, check_metric, load_metric
+from spo_fast.diffusion.models import (
+    Components,
+    ModelDirError,
+    check_model_dir,
+    load_components,
+    quiet_loading,
+    resolve_model_path,
+)
+from spo_fast.evaluation.heldout import (
+    GRID_PROMPTS,
+    all_toy_prompts,
+    evaluate,
+    ground_truth_reward,
+    scorer_reward,
+    summary_line,
+)
+from spo_fast.reward.metrics import METRICS, check_metric, load_metric
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights (spo_fast.train) writes
 UNET_PREFIX = "unet."
@@ -80,7 +94,7 @@ def check_args(args) -> None:
 def read_prompts(spec: str) -> list[str]:
     """``--prompts``: a named set (``toyworld:heldout``, ...), a UTF-8 file with one prompt per line or a table
     (``spo_fast.data.load_prompts``: Pick-a-Pic parquet, PartiPrompts tsv, HPSv2 json; ``FILE:COLUMN``)."""
-    from .data import load_prompts
+    from spo_fast.data import load_prompts
 
     return load_prompts(spec, key="--prompts")
 
@@ -101,7 +115,7 @@ def reward_kind(args, prompts: list[str]) -> str:
     else:  # real models: the first --metric leads (the grid shows it), else the SPM at t = 0
         kind = "metric" if args.metric else "spm"
     if kind == "ground_truth":
-        from .toyworld import world
+        from spo_fast.toyworld import world
 
         for i, p in enumerate(prompts):
             try:
@@ -312,7 +326,7 @@ def check_reward_dir(args, kind: str) -> Path | None:
     """The SPM / CLIP reward directory the reward ``kind`` uses (None for the ground truth and the metrics)."""
     if kind in ("ground_truth", "metric"):
         return None
-    from .spm import check_spm_dir
+    from spo_fast.reward.spm import check_spm_dir
 
     if kind == "spm" and args.spm is None:
         if not args.model.startswith("toyworld:"):
@@ -342,7 +356,7 @@ def _load_trained(comp: Components, trained: Trained):
     load the fine-tuned UNet directory (-> (None, its UNet))."""
     from diffusers import UNet2DConditionModel
 
-    from .models import load_checked
+    from spo_fast.diffusion.models import load_checked
 
     if trained.file is None:
         with quiet_loading():
@@ -475,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         elif reward_dir is None:
             reward = ground_truth_reward
         else:
-            from .spm import SPMScorer
+            from spo_fast.reward.spm import SPMScorer
 
             # a plain CLIP/PickScore dir loads with identity (zero) time conditioning: its score at t = 0
             # is exactly the plain CLIP score

@@ -1,7 +1,7 @@
 """Preference training from the command line: ``python -m spo_fast.train [RECIPE] [key=value ...]``.
 
-The recipe's ``method`` picks the method: ``spo`` (Step-aware Preference Optimization, ``spo_fast.spo``) or ``dpo``
-(Diffusion-DPO, ``spo_fast.dpo``); both run on the trainer core (``spo_fast.trainer``: models, LoRA, optimizer,
+The recipe's ``method`` picks the method: ``spo`` (Step-aware Preference Optimization, ``spo_fast.methods.spo``) or ``dpo``
+(Diffusion-DPO, ``spo_fast.methods.dpo``); both run on the trainer core (``spo_fast.core.trainer``: models, LoRA, optimizer,
 accumulation, resume, signals, metrics, profiler, export, sample grid, evaluation). With no arguments it trains the
 embedded default recipe (``toy_spo``) on CPU.
 
@@ -12,11 +12,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .config import Config, available_recipes, load_config
-from .errors import ArgumentParser, DivergedError, InputError, report
-from .trainer import Method, Setup, clip_gradients
-from .trainer import preflight as _preflight
-from .trainer import run as run_method
+from spo_fast.core.config import Config, available_recipes, load_config
+from spo_fast.core.errors import ArgumentParser, DivergedError, InputError, report
+from spo_fast.core.trainer import Method, Setup, clip_gradients
+from spo_fast.core.trainer import preflight as _preflight
+from spo_fast.core.trainer import run as run_method
 
 __all__ = ["clip_gradients", "load_config", "main", "make_method", "preflight", "run", "train"]
 
@@ -24,10 +24,10 @@ __all__ = ["clip_gradients", "load_config", "main", "make_method", "preflight", 
 def make_method(cfg: Config) -> Method:
     """The method object of ``cfg.method``."""
     if cfg.method == "dpo":
-        from .dpo import DiffusionDPO
+        from spo_fast.methods.dpo import DiffusionDPO
 
         return DiffusionDPO()
-    from .spo import SPO
+    from spo_fast.methods.spo import SPO
 
     return SPO()
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         if print_only:
             import yaml
 
-            from .config import to_dict
+            from spo_fast.core.config import to_dict
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             return 0
         train(cfg)

@@ -15,13 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from spo_fast import models, spm, train_spm
+from spo_fast.core.errors import InputError
 from spo_fast.data import __main__ as data_cli
 from spo_fast.data import cache as cache_module
 from spo_fast.data.pairs import PairsError, load_all
 from spo_fast.data.prompts import load_prompts
-from spo_fast.errors import InputError
-from spo_fast.models import toyworld_assets
+from spo_fast.diffusion import models, spm, train_spm
+from spo_fast.diffusion.models import toyworld_assets
 from spo_fast.toyworld import build
 
 ROWS = [1, 2, 4, 5, 7]  # of the toy train pairs: no ties (a tie-free file survives data.ties=drop)

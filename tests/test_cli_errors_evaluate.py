@@ -14,14 +14,14 @@ import torch
 from safetensors.torch import save_file
 
 from spo_fast import evaluate, evaluation
-from spo_fast.models import resolve_model_path
+from spo_fast.diffusion.models import resolve_model_path
 
 TINY = ["--n-prompts", "2", "--seeds", "1", "--num-steps", "2", "--grid-prompts", "1"]
 MODULE = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"  # a Linear 64 -> 64 of the toy UNet
 
 
 def save_lora(unet, out: Path) -> Path:
-    """The LoRA of ``unet``'s adapter as ``spo_fast.trainer.save_weights`` writes it."""
+    """The LoRA of ``unet``'s adapter as ``spo_fast.core.trainer.save_weights`` writes it."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -39,7 +39,7 @@ def lora_dir(tmp_path_factory) -> Path:
     trained and base differ."""
     from peft import LoraConfig
 
-    from spo_fast.models import load_components
+    from spo_fast.diffusion.models import load_components
 
     unet = load_components("toyworld:base", "sd15").unet
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
@@ -55,7 +55,7 @@ def lora_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def no_models(monkeypatch):
     """Building a model or sampling fails the test: the bad input must be found before."""
-    from spo_fast.spm import SPMScorer
+    from spo_fast.reward.spm import SPMScorer
 
     def built(*a, **k):
         raise AssertionError("model built")
@@ -352,7 +352,7 @@ def test_lora_fits_check_accepts_both_key_formats(lora_dir):
     """The trainer's file (``unet.`` + lora.down/up) and a bare peft state dict (lora_A/B) both fit the toy UNet."""
     from safetensors import safe_open
 
-    from spo_fast.errors import safetensors_header
+    from spo_fast.core.errors import safetensors_header
 
     unet = evaluate._meta_unet(resolve_model_path("toyworld:base") / "unet", "toy")
     file = lora_dir / "pytorch_lora_weights.safetensors"
@@ -370,7 +370,7 @@ def test_sdxl_lora_does_not_fit_sd15_unet():
     and widths (attention and 1x1 conv modules) fits the SDXL UNet and not the SD1.5 one."""
     from torch import nn
 
-    from spo_fast.errors import WeightsFileError
+    from spo_fast.core.errors import WeightsFileError
 
     sdxl, sd15 = (evaluate._meta_unet(resolve_model_path(f"arch:{n}") / "unet", n) for n in ("sdxl", "sd15"))
     header = {}
@@ -389,7 +389,7 @@ def test_sdxl_lora_does_not_fit_sd15_unet():
 def test_seed_offset_selects_the_noise_seeds(monkeypatch):
     """Offset 0 is today's noise (seed s of chunk c from ``(base_seed * 7919 + s) * 1_000_003 + c``); offset N
     samples seeds N.. with the same noise they have in a longer run."""
-    from spo_fast.models import load_components
+    from spo_fast.diffusion.models import load_components
 
     comp = load_components("toyworld:base", "sd15")
     noise = []

@@ -12,8 +12,8 @@ import yaml
 from safetensors.torch import save_file
 from test_train import FAST, cfg_for
 
-from spo_fast import trainer
-from spo_fast.models import resolve_model_path
+from spo_fast.core import trainer
+from spo_fast.diffusion.models import resolve_model_path
 from spo_fast.train import main, run
 
 
@@ -164,7 +164,7 @@ def test_safe_change_on_resume_is_a_warning_and_is_used(tmp_path, trained, capsy
 def test_resume_loads_the_new_hyperparameters_into_the_optimizer(tmp_path, trained):
     from accelerate import Accelerator
 
-    from spo_fast.checkpoint import load_checkpoint
+    from spo_fast.core.checkpoint import load_checkpoint
 
     cfg = cfg_for(tmp_path, "train.lr=0.005", "train.weight_decay=0.5", "train.warmup_steps=1000")
     s = trainer.build(cfg, Accelerator())

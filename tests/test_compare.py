@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from spo_fast import compare as cmp
-from spo_fast.config import load_config
-from spo_fast.dpo import DiffusionDPO
-from spo_fast.dpo import iteration_cost as dpo_cost
-from spo_fast.spo import SPO
-from spo_fast.spo import iteration_cost as spo_cost
-from spo_fast.trainer import run
+from spo_fast.core.config import load_config
+from spo_fast.core.trainer import run
+from spo_fast.methods.dpo import DiffusionDPO
+from spo_fast.methods.dpo import iteration_cost as dpo_cost
+from spo_fast.methods.spo import SPO
+from spo_fast.methods.spo import iteration_cost as spo_cost
 
 QUIET = ["log.tensorboard=false", "log.progress=false", "log.sample_prompts=0", "train.kernels=torch",
          "checkpoint.every=0"]
@@ -47,7 +47,7 @@ class Counter:
     def __init__(self, monkeypatch):
         from diffusers import UNet2DConditionModel
 
-        from spo_fast.spm import SPMScorer
+        from spo_fast.reward.spm import SPMScorer
 
         self.fwd = self.bwd = self.spm = 0
         self.active = True
@@ -218,7 +218,7 @@ def test_tune_dpo_then_compare_reads_the_choice(tmp_path, monkeypatch):
     (["tune-dpo", "--lrs", "fast"], "comma-separated"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_any_model(tmp_path, monkeypatch, capsys, argv, needle):
-    from spo_fast import trainer
+    from spo_fast.core import trainer
 
     def no_build(*a, **k):
         raise AssertionError("a model was built")

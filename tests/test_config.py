@@ -1,6 +1,6 @@
 import pytest
 
-from spo_fast.config import Config, ConfigError, available_recipes, load_config, save_config, validate
+from spo_fast.core.config import Config, ConfigError, available_recipes, load_config, save_config, validate
 
 
 @pytest.mark.parametrize("recipe", available_recipes())
@@ -12,7 +12,7 @@ def test_every_recipe_loads_and_validates(recipe, tmp_path):
 
 
 def test_recipes_start_with_their_command():
-    from spo_fast.config import configs_dir
+    from spo_fast.core.config import configs_dir
     for path in configs_dir().glob("*.yaml"):
         first = path.read_text().splitlines()[0]
         assert first.startswith("# ") and "spo_fast.train" in first, path

@@ -1,4 +1,4 @@
-"""The pooled candidate DDIM step (spo_fast.kernels.ddim_step) against its reference and spo_fast.sampling, on
+"""The pooled candidate DDIM step (spo_fast.kernels.ddim_step) against its reference and spo_fast.diffusion.sampling, on
 CPU under Triton's interpreter: forward accuracy per dtype, the in-kernel Philox noise (reproducibility and
 distribution), launcher errors and the backend dispatch.
 
@@ -22,9 +22,8 @@ import torch
 
 pytest.importorskip("triton")
 import spo_fast.kernels.ddim_step as step_mod
+from spo_fast.diffusion.sampling import DDIMSchedule, ddim_log_prob, ddim_step_stats
 from spo_fast.kernels.ddim_step import ddim_step, philox_normal, pooled_ddim_step, pooled_ddim_step_reference
-
-from spo_fast.sampling import DDIMSchedule, ddim_log_prob, ddim_step_stats
 
 if _INTERPRET_BEFORE is None:
     del os.environ["TRITON_INTERPRET"]
@@ -136,7 +135,7 @@ def test_kernel_uses_the_documented_counters():
     assert not torch.equal(z, philox_normal(9, 41, z.shape))
 
 
-# --------------------------------------------------------------------------- against spo_fast.sampling
+# --------------------------------------------------------------------------- against spo_fast.diffusion.sampling
 
 
 def toy_schedule(pred):

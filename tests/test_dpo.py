@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from spo_fast.kernels.spo_loss import dpo_loss
 
-from spo_fast.config import ConfigError, load_config
-from spo_fast.models import load_components
+from spo_fast.core.config import ConfigError, load_config
+from spo_fast.diffusion.models import load_components
+from spo_fast.kernels.spo_loss import dpo_loss
 from spo_fast.train import main, run
 
 BACKENDS = ["torch", "triton"]
@@ -139,7 +139,7 @@ def test_toy_dpo_end_to_end_moves_lora_keeps_base(tmp_path):
 
 def test_latent_cache_second_run_decodes_and_encodes_nothing(tmp_path, monkeypatch):
     import spo_fast.data.pairs as pairs_mod
-    import spo_fast.dpo as dpo_mod
+    import spo_fast.methods.dpo as dpo_mod
 
     cache = tmp_path / "cache"
     args = ["train.max_iterations=2", "eval.enabled=false", "log.sample_prompts=0", f"data.cache_dir={cache}"]

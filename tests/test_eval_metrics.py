@@ -13,8 +13,8 @@ from test_cli_errors_evaluate import lora_dir, no_models, run_main  # noqa: F401
 from test_rewards import aesthetic_head, clip, clip_dir, tmp  # noqa: F401 (fixtures)
 
 from spo_fast import evaluate as ev
-from spo_fast.evaluation import PAPER, eval_markdown, metric_statistics
-from spo_fast.models import resolve_model_path
+from spo_fast.diffusion.models import resolve_model_path
+from spo_fast.evaluation.heldout import PAPER, eval_markdown, metric_statistics
 from spo_fast.toyworld import world
 
 FAST = ["--n-prompts", "3", "--seeds", "2", "--num-steps", "2", "--grid-prompts", "1", "--batch-size", "8"]

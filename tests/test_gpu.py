@@ -13,7 +13,7 @@ import functools
 import pytest
 import torch
 
-from spo_fast.config import SamplingConfig, SPOConfig
+from spo_fast.core.config import SamplingConfig, SPOConfig
 from spo_fast.kernels.ddim_step import pooled_ddim_step
 from spo_fast.kernels.pair_select import score_and_select
 from spo_fast.kernels.philox import rng_state
@@ -85,9 +85,9 @@ def test_spo_loss_triton_matches_torch_fwd_bwd():
 def tiny_lora():
     from peft import LoraConfig
 
-    from spo_fast.models import decode_latents, encode_prompts, load_components
-    from spo_fast.sampling import DDIMSchedule
-    from spo_fast.scorers import ColorScorer
+    from spo_fast.diffusion.models import decode_latents, encode_prompts, load_components
+    from spo_fast.diffusion.sampling import DDIMSchedule
+    from spo_fast.reward.scorers import ColorScorer
 
     comp = load_components("arch:tiny_sd15", "sd15", "random", seed=0)
     comp.unet.to(DEV)
@@ -105,7 +105,7 @@ def tiny_lora():
 
 
 def _rollout(t, calls, seed):
-    from spo_fast.rollout import rollout
+    from spo_fast.diffusion.rollout import rollout
 
     spo = SPOConfig(k=3, divert_start_step=2, num_inner_steps=1, threshold=0.0)
     sampling = SamplingConfig(num_steps=8, eta=1.0, guidance_scale=5.0)
@@ -119,7 +119,7 @@ def _rollout(t, calls, seed):
 def test_rollout_graphs_equal_eager_across_weight_updates(tiny_lora, mode):
     """Graphs are captured at the first rollout; after an in-place update of the LoRA weights (what the optimizer
     does) the replayed rollout must follow the new weights, equal to eager's."""
-    from spo_fast.rollout import RolloutCalls
+    from spo_fast.diffusion.rollout import RolloutCalls
 
     t = tiny_lora
     graphed = RolloutCalls(t["comp"].unet, t["decode"], t["scorer"], mode, DEV)
@@ -139,7 +139,7 @@ def test_rollout_graphs_equal_eager_across_weight_updates(tiny_lora, mode):
 
 
 def test_graphed_call_replays_new_inputs():
-    from spo_fast.graphs import GraphedCall
+    from spo_fast.diffusion.graphs import GraphedCall
 
     w = torch.randn(64, 64, device=DEV)
     f = GraphedCall(lambda x, y: (x @ w + 1, y * 2))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from spo_fast import evaluation, grids
+from spo_fast.evaluation import evaluation, grids
 from spo_fast.toyworld import world
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
@@ -129,7 +129,7 @@ def test_reduced_default_run_is_quiet_and_writes_scores(tmp_path):
 
 @pytest.mark.parametrize("value", [0, -1])
 def test_grid_prompts_must_be_positive(value):
-    from spo_fast.config import ConfigError, load_config
+    from spo_fast.core.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="eval.grid_prompts"):
         load_config(None, [f"eval.grid_prompts={value}"])

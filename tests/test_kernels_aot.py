@@ -19,6 +19,7 @@ import pkgutil
 from pathlib import Path
 
 import pytest
+
 from spo_fast.kernels import aot, ddim_step, pair_select, spo_loss
 
 TOOLCHAIN_ERROR = aot.toolchain_error()

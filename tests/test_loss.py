@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from spo_fast.kernels.spo_loss import LossOutput, spo_loss, spo_loss_reference
 
 CHW = (3, 5, 7)

@@ -4,7 +4,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 
-from spo_fast.merged import MergedLoRA, lora_layers
+from spo_fast.diffusion.merged import MergedLoRA, lora_layers
 
 TINY = {"sample_size": 8, "in_channels": 3, "out_channels": 3, "layers_per_block": 1,
         "block_out_channels": [16, 32], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
@@ -53,7 +53,7 @@ def test_merged_needs_lora():
 
 
 def test_merge_lora_config_needs_lora():
-    from spo_fast.config import ConfigError, load_config
+    from spo_fast.core.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="sampling.merge_lora"):
         load_config(None, ["sampling.merge_lora=true", "lora.enabled=false"])

@@ -1,4 +1,4 @@
-"""Tests for spo_fast.models: arch dirs, generated tokenizers, loading, conditioning, dir checks."""
+"""Tests for spo_fast.diffusion.models: arch dirs, generated tokenizers, loading, conditioning, dir checks."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,7 +12,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from spo_fast.models import (
+from spo_fast.diffusion.models import (
     Conditioning,
     ModelDirError,
     check_model_dir,
@@ -250,7 +250,7 @@ def test_sdxl_empty_negative_prompt_is_zeros(tiny, tmp_path):
     """SDXL with force_zeros_for_empty_prompt (diffusers' default): an empty negative prompt is all-zero embeddings
     and pooled embedding (time ids kept); a non-empty one, SD1.5 and force_zeros_for_empty_prompt=false are the
     encoded prompt."""
-    from spo_fast.models import force_zeros_for_empty_prompt
+    from spo_fast.diffusion.models import force_zeros_for_empty_prompt
 
     sdxl, sd15 = tiny["sdxl"], tiny["sd15"]
     assert sdxl.force_zeros_for_empty_prompt and not sd15.force_zeros_for_empty_prompt

@@ -11,10 +11,10 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 from test_train import FAST, cfg_for
 
-from spo_fast import trainer
-from spo_fast.checkpoint import check_files, list_checkpoints, save_checkpoint, trainable_state
-from spo_fast.errors import DivergedError
-from spo_fast.spo import SPO
+from spo_fast.core import trainer
+from spo_fast.core.checkpoint import check_files, list_checkpoints, save_checkpoint, trainable_state
+from spo_fast.core.errors import DivergedError
+from spo_fast.methods.spo import SPO
 from spo_fast.train import main
 
 

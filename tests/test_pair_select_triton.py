@@ -1,5 +1,5 @@
 """Batched reward scoring and pair selection (spo_fast.kernels.pair_select) against its reference and
-spo_fast.rollout.select_pairs, on CPU under Triton's interpreter: scores per dtype, win/lose/valid/cont, ties,
+spo_fast.diffusion.rollout.select_pairs, on CPU under Triton's interpreter: scores per dtype, win/lose/valid/cont, ties,
 the continuation draws (given u, and the in-kernel Philox draws), launcher errors and the backend dispatch.
 
 Accuracy rule (as in test_ddim_step_triton): the kernel's score error against the exact value is at most twice
@@ -22,15 +22,14 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 import spo_fast.kernels.pair_select as ps_mod
+from spo_fast.diffusion.rollout import select_pairs
 from spo_fast.kernels.pair_select import (
     philox_uniform,
     score_and_select,
     score_and_select_reference,
     select_from_scores,
 )
-
 from spo_fast.kernels.philox import rng_state
-from spo_fast.rollout import select_pairs
 
 if _INTERPRET_BEFORE is None:
     del os.environ["TRITON_INTERPRET"]

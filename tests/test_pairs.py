@@ -19,7 +19,7 @@ from spo_fast.data import pairs as pairs_module
 from spo_fast.data.__main__ import main as data_main
 from spo_fast.data.cache import CacheError, LatentCache, cache_key
 from spo_fast.data.pairs import PairDataset, PairsError, decode_image, load_all, resolve_shards
-from spo_fast.models import toyworld_assets
+from spo_fast.diffusion.models import toyworld_assets
 
 RES = 16
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from spo_fast.config import ConfigError, load_config
-from spo_fast.profiling import STAGES
+from spo_fast.core.config import ConfigError, load_config
+from spo_fast.core.profiling import STAGES
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -68,9 +68,9 @@ def test_stage_split_and_flops_are_collected(tiny_run):
     # the backward of a forward costs about twice the forward (LoRA: no weight gradients of the frozen base)
     assert flops.stages["train/backward"]["flops"] >= 0.5 * flops.stages["train/policy"]["flops"]
     rollout_stages = [s for s in STAGES if s.startswith("rollout/")]
-    import spo_fast.rollout
+    import spo_fast.diffusion.rollout
 
-    if "rollout/unet" in Path(spo_fast.rollout.__file__).read_text():  # the rollout's ranges, once present
+    if "rollout/unet" in Path(spo_fast.diffusion.rollout.__file__).read_text():  # the rollout's ranges, once present
         for name in rollout_stages:
             assert timed.stages[name]["calls"] > 0, name
         assert flops.stages["rollout/unet"]["flops"] > 0 and flops.stages["rollout/decode"]["flops"] > 0
@@ -167,7 +167,7 @@ def test_speed_option_combinations_are_checked():
 def test_attention_backend_missing_is_an_error_before_any_model(backend, package, tmp_path, monkeypatch):
     if torch.cuda.is_available() and importlib.util.find_spec(backend) is not None:
         pytest.skip(f"{backend} can run here")
-    from spo_fast import trainer
+    from spo_fast.core import trainer
     from spo_fast.train import run
 
     built = []
@@ -217,8 +217,8 @@ def test_speed_options_are_applied_and_train():
 def test_vae_and_scorer_precision_switch_autocast_off():
     """An explicit VAE / SPM dtype runs in that dtype under the caller's autocast; ``auto``/``autocast`` keep
     running under it (the behaviour before the keys existed)."""
-    from spo_fast.models import decode_latents, load_components
-    from spo_fast.spm import SPMScorer
+    from spo_fast.diffusion.models import decode_latents, load_components
+    from spo_fast.reward.spm import SPMScorer
 
     comp = load_components("arch:tiny_sd15", "sd15", "random", seed=0)
     seen = []
@@ -242,9 +242,9 @@ def test_spm_architectures():
     builds with random weights from its seed, deterministically, with the packaged tokenizer."""
     from transformers import CLIPConfig, CLIPModel
 
-    from spo_fast.models import resolve_model_path
-    from spo_fast.scorers import build_scorer
-    from spo_fast.spm import SPMScorer
+    from spo_fast.diffusion.models import resolve_model_path
+    from spo_fast.reward.scorers import build_scorer
+    from spo_fast.reward.spm import SPMScorer
 
     root = resolve_model_path("arch:spm_vit_h14")
     cfg = CLIPConfig.from_pretrained(root)
@@ -277,7 +277,7 @@ def test_flash_attn_processor_matches_sdpa():
     the default processor's output on the tiny UNet in bf16 (self- and cross-attention)."""
     import torch.nn.functional as F
 
-    from spo_fast.models import FlashAttnProcessor, load_components
+    from spo_fast.diffusion.models import FlashAttnProcessor, load_components
 
     def flash_standin(q, k, v, dropout_p, softmax_scale, causal):
         assert q.dim() == 4 and not causal and dropout_p == 0.0

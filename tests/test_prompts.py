@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from spo_fast.config import ConfigError
+from spo_fast.core.config import ConfigError
 from spo_fast.data import load_prompts
 
 

@@ -1,4 +1,4 @@
-"""Reward models (spo_fast.rewards): tiny random-weight files in the released layouts, scored by the loaders and by
+"""Reward models (spo_fast.reward.metrics): tiny random-weight files in the released layouts, scored by the loaders and by
 hand-written reference forwards; score formulas; preprocessing; spec parsing; named errors for bad input."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel
 
-from spo_fast.rewards import (
+from spo_fast.reward.metrics import (
     IMAGEREWARD_MEAN,
     IMAGEREWARD_STD,
     METRICS,
@@ -24,7 +24,7 @@ from spo_fast.rewards import (
     parse_metric,
     preprocess,
 )
-from spo_fast.spm import CLIP_MEAN, CLIP_STD, StepAwarePreferenceModel
+from spo_fast.reward.spm import CLIP_MEAN, CLIP_STD, StepAwarePreferenceModel
 
 CLIP_TOKENIZER = Path(__file__).resolve().parents[1] / "configs/arch/tiny_spm"  # a CLIP BPE tokenizer, 1549 ids
 PROMPTS = ["a red cat", "a blue dog", "a red cat", "blue cats"]
@@ -426,8 +426,8 @@ def test_aesthetic_uses_the_normalised_image_embedding(clip, aesthetic_head, tmp
 def test_spm_at_t0(tmp):
     from transformers import CLIPTokenizer
 
-    from spo_fast.evaluation import scorer_reward
-    from spo_fast.spm import SPMScorer
+    from spo_fast.evaluation.heldout import scorer_reward
+    from spo_fast.reward.spm import SPMScorer
 
     tok = CLIPTokenizer.from_pretrained(CLIP_TOKENIZER)
     d = tmp / "spm"

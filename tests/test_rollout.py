@@ -1,4 +1,4 @@
-"""Tests for spo_fast.rollout: the step-wise resampler's buffers, its scorer calls, select_pairs."""
+"""Tests for spo_fast.diffusion.rollout: the step-wise resampler's buffers, its scorer calls, select_pairs."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from spo_fast.config import SamplingConfig, SPOConfig
-from spo_fast.models import encode_prompts, load_components
+from spo_fast.core.config import SamplingConfig, SPOConfig
+from spo_fast.diffusion.models import encode_prompts, load_components
+from spo_fast.diffusion.rollout import RolloutBuffer, rollout, select_pairs
+from spo_fast.diffusion.sampling import DDIMSchedule, cfg_model_output, ddim_step_stats, predict_x0_eps
 from spo_fast.kernels.philox import rng_state
-from spo_fast.rollout import RolloutBuffer, rollout, select_pairs
-from spo_fast.sampling import DDIMSchedule, cfg_model_output, ddim_step_stats, predict_x0_eps
 
 B = 3
 GUIDANCE = 5.0
@@ -391,9 +391,9 @@ def test_feature_scorer_goes_through_the_fused_op_with_the_same_pairs(tiny, monk
     and so the whole rollout equal those of the same SPM scored through ``score`` + select_pairs."""
     from transformers import CLIPTokenizer
 
-    import spo_fast.rollout as rollout_mod
-    from spo_fast.scorers import FeatureScorer
-    from spo_fast.spm import SPMScorer, StepAwarePreferenceModel
+    import spo_fast.diffusion.rollout as rollout_mod
+    from spo_fast.reward.scorers import FeatureScorer
+    from spo_fast.reward.spm import SPMScorer, StepAwarePreferenceModel
 
     tok = CLIPTokenizer.from_pretrained(Path(__file__).resolve().parents[1] / "configs/arch/tiny_sd15/tokenizer")
     model = StepAwarePreferenceModel.tiny(tok, seed=3).eval()
@@ -425,7 +425,7 @@ def test_spm_image_features_give_its_scores():
     """SPMScorer.score == logit_scale * <normalize(image_features), state[prompt_index]> (the fused op's inputs)."""
     from transformers import CLIPTokenizer
 
-    from spo_fast.spm import SPMScorer, StepAwarePreferenceModel
+    from spo_fast.reward.spm import SPMScorer, StepAwarePreferenceModel
 
     tok = CLIPTokenizer.from_pretrained(Path(__file__).resolve().parents[1] / "configs/arch/tiny_sd15/tokenizer")
     spm = SPMScorer(StepAwarePreferenceModel.tiny(tok, seed=1).eval(), tok)
@@ -450,9 +450,9 @@ def test_rollout_segment_compiles_fullgraph(tiny):
 
     from transformers import CLIPTokenizer
 
-    from spo_fast.models import Conditioning
-    from spo_fast.rollout import RolloutCalls, _Context, segment
-    from spo_fast.spm import SPMScorer, StepAwarePreferenceModel
+    from spo_fast.diffusion.models import Conditioning
+    from spo_fast.diffusion.rollout import RolloutCalls, _Context, segment
+    from spo_fast.reward.spm import SPMScorer, StepAwarePreferenceModel
 
     tok = CLIPTokenizer.from_pretrained(Path(__file__).resolve().parents[1] / "configs/arch/tiny_sd15/tokenizer")
     spm = SPMScorer(StepAwarePreferenceModel.tiny(tok, seed=3).eval(), tok)
@@ -484,8 +484,8 @@ def test_rollout_segment_compiles_fullgraph(tiny):
 
 def test_rollout_calls_reused_across_rollouts_give_the_same_buffers(tiny):
     """The calls object the SPO method keeps for the whole run (eager here) changes nothing."""
-    from spo_fast.rollout import RolloutCalls
-    from spo_fast.scorers import ColorScorer
+    from spo_fast.diffusion.rollout import RolloutCalls
+    from spo_fast.reward.scorers import ColorScorer
 
     scorer = ColorScorer()
     calls = RolloutCalls(tiny["comp"].unet, tiny["decode"], scorer)
@@ -502,7 +502,7 @@ def test_rollout_calls_reused_across_rollouts_give_the_same_buffers(tiny):
 def test_rollout_loop_reads_nothing_on_host(tiny, monkeypatch):
     """No ``.item()``, ``.tolist()``, ``int()``, ``float()`` or ``bool()`` of a tensor anywhere in a whole rollout
     (with the RNG state made up front): what a captured CUDA graph could not replay and what would sync a GPU."""
-    from spo_fast.scorers import ColorScorer
+    from spo_fast.reward.scorers import ColorScorer
 
     scorer = ColorScorer()
     schedule = DDIMSchedule.from_scheduler(tiny["comp"].scheduler, 4)

@@ -1,4 +1,4 @@
-"""Tests for spo_fast.sampling: the DDIM step against diffusers, its log-density, CFG, sampling."""
+"""Tests for spo_fast.diffusion.sampling: the DDIM step against diffusers, its log-density, CFG, sampling."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -6,10 +6,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 from diffusers import DDIMScheduler
-from spo_fast.kernels.ddim_step import torch_normal
 
-from spo_fast.models import encode_prompts, load_components, unet_forward
-from spo_fast.sampling import (
+from spo_fast.diffusion.models import encode_prompts, load_components, unet_forward
+from spo_fast.diffusion.sampling import (
     DDIMSchedule,
     cfg_model_output,
     ddim_log_prob,
@@ -17,6 +16,7 @@ from spo_fast.sampling import (
     predict_x0_eps,
     sample,
 )
+from spo_fast.kernels.ddim_step import torch_normal
 
 SD_SCHED = {
     "num_train_timesteps": 1000,

@@ -1,4 +1,4 @@
-"""Step-aware preference model (spo_fast.spm): identity init, t-conditioning, gradients, shapes, I/O, loss, scorer."""
+"""Step-aware preference model (spo_fast.reward.spm): identity init, t-conditioning, gradients, shapes, I/O, loss, scorer."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-from spo_fast.spm import CLIP_MEAN, CLIP_STD, SPMError, SPMScorer, StepAwarePreferenceModel, pair_loss
+from spo_fast.reward.spm import CLIP_MEAN, CLIP_STD, SPMError, SPMScorer, StepAwarePreferenceModel, pair_loss
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "configs/arch/tiny_sd15/tokenizer"
 PROMPTS = ["a red cat on a sofa", "blue sky", "a photo of a green dog in the park at night"]

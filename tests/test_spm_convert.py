@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-from spo_fast.spm import (
+from spo_fast.reward.spm import (
     CLIP_MEAN,
     CLIP_STD,
     RESIZE_OFFICIAL,
@@ -305,7 +305,7 @@ def test_resize_config_round_trips_and_official_uses_no_antialias(files, tmp_pat
     assert (model.preprocess(images) - manual).abs().max() > 0.05
 
 
-def _preprocess_before_issue11(images: torch.Tensor, s: int) -> torch.Tensor:
+def _preprocess_before_resize_config(images: torch.Tensor, s: int) -> torch.Tensor:
     """spo_fast's preprocessing as it was before the resize config (frozen copy)."""
     x = (images.float().clamp(-1, 1) + 1) / 2
     h, w = x.shape[-2:]
@@ -327,7 +327,7 @@ def test_existing_spm_dirs_preprocess_and_score_as_before(tmp_path):
     state = scorer.prepare(PROMPTS)
     for size in ((s, s), (32, 32), (32, 36), (48, 32)):
         images = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(1)) * 1.2
-        ref = _preprocess_before_issue11(images, s)
+        ref = _preprocess_before_resize_config(images, s)
         assert torch.equal(model.preprocess(images), ref)
         t, pi = torch.tensor([0, 500, 999]), torch.tensor([0, 1, 2])
         with torch.no_grad():

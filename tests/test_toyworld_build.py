@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spo_fast import evaluate, evaluation, train, train_spm
-from spo_fast.models import ModelDirError, check_model_dir, load_components, resolve_model_path
+from spo_fast.diffusion.models import ModelDirError, check_model_dir, load_components, resolve_model_path
 from spo_fast.toyworld import build, world
 
 
@@ -183,10 +183,10 @@ def test_rendered_pairs_are_labelled_by_ground_truth():
 
 
 def test_toy_prompts_scorer_and_config_checks(tmp_path):
-    from spo_fast.config import ConfigError, load_config
+    from spo_fast.core.config import ConfigError, load_config
     from spo_fast.data import load_prompts
-    from spo_fast.scorers import build_scorer
-    from spo_fast.spm import SPMScorer
+    from spo_fast.reward.scorers import build_scorer
+    from spo_fast.reward.spm import SPMScorer
 
     assert load_prompts("toyworld:heldout") == world.prompts("heldout")
     assert load_prompts("toyworld:test") == world.prompts("heldout")[:64]

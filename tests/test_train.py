@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spo_fast.config import load_config
-from spo_fast.models import load_components
+from spo_fast.core.config import load_config
+from spo_fast.diffusion.models import load_components
 from spo_fast.train import clip_gradients, main, run
 
 # Small but complete: 2 plain steps, 4 branching steps, k = 2, 2 prompts; threshold 0 and a large
@@ -243,7 +243,7 @@ def test_loss_curve_same_with_torch_and_triton_kernels(tmp_path, monkeypatch):
 
     The rollout's step op is pinned to its torch backend in both runs: its two backends draw different noise
     for the same seed by design (each reproducible), which would make the two rollouts differ."""
-    import spo_fast.rollout as rollout_mod
+    import spo_fast.diffusion.rollout as rollout_mod
 
     step = rollout_mod.pooled_ddim_step
     monkeypatch.setattr(rollout_mod, "pooled_ddim_step", lambda *a, backend=None, **kw: step(*a, backend="torch", **kw))
@@ -263,7 +263,7 @@ def test_loss_curve_same_with_torch_and_triton_kernels(tmp_path, monkeypatch):
 def test_no_valid_pair_no_optimizer_step(tmp_path):
     """A rollout without a valid pair runs no training forward and no optimizer step: the LoRA stays at its init
     (AdamW's weight decay and momentum would otherwise move it)."""
-    from spo_fast.trainer import build  # noqa: F401 (the run below builds the same init)
+    from spo_fast.core.trainer import build  # noqa: F401 (the run below builds the same init)
 
     summary, s = run(cfg_for(tmp_path, "train.max_iterations=2", "spo.threshold=0.99", "scorer.scale=1e-3"))
     rows = metrics(tmp_path)
@@ -274,7 +274,7 @@ def test_no_valid_pair_no_optimizer_step(tmp_path):
 
 
 def _buffer(valid: torch.Tensor, shared: list[bool]):
-    from spo_fast.rollout import RolloutBuffer
+    from spo_fast.diffusion.rollout import RolloutBuffer
 
     S, B = valid.shape
     x = torch.randn(S, 2, B, 1, 2, 2)
@@ -283,7 +283,7 @@ def _buffer(valid: torch.Tensor, shared: list[bool]):
 
 
 def test_compact_valid_fixed_shapes_covers_valid_pairs_exactly():
-    from spo_fast.spo import compact_valid
+    from spo_fast.methods.spo import compact_valid
 
     g = torch.Generator().manual_seed(0)
     valid = torch.rand(7, 5, generator=g) < 0.4
@@ -304,9 +304,8 @@ class _FakeMethod:
     """Micro-batches whose per-pair losses are w . x_i: the loss of a micro-batch is their mean over valid pairs."""
 
     def __init__(self, xs, masks):
+        from spo_fast.core.trainer import MicroBatch
         from spo_fast.kernels.spo_loss import LossOutput
-
-        from spo_fast.trainer import MicroBatch
 
         self.Out, self.micro = LossOutput, [MicroBatch((x, m), int(m.sum())) for x, m in zip(xs, masks)]
         self.w = None
@@ -325,7 +324,7 @@ def test_loss_is_the_mean_over_the_optimizer_steps_valid_pairs():
 
     from accelerate import Accelerator
 
-    from spo_fast.trainer import Work, train_iteration
+    from spo_fast.core.trainer import Work, train_iteration
 
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(4, 3, generator=g) for _ in range(2)]

@@ -9,9 +9,9 @@ import sys
 
 import torch
 
-from ..errors import ArgumentParser, InputError, number_arg, report
-from .cache import LatentCache, cache_key, check_cache_dir, encoders_for
-from .pairs import BAD_ROWS, TIES, PairDataset
+from spo_fast.core.errors import ArgumentParser, InputError, number_arg, report
+from spo_fast.data.cache import LatentCache, cache_key, check_cache_dir, encoders_for
+from spo_fast.data.pairs import BAD_ROWS, TIES, PairDataset
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     cmd.add_argument("--batch-size", type=number_arg(int, 1), default=16, help="pairs per encoder call (default 16)")
     cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    from ..models import check_model_dir, load_components, native_resolution, resolve_model_path  # diffusers
+    from spo_fast.diffusion.models import (  # diffusers
+        check_model_dir,
+        load_components,
+        native_resolution,
+        resolve_model_path,
+    )
 
     try:
         dataset = PairDataset(args.pairs, args.ties, args.bad_rows)

@@ -37,12 +37,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..config import flatten
-from ..errors import check_writable_dir
-from .pairs import PairDataset, PairsError
+from spo_fast.core.config import flatten
+from spo_fast.core.errors import check_writable_dir
+from spo_fast.data.pairs import PairDataset, PairsError
 
 if TYPE_CHECKING:
-    from ..models import Components
+    from spo_fast.diffusion.models import Components
 
 FORMAT = 1  # chunk layout version, part of the key
 MANIFEST = "manifest.json"
@@ -91,7 +91,11 @@ def encoders_for(comp: Components, model_path: str, resolution: int, device) -> 
     resolution). Raises CacheError (a ValueError) when ``resolution`` is not a positive multiple of the VAE's
     scale.
     """
-    from ..models import encode_images, encode_prompts, resolve_model_path  # diffusers: imported on use
+    from spo_fast.diffusion.models import (  # diffusers: imported on use
+        encode_images,
+        encode_prompts,
+        resolve_model_path,
+    )
 
     scale = comp.vae_scale_factor
     if resolution < 1 or resolution % scale:

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import InputError
+from spo_fast.core.errors import InputError
 
 PAIR_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 TIES = ("drop", "keep")
@@ -127,7 +127,7 @@ def resolve_pairs(spec: str) -> str:
     if name not in TOYWORLD_PAIRS:
         raise PairsError(f"data.pairs={spec!r}: unknown toy-world pairs; accepted: "
                          f"{', '.join('toyworld:' + n for n in TOYWORLD_PAIRS)}, or a parquet file/directory/glob")
-    from ..models import toyworld_assets
+    from spo_fast.diffusion.models import toyworld_assets
 
     return str(toyworld_assets() / f"pairs_{name}.parquet")
 

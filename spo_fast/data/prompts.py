@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
-from ..scorers import COLORS
+from spo_fast.core.config import ConfigError
+from spo_fast.reward.scorers import COLORS
 
 _SHAPES = ("circle", "square", "triangle", "star", "ball", "flower", "car", "house")
 
@@ -32,7 +32,7 @@ def load_prompts(spec: str, key: str = "data.prompts") -> list[str]:
     if spec == "builtin:toy":
         return builtin_toy_prompts()
     if spec.startswith("toyworld:"):
-        from ..toyworld import world
+        from spo_fast.toyworld import world
 
         name = spec.split(":", 1)[1]
         named = {"test": world.test_prompts, "validation": world.validation_prompts}

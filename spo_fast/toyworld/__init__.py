@@ -1,5 +1,5 @@
 """The toy world: compositional prompts, their renderer and the ground-truth preference score (see ``world``)."""
-from .world import (
+from spo_fast.toyworld.world import (
     BACKGROUND_RGB,
     BACKGROUNDS,
     COLOR_RGB,

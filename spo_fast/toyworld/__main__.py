@@ -1,5 +1,5 @@
 import sys
 
-from .build import main
+from spo_fast.toyworld.build import main
 
 sys.exit(main())

@@ -16,7 +16,7 @@ Stages (each deterministic for a given seed, torch version and thread count; run
    ``pairs_train.parquet`` (train-split prompts) and ``pairs_heldout.parquet`` (held-out split).
 3. ``spm``: a tiny CLIP (ViT on 24 px, 4 layers) pre-trained contrastively on rendered
    (image, caption) pairs -- the stand-in for PickScore's CLIP backbone -- then turned into a
-   step-aware preference model and trained on the noisy train pairs by ``spo_fast.train_spm``;
+   step-aware preference model and trained on the noisy train pairs by ``spo_fast.reward.spm_trainer``;
    its held-out accuracy per timestep bucket is written to ``spm/spm_eval.json``.
 
 The output directory (default: the packaged ``spo_fast/toyworld/assets``) holds ``base/`` (a
@@ -38,9 +38,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models import encode_prompts, load_components, quiet_loading, toyworld_assets, write_clip_tokenizer
-from ..sampling import DDIMSchedule, sample
-from . import world
+from spo_fast.diffusion.models import (
+    encode_prompts,
+    load_components,
+    quiet_loading,
+    toyworld_assets,
+    write_clip_tokenizer,
+)
+from spo_fast.diffusion.sampling import DDIMSchedule, sample
+from spo_fast.toyworld import world
 
 FAMILY = "sd15"
 TEXT_MAX_LEN = 16  # "a small red circle on the left, black background" is 13 tokens with bos/eos
@@ -207,7 +213,7 @@ def sample_images(comp, prompts: list[str], seed: int, batch: int, num_steps: in
                   unet=None, bar=None) -> torch.Tensor:
     """One sample per prompt, (N, 3, R, R) in [-1, 1]; the noise of prompt i depends on (seed, i // batch).
     ``bar``: a progress bar advanced once per batch."""
-    from ..models import decode_latents
+    from spo_fast.diffusion.models import decode_latents
 
     unet = unet if unet is not None else comp.unet
     schedule = DDIMSchedule.from_scheduler(comp.scheduler, num_steps)
@@ -284,7 +290,7 @@ def build_pairs(out: Path, cfg: BuildConfig) -> dict:
 # ----------------------------------------------------------------------------- stage 3: SPM
 def pretrain_clip(tokenizer, cfg: BuildConfig):
     """Tiny CLIP, contrastive on rendered (image, caption) pairs of mixed quality: the backbone."""
-    from ..spm import StepAwarePreferenceModel
+    from spo_fast.reward.spm import StepAwarePreferenceModel
 
     spm = StepAwarePreferenceModel.tiny(tokenizer, image_size=world.RESOLUTION, max_text_len=TEXT_MAX_LEN,
                                         seed=cfg.seed)
@@ -363,7 +369,7 @@ def rendered_pairs(n: int, gen: torch.Generator):
 def build_spm(out: Path, cfg: BuildConfig) -> dict:
     from transformers import CLIPTokenizer
 
-    from ..train_spm import SPMTrainConfig, train_spm
+    from spo_fast.reward.spm_trainer import SPMTrainConfig, train_spm
 
     tokenizer = CLIPTokenizer.from_pretrained(out / "base" / "tokenizer")
     spm, clip_info = pretrain_clip(tokenizer, cfg)
@@ -402,9 +408,9 @@ def check_inputs(out: Path, stages: tuple[str, ...]) -> None:
     """Before anything is trained: ``out`` can be created and written, and a stage run without the stages before
     it finds their outputs there (``pairs`` and ``spm`` need ``base/``, ``spm`` needs the two pairs files, schema,
     labels and images checked). Raises InputError naming the option, file or directory."""
-    from ..data.pairs import load_all
-    from ..errors import InputError, check_writable_dir
-    from ..models import check_model_dir
+    from spo_fast.core.errors import InputError, check_writable_dir
+    from spo_fast.data.pairs import load_all
+    from spo_fast.diffusion.models import check_model_dir
 
     check_writable_dir(out, "--out")
     needs = {"pairs": ("base",), "spm": ("base", "pairs")}
@@ -430,7 +436,7 @@ def check_inputs(out: Path, stages: tuple[str, ...]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, check the inputs, build. Bad input: one line ``error: ...`` on stderr, exit code 2."""
-    from ..errors import ArgumentParser, InputError, number_arg, report
+    from spo_fast.core.errors import ArgumentParser, InputError, number_arg, report
 
     seed = number_arg(int, 0)
     parser = ArgumentParser(prog="python -m spo_fast.toyworld",

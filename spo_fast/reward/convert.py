@@ -15,7 +15,7 @@ Two differences are converted, not just renamed:
 * gate: the official block is ``h + gate * f(...)``, ours ``h + (1 + gate) * f(...)``; the gate is a slice of the
   adaLN Linear's output, so ``bias[2H:3H]`` (attention gate) and ``bias[5H:6H]`` (MLP gate) of every layer's
   modulation Linear get ``- 1`` (weights unchanged) -- exact up to fp32 rounding;
-* preprocessing: ``spm_config.json`` records the official resize (:data:`spo_fast.spm.RESIZE_OFFICIAL`: bicubic
+* preprocessing: ``spm_config.json`` records the official resize (:data:`spo_fast.reward.spm.RESIZE_OFFICIAL`: bicubic
   without antialias on the unclamped image, clamp after, torchvision's crop offsets).
 
 ``*.embeddings.position_ids`` buffers (saved by the transformers of the time) are dropped. Every other key must map
@@ -28,14 +28,13 @@ import json
 import os
 import re
 import shutil
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from .errors import ArgumentParser, InputError, check_weights_file, report, safetensors_header
-from .spm import RESIZE_OFFICIAL, SPM_CONFIG, SPMError, StepAwarePreferenceModel, check_spm_dir
+from spo_fast.core.errors import check_weights_file, safetensors_header
+from spo_fast.reward.spm import RESIZE_OFFICIAL, SPM_CONFIG, SPMError, StepAwarePreferenceModel, check_spm_dir
 
 # Official name <-> ours (``clip.*``: the CLIPModel saved as the HF directory; ``time_cond.*``: spm.safetensors).
 # {i}: a layer / Sequential index, {p}: weight | bias, {rest}: anything. First match wins (time keys before CLIP).
@@ -196,7 +195,7 @@ def check_clip_dir(clip: Path, tokenizer: Path, tokenizer_option: str) -> None:
 
 
 def check_out_dir(out: Path) -> Path:
-    from .errors import check_writable_dir
+    from spo_fast.core.errors import check_writable_dir
 
     out = check_writable_dir(out, "--out", SPMError)
     if out.is_dir() and any(out.iterdir()):
@@ -279,38 +278,3 @@ def convert(official: Path, clip: Path, out: Path, tokenizer: Path | None = None
             f"buffers dropped; gate offset applied: bias[{2 * hidden}:{3 * hidden}] and bias[{5 * hidden}:{6 * hidden}] "
             f"-1 in each of {n_layers} layers (official h + gate*f, ours h + (1+gate)*f); preprocessing: bicubic, "
             "antialias=false, clamp after resize, torchvision centre crop; use it as scorer.path=" + str(out))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m spo_fast.spm",
-                            description="Step-aware preference model tools.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
-    conv = sub.add_parser(
-        "convert", help="convert the official SPO step-aware preference model checkpoint to an SPM directory",
-        description="Convert the official SPO step-aware preference model checkpoint (.bin or .safetensors) into "
-                    "an spo_fast SPM directory (scorer.path=OUT).",
-        epilog="Example: python -m spo_fast.spm convert --official sd-v1-5_step-aware_preference_model.bin "
-               "--clip /models/CLIP-ViT-H-14-laion2B-s32B-b79K --out /models/spo_spm_sd15")
-    conv.add_argument("--official", required=True, type=Path,
-                      help="the official checkpoint: sd-v1-5_step-aware_preference_model.bin or "
-                           "sdxl_step-aware_preference_model.bin (or a .safetensors export of it)")
-    conv.add_argument("--clip", required=True, type=Path,
-                      help="directory of the CLIP the SPM was trained from (laion CLIP-ViT-H-14-laion2B-s32B-b79K or "
-                           "PickScore_v1): its config.json (and tokenizer); every weight comes from --official")
-    conv.add_argument("--tokenizer", type=Path,
-                      help="directory with the CLIPTokenizer files (default: --clip; PickScore_v1 has none: use "
-                           "the laion CLIP-ViT-H-14 directory)")
-    conv.add_argument("--out", required=True, type=Path, help="new SPM directory to write (must not exist or be "
-                                                              "empty)")
-    args = parser.parse_args(argv)
-    try:
-        summary = convert(args.official, args.clip, args.out, args.tokenizer)
-    except InputError as e:
-        return report(e)
-    print(summary)
-    sys.stdout.flush()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

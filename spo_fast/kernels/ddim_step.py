@@ -4,7 +4,7 @@ which takes the noise z explicitly), the fused Triton kernel (noise drawn in-ker
 ``pooled_ddim_step`` / ``ddim_step`` that dispatch between them.
 
 Formula, per sample b (a_t = alpha_t[b], a_p = alpha_prev[b]: alphas_cumprod at t and at the previous timestep,
-as ``DDIMSchedule.alpha`` gives them; the math is ``spo_fast.sampling``'s)::
+as ``DDIMSchedule.alpha`` gives them; the math is ``spo_fast.diffusion.sampling``'s)::
 
     o      = out_u + g * (out_c - out_u)          model_out = [uncond; cond] (cfg_model_output's order)
     epsilon:       eps = o,                               x0 = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)
@@ -15,7 +15,7 @@ as ``DDIMSchedule.alpha`` gives them; the math is ``spo_fast.sampling``'s)::
     x_prev[b, j] = round_to_dtype(mean + std * z[b, j]),   z ~ N(0, I), j = 0 .. k-1
     log_prob[b, j] = mean_CHW( -(x_prev[b, j] - mean)^2 / (2 std^2) - log std - log(2 pi) / 2 )
 
-log_prob is ``spo_fast.sampling.ddim_log_prob`` of the stored (dtype-rounded) candidate under the fp32 mean,
+log_prob is ``spo_fast.diffusion.sampling.ddim_log_prob`` of the stored (dtype-rounded) candidate under the fp32 mean,
 constants included (std = 0, i.e. eta = 0, gives NaN there as in ddim_log_prob).
 
 Shapes: x_t (B, C, H, W) (any trailing dims: everything after B is "CHW"); model_out (2B, C, H, W) laid out as
@@ -100,7 +100,7 @@ def _check_shapes(x_t: torch.Tensor, model_out: torch.Tensor, alpha_t: torch.Ten
 def step_coefficients(alpha_t: torch.Tensor, alpha_prev: torch.Tensor, eta: float) -> torch.Tensor:
     """(5, B) fp32: sqrt(a_t), sqrt(1 - a_t), sqrt(a_p), sqrt(max(1 - a_p - std^2, 0)), std of the DDIM step from t
     to t_prev (alpha_t, alpha_prev (B,)). The one implementation of the step's coefficients: the reference, the
-    kernel launcher and ``spo_fast.sampling`` (``DDIMSchedule.std``, ``ddim_step_stats``) all call it; the Triton
+    kernel launcher and ``spo_fast.diffusion.sampling`` (``DDIMSchedule.std``, ``ddim_step_stats``) all call it; the Triton
     kernel repeats its operation order with IEEE-rounded division and square root."""
     a_t, a_p = alpha_t.float(), alpha_prev.float()
     var = (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
@@ -113,7 +113,7 @@ def x0_and_eps(x: torch.Tensor, o: torch.Tensor, sqrt_a: torch.Tensor, sqrt_1ma:
                prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0_hat, eps) from the (guided) model output o at x, fp32 in, fp32 out; sqrt_a = sqrt(a_t) and sqrt_1ma =
     sqrt(1 - a_t) broadcast against x. The one implementation of the prediction-type algebra (the reference and
-    ``spo_fast.sampling.predict_x0_eps`` / ``ddim_step_stats`` call it)."""
+    ``spo_fast.diffusion.sampling.predict_x0_eps`` / ``ddim_step_stats`` call it)."""
     if prediction_type == "epsilon":
         return (x - sqrt_1ma * o) / sqrt_a, o
     return sqrt_a * x - sqrt_1ma * o, sqrt_a * o + sqrt_1ma * x

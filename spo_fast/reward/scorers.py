@@ -23,7 +23,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .config import ScorerConfig
+from spo_fast.core.config import ScorerConfig
 
 COLORS = {
     "red": (0.9, 0.1, 0.1), "green": (0.1, 0.75, 0.2), "blue": (0.15, 0.25, 0.9),
@@ -84,8 +84,8 @@ def build_scorer(cfg: ScorerConfig, device=None) -> Scorer:
     if cfg.name == "color":
         return ColorScorer(cfg.scale)
     if cfg.name == "spm":
-        from .models import resolve_model_path
-        from .spm import SPMScorer
+        from spo_fast.diffusion.models import resolve_model_path
+        from spo_fast.reward.spm import SPMScorer
 
         path = resolve_model_path(cfg.path)
         if cfg.init == "random":

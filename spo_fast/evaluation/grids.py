@@ -1,4 +1,4 @@
-"""Labelled image grids: ``eval_grid.png`` (``spo_fast.evaluation``) and ``samples.png`` (``trainer.sample_grid``).
+"""Labelled image grids: ``eval_grid.png`` (``spo_fast.evaluation.heldout``) and ``samples.png`` (``trainer.sample_grid``).
 
 One column per prompt, one row per model (base above trained), PIL only::
 

@@ -13,8 +13,8 @@ not depend on how the method turns data into a loss.
 
 and at the end the weights in diffusers format, the before/after sample grid and the held-out evaluation.
 
-A method (``Method``) only says what comes next and how a micro-batch becomes a loss: ``spo_fast.spo.SPO`` and
-``spo_fast.dpo.DiffusionDPO``. Micro-batches have one fixed shape each; only their number follows the data, and
+A method (``Method``) only says what comes next and how a micro-batch becomes a loss: ``spo_fast.methods.spo.SPO`` and
+``spo_fast.methods.dpo.DiffusionDPO``. Micro-batches have one fixed shape each; only their number follows the data, and
 processes agree on it (a process with fewer runs padding micro-batches that carry no pair), so DDP's gradient
 all-reduce stays in step. No optimizer step is taken for a group without a valid pair on any process.
 """
@@ -36,7 +36,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .checkpoint import (
+from spo_fast.core.checkpoint import (
     CheckpointError,
     check_files,
     check_finite,
@@ -46,10 +46,11 @@ from .checkpoint import (
     save_checkpoint,
     trainable_state,
 )
-from .config import Config, ConfigError, flatten, save_config, to_dict
-from .data import load_prompts
-from .errors import DivergedError
-from .models import (
+from spo_fast.core.config import Config, ConfigError, flatten, save_config, to_dict
+from spo_fast.core.errors import DivergedError
+from spo_fast.core.profiling import stage
+from spo_fast.data import load_prompts
+from spo_fast.diffusion.models import (
     Components,
     check_attention,
     check_model_dir,
@@ -61,8 +62,7 @@ from .models import (
     resolve_model_path,
     set_attention,
 )
-from .profiling import stage
-from .sampling import DDIMSchedule, sample
+from spo_fast.diffusion.sampling import DDIMSchedule, sample
 
 
 # ----------------------------------------------------------------------------- the method interface
@@ -140,7 +140,7 @@ def eval_prompts(cfg: Config) -> list[str]:
     """The evaluation prompts; with the ground-truth reward every one must be a toy-world prompt."""
     prompts = load_prompts(cfg.eval.prompts)[:cfg.eval.n_prompts]
     if cfg.eval.reward == "ground_truth":
-        from .toyworld import world
+        from spo_fast.toyworld import world
 
         for p in prompts:
             try:
@@ -155,7 +155,7 @@ def check_scorer(cfg: Config) -> None:
     """``scorer.path`` of an SPM scorer is a directory with a config.json."""
     if cfg.scorer.name != "spm":
         return
-    from .spm import SPMError, check_spm_dir
+    from spo_fast.reward.spm import SPMError, check_spm_dir
 
     spm_dir = resolve_model_path(cfg.scorer.path)
     if cfg.scorer.init == "pretrained" or not (spm_dir / "config.json").is_file():
@@ -460,14 +460,14 @@ def save_weights(s: Setup, out: Path) -> Path:
 
 @torch.no_grad()
 def sample_grid(cfg: Config, s: Setup, accelerator, prompts: list[str], scorer, out: Path) -> dict:
-    """Base vs trained images for the first prompts, same noise -> samples.png (``spo_fast.grids.labelled_grid``:
+    """Base vs trained images for the first prompts, same noise -> samples.png (``spo_fast.evaluation.grids.labelled_grid``:
     base row above trained row, prompt captions, the scores under each image) and samples.json: ``prompts``,
     ``rows``, ``scores`` (the scorer's at t = 0 per row; empty without a scorer) and, when every prompt is a
     toy-world prompt, ``ground_truth`` (the toy world's score per row)."""
     from tqdm.auto import tqdm
 
-    from .evaluation import all_toy_prompts
-    from .grids import compare_colours, labelled_grid
+    from spo_fast.evaluation.grids import compare_colours, labelled_grid
+    from spo_fast.evaluation.heldout import all_toy_prompts
 
     n = len(prompts)
     res = s.resolution
@@ -492,7 +492,7 @@ def sample_grid(cfg: Config, s: Setup, accelerator, prompts: list[str], scorer, 
             bar.update(1)
     truth = {}
     if all_toy_prompts(prompts):
-        from .toyworld import world
+        from spo_fast.toyworld import world
 
         try:
             truth = {k: world.score_prompts(v, prompts).tolist() for k, v in images.items()}
@@ -526,8 +526,8 @@ def sample_grid(cfg: Config, s: Setup, accelerator, prompts: list[str], scorer, 
 
 
 def run_eval(cfg: Config, s: Setup, accelerator, scorer, out: Path) -> dict:
-    """The end-of-run evaluation: base (adapters off) vs trained on the same noise (``spo_fast.evaluation``)."""
-    from .evaluation import evaluate, ground_truth_reward, scorer_reward
+    """The end-of-run evaluation: base (adapters off) vs trained on the same noise (``spo_fast.evaluation.heldout``)."""
+    from spo_fast.evaluation.heldout import evaluate, ground_truth_reward, scorer_reward
 
     scorer_name = "SPM" if cfg.scorer.name == "spm" else cfg.scorer.name
     reward = ground_truth_reward if cfg.eval.reward == "ground_truth" else scorer_reward(
@@ -766,7 +766,7 @@ def finish(cfg: Config, s: Setup, accelerator, method: Method, out: Path, say) -
         result["samples"] = sample_grid(cfg, s, accelerator, prompts, method.scorer, out)
         say(f"wrote {out / 'samples.png'} and samples.json ({time.perf_counter() - t0:.1f} s)")
     if cfg.eval.enabled:
-        from .evaluation import summary_line
+        from spo_fast.evaluation.heldout import summary_line
 
         t0 = time.perf_counter()
         say(f"evaluating base vs trained on {cfg.eval.n_prompts} x {cfg.eval.seeds} held-out prompt/seed pairs")
@@ -799,7 +799,7 @@ def _has_tensorboard() -> bool:
 
 def _flat(cfg: Config) -> dict:
     """The config as flat ``section.key`` scalars (TensorBoard's hparams)."""
-    from .config import flatten, to_dict
+    from spo_fast.core.config import flatten, to_dict
 
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(to_dict(cfg)).items()}
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from .errors import InputError
+from spo_fast.core.errors import InputError
 
 
 class ConfigError(InputError):
@@ -76,7 +76,7 @@ class SamplingConfig:
     measured on a GPU yet (see the README's speed section)."""
     merge_lora: bool = False
     """SPO: run the rollout on a plain copy of the UNet with the LoRA merged into its weights, refreshed before every
-    rollout (``spo_fast.merged``): no peft dispatch or rank-r matmuls in the rollout, at the price of a second UNet
+    rollout (``spo_fast.diffusion.merged``): no peft dispatch or rank-r matmuls in the rollout, at the price of a second UNet
     in memory (on in the toy recipes; off by default, where a second SD UNet costs GBs). Needs ``lora.enabled``."""
     dtype: str = "auto"
     """Autocast dtype of the no-grad sampling (the SPO rollout, the sample grid, the end-of-run evaluation):
@@ -112,8 +112,8 @@ class DPOConfig:
 @dataclass
 class ScorerConfig:
     name: str = "color"
-    """``spm``: a step-aware preference model (spo_fast/spm.py) loaded from ``path``; ``color``: the
-    built-in prompt-colour scorer (spo_fast/scorers.py), weightless and step-agnostic; ``none``: no scorer
+    """``spm``: a step-aware preference model (spo_fast/reward/spm.py) loaded from ``path``; ``color``: the
+    built-in prompt-colour scorer (spo_fast/reward/scorers.py), weightless and step-agnostic; ``none``: no scorer
     (Diffusion-DPO: only the sample grid and ``eval.reward=scorer`` use one)."""
     path: str = ""
     """``spm``: a local SPM directory (CLIP/PickScore layout plus spm.safetensors) or ``toyworld:spm``."""
@@ -307,8 +307,9 @@ def _owner(key: str) -> str | None:
 
 # ----------------------------------------------------------------------------- loading
 def configs_dir() -> Path:
-    """The packaged recipes directory (the repository's ``configs/``)."""
-    return Path(str(resources.files("spo_fast.configs")))
+    """The packaged recipes directory, ``spo_fast/configs/`` (package data, not an import package; the repository's
+    root ``configs`` links to it)."""
+    return Path(str(resources.files("spo_fast") / "configs"))
 
 
 def available_recipes() -> list[str]:

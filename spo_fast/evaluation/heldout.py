@@ -14,12 +14,12 @@ settings (steps, eta, guidance, negative prompt). Rewards:
 ``reward_trained`` (means over prompt x seed), ``win_rate`` (fraction of prompt/seed pairs where trained > base;
 exact ties count as losses and are reported as ``ties``), ``reward_base_seed_spread`` (std over seeds of the base
 model's per-seed mean reward) and ``margin`` = trained - base, ``seconds``; with the ground truth also the mean of
-each score component. ``eval_grid.png`` (``spo_fast.grids.labelled_grid``): the first ``grid_prompts`` prompts
+each score component. ``eval_grid.png`` (``spo_fast.evaluation.grids.labelled_grid``): the first ``grid_prompts`` prompts
 (``eval.grid_prompts``, default 8) at the first noise seed (``seed_offset``), base (top) above trained (bottom), each
 image upscaled and captioned with its prompt, its reward written under it, the mean rewards and the win rate in a
 header line. The command line is ``spo_fast.evaluate``; the trainer calls ``evaluate`` here at the end of a run.
 
-More metrics (``metrics``: reward callables such as ``spo_fast.rewards``' PickScore, HPSv2, ImageReward, Aesthetic)
+More metrics (``metrics``: reward callables such as ``spo_fast.reward.metrics``' PickScore, HPSv2, ImageReward, Aesthetic)
 score the same images; ``eval.json``'s ``metrics`` then holds, per metric (the main reward first), the mean and
 standard error of base and trained, the paired margin and its standard error, the win rate and ties, and ``eval.md``
 is a markdown table in the paper's layout (a row per model, a column per metric).
@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from .models import Components, decode_latents, encode_negative, encode_prompts
-from .sampling import DDIMSchedule, sample
+from spo_fast.diffusion.models import Components, decode_latents, encode_negative, encode_prompts
+from spo_fast.diffusion.sampling import DDIMSchedule, sample
 
 GRID_PROMPTS = 8
 
@@ -71,7 +71,7 @@ def generate(comp: Components, unet, schedule: DDIMSchedule, prompts: list[str],
 
 
 def ground_truth_reward(images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    from .toyworld import world
+    from spo_fast.toyworld import world
 
     return world.score_prompts(images, prompts), world.score_components(
         images, [world.parse_prompt(p) for p in prompts])
@@ -82,7 +82,7 @@ ground_truth_reward.label = "ground truth"  # how the grid's header names the re
 
 def all_toy_prompts(prompts: list[str]) -> bool:
     """Every prompt is a toy-world prompt (so the ground truth can score it)."""
-    from .toyworld import world
+    from spo_fast.toyworld import world
 
     try:
         for p in prompts:
@@ -198,8 +198,8 @@ def save_grid(base: torch.Tensor, trained: torch.Tensor, path: Path, prompts: li
     """eval_grid.png: base (top row) above trained (bottom row) at the first noise seed (``base[0]``) for the first
     ``n`` prompts, each column captioned with its prompt, each image's reward under it ("base 3.21", "trained 5.08";
     green where the trained image beats the base one, red where it is worse), ``header`` on top
-    (``spo_fast.grids``)."""
-    from .grids import compare_colours, labelled_grid
+    (``spo_fast.evaluation.grids``)."""
+    from spo_fast.evaluation.grids import compare_colours, labelled_grid
 
     n = min(n, len(prompts))
     notes = colours = None

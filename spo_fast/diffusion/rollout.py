@@ -21,8 +21,8 @@ Invalid pairs stay in the buffers with valid = False: shapes never depend on the
 Capturable: the random draws (step noise, continuation uniforms) come from one RNG state tensor in device memory
 (``spo_fast.kernels.philox``) that every op reads and advances on the device; nothing in the loop reads a device
 value on the host and every shape is fixed by (B, k, the latent shape). So the model calls can be captured as CUDA
-graphs or compiled (``RolloutCalls``, ``sampling.graphs``; ``spo_fast.graphs``), and one segment compiles with
-``torch.compile(fullgraph=True)`` (tests/test_rollout.py). Each stage is a ``spo_fast.profiling`` range:
+graphs or compiled (``RolloutCalls``, ``sampling.graphs``; ``spo_fast.diffusion.graphs``), and one segment compiles with
+``torch.compile(fullgraph=True)`` (tests/test_rollout.py). Each stage is a ``spo_fast.core.profiling`` range:
 rollout/unet, rollout/decode, rollout/score, rollout/step.
 """
 from __future__ import annotations
@@ -33,15 +33,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import SamplingConfig, SPOConfig
-from .graphs import CallWrapper
-from .kernels.ddim_step import pooled_ddim_step
-from .kernels.pair_select import score_and_select, select_from_scores
-from .kernels.philox import philox_uniform_torch, state_from_generator
-from .models import Conditioning, unet_forward
-from .profiling import stage
-from .sampling import DDIMSchedule, guide, predict_x0_eps
-from .scorers import FeatureScorer, Scorer
+from spo_fast.core.config import SamplingConfig, SPOConfig
+from spo_fast.core.profiling import stage
+from spo_fast.diffusion.graphs import CallWrapper
+from spo_fast.diffusion.models import Conditioning, unet_forward
+from spo_fast.diffusion.sampling import DDIMSchedule, guide, predict_x0_eps
+from spo_fast.kernels.ddim_step import pooled_ddim_step
+from spo_fast.kernels.pair_select import score_and_select, select_from_scores
+from spo_fast.kernels.philox import philox_uniform_torch, state_from_generator
+from spo_fast.reward.scorers import FeatureScorer, Scorer
 
 
 @dataclass
@@ -93,7 +93,7 @@ def _score(scorer: Scorer, images: torch.Tensor, t: torch.Tensor, state: object,
 
 class RolloutCalls:
     """The rollout's model calls (UNet -> both CFG halves, VAE decode, the scorer), each a named stage and wrapped
-    for a ``sampling.graphs`` mode (``spo_fast.graphs``). Made once per run, so graphs captured at the first rollout
+    for a ``sampling.graphs`` mode (``spo_fast.diffusion.graphs``). Made once per run, so graphs captured at the first rollout
     are replayed at every later one. The scorer's ``logit_scale`` is read once here (the scorer is frozen): the
     loop never reads a device value on the host."""
 

@@ -1,8 +1,8 @@
-"""SPO as a method of the trainer core (``spo_fast.trainer``): what an iteration trains on and how a micro-batch of
+"""SPO as a method of the trainer core (``spo_fast.core.trainer``): what an iteration trains on and how a micro-batch of
 transitions becomes a loss.
 
 Per iteration: B prompts (``data.prompts``, a pure function of (seed, iteration, rank)) -> text embeddings once per
-prompt -> one rollout with the step-wise resampler (``spo_fast.rollout``: no grad, fixed shapes, invalid pairs kept
+prompt -> one rollout with the step-wise resampler (``spo_fast.diffusion.rollout``: no grad, fixed shapes, invalid pairs kept
 with valid = False) -> the VALID transitions only, shuffled and compacted into micro-batches of
 ``train.train_batch_size`` (the last one padded with masked entries), so the number of micro-batches follows the
 data (the official code's ceil(valid / micro-batch)) while every micro-batch keeps one shape. A rollout without a
@@ -20,16 +20,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import Config, ConfigError
-from .data import PromptSampler, load_prompts
-from .kernels.spo_loss import spo_loss
-from .merged import MergedLoRA
-from .models import encode_negative, encode_prompts
-from .profiling import stage
-from .rollout import RolloutBuffer, RolloutCalls, rollout
-from .sampling import cfg_model_output, ddim_step_stats
-from .scorers import build_scorer
-from .trainer import MicroBatch, Setup, Work, decoder, kernel_backend, reference_unet, sampling_autocast
+from spo_fast.core.config import Config, ConfigError
+from spo_fast.core.profiling import stage
+from spo_fast.core.trainer import MicroBatch, Setup, Work, decoder, kernel_backend, reference_unet, sampling_autocast
+from spo_fast.data import PromptSampler, load_prompts
+from spo_fast.diffusion.merged import MergedLoRA
+from spo_fast.diffusion.models import encode_negative, encode_prompts
+from spo_fast.diffusion.rollout import RolloutBuffer, RolloutCalls, rollout
+from spo_fast.diffusion.sampling import cfg_model_output, ddim_step_stats
+from spo_fast.kernels.spo_loss import spo_loss
+from spo_fast.reward.scorers import build_scorer
 
 
 @dataclass
@@ -74,7 +74,7 @@ def iteration_cost(batch: int, k: int, num_steps: int, divert_start_step: int, n
       one more forward of the policy: diffusers recomputes its down/mid/up blocks).
     - ``spm_fwd``: images scored by the preference model (the scorer's image forwards).
 
-    Rollout (``spo_fast.rollout``, B = ``batch`` prompts, T = ``num_steps``, d = ``divert_start_step``,
+    Rollout (``spo_fast.diffusion.rollout``, B = ``batch`` prompts, T = ``num_steps``, d = ``divert_start_step``,
     L = 1 + ``num_inner_steps``):
 
     - the d plain steps: one CFG call on B each -> 2B * d;
@@ -133,7 +133,7 @@ class SPO:
         self.decode = decoder(s.comp)
         # made once: with sampling.graphs the rollout's calls are captured (or compiled) at the first rollout and
         # replayed at every later one
-        # sampling.merge_lora: the rollout runs a plain copy of the UNet with the LoRA merged in (spo_fast.merged)
+        # sampling.merge_lora: the rollout runs a plain copy of the UNet with the LoRA merged in (spo_fast.diffusion.merged)
         self.merged = MergedLoRA(s.raw_unet) if cfg.sampling.merge_lora else None
         rollout_unet = self.merged.module if self.merged is not None else s.raw_unet
         self.calls = RolloutCalls(rollout_unet, self.decode, self.scorer, cfg.sampling.graphs, accelerator.device)

@@ -5,7 +5,7 @@ Layout: ``<output_dir>/checkpoints/iter_<N>/`` with
   optimizer.pt, lr_scheduler.pt, scaler.pt (fp16 only)
   rng_rank<r>.pt          python/numpy/torch(/cuda) RNG states of each process
   state.json              iteration, optimizer step, world size
-  config.yaml             the resolved config of the run that wrote it (compared on resume: spo_fast.trainer)
+  config.yaml             the resolved config of the run that wrote it (compared on resume: spo_fast.core.trainer)
 A checkpoint is written to ``iter_<N>.tmp`` and renamed when complete, so a crash or kill at any
 moment leaves either the previous checkpoints or the new one, never a half-written one.
 Batch contents and rollout noise are pure functions of (seed, iteration, rank), so the iteration
@@ -25,7 +25,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from .errors import DivergedError, InputError, WeightsFileError, check_weights_file
+from spo_fast.core.errors import DivergedError, InputError, WeightsFileError, check_weights_file
 
 _NAME = re.compile(r"^iter_(\d+)$")
 CONFIG_FILE = "config.yaml"

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .config import ConfigError
-from .errors import InputError, check_loading_info, check_weights_dir
+from spo_fast.core.config import ConfigError
+from spo_fast.core.errors import InputError, check_loading_info, check_weights_dir
 
 FAMILIES = ("sd15", "sdxl")
 INITS = ("pretrained", "random")
@@ -114,7 +114,9 @@ def quiet_loading():
 
 
 def _arch_root() -> Path:
-    return Path(str(resources.files("spo_fast.configs") / "arch"))
+    from spo_fast.core.config import configs_dir
+
+    return configs_dir() / "arch"
 
 
 def _arch_names() -> list[str]:
@@ -166,7 +168,7 @@ def check_model_dir(path: Path, family: str, init: str) -> None:
 
     Checks: the directory and the family's subfolders exist, each holds its config files, every
     ``*.json`` in them parses and, for ``init="pretrained"``, the networks have weights files that are complete
-    (``spo_fast.errors.check_weights_file``: their headers only). Whether the weights are the networks' own is
+    (``spo_fast.core.errors.check_weights_file``: their headers only). Whether the weights are the networks' own is
     checked as they load (``load_components``).
     """
     if family not in FAMILIES:

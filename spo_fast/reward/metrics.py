@@ -35,8 +35,8 @@ What each one is (architectures, file layouts and formulas as released by their 
   state dict ``layers.{0,2,4,6,7}``, 768 -> 1024 -> 128 -> 64 -> 16 -> 1, no activations) on the L2-normalised
   image embedding of openai/clip-vit-large-patch14 (a CLIPModel directory).
 - ``clip``: any CLIPModel directory; torchmetrics' CLIPScore convention max(100 * cos, 0).
-- ``spm``: the step-aware preference model at t = 0 (:class:`spo_fast.spm.SPMScorer` +
-  :func:`spo_fast.evaluation.scorer_reward`).
+- ``spm``: the step-aware preference model at t = 0 (:class:`spo_fast.reward.spm.SPMScorer` +
+  :func:`spo_fast.evaluation.heldout.scorer_reward`).
 
 Preprocessing, as the authors' code sees a generated image: the (N, 3, H, W) [-1, 1] images are first quantised to
 uint8 levels, round((x + 1) / 2 * 255), as the PIL image a pipeline returns would hold them. Then, for all but HPS,
@@ -68,8 +68,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import WEIGHT_SUFFIXES, InputError, WeightsFileError, check_weights_dir, check_weights_file
-from .spm import CLIP_MEAN, CLIP_STD
+from spo_fast.core.errors import WEIGHT_SUFFIXES, InputError, WeightsFileError, check_weights_dir, check_weights_file
+from spo_fast.reward.spm import CLIP_MEAN, CLIP_STD
 
 __all__ = ["HELP", "METRICS", "Metric", "MetricSpec", "Reward", "RewardError", "RewardWeightsError", "check_metric",
            "load_metric", "parse_metric", "preprocess"]
@@ -592,10 +592,10 @@ class ImageRewardReward(Reward):
 
 
 class SpmReward(Reward):
-    """The SPM at t = 0 through :func:`spo_fast.evaluation.scorer_reward` (fp32, autocast off)."""
+    """The SPM at t = 0 through :func:`spo_fast.evaluation.heldout.scorer_reward` (fp32, autocast off)."""
 
     def __init__(self, scorer, device, batch_size: int):
-        from .evaluation import scorer_reward
+        from spo_fast.evaluation.heldout import scorer_reward
 
         super().__init__("spm", device, batch_size)
         self.fn = scorer_reward(scorer, self.label)
@@ -606,7 +606,7 @@ class SpmReward(Reward):
 
 # -------------------------------------------------------------------------------------- per-metric prepare / build
 def _load_clip(cls, directory: Path, spec: MetricSpec):
-    from .models import load_checked, quiet_loading
+    from spo_fast.diffusion.models import load_checked, quiet_loading
 
     try:
         with quiet_loading():
@@ -742,7 +742,7 @@ def _build_aesthetic(spec, prep, device, batch_size):
 
 
 def _prepare_spm(spec: MetricSpec) -> dict:
-    from .spm import SPMError, check_spm_dir
+    from spo_fast.reward.spm import SPMError, check_spm_dir
 
     path = _path(spec, "model")
     if "tokenizer" in spec.paths:  # the tokenizer lives elsewhere: check_spm_dir would look for it in path
@@ -757,7 +757,7 @@ def _prepare_spm(spec: MetricSpec) -> dict:
 
 
 def _build_spm(spec, prep, device, batch_size):
-    from .spm import SPMScorer
+    from spo_fast.reward.spm import SPMScorer
 
     try:
         scorer = SPMScorer.from_pretrained(spec.paths["model"], device=device, precision="fp32",

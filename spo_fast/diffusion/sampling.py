@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler
 
-from .kernels.ddim_step import ddim_step, step_coefficients, x0_and_eps
-from .kernels.philox import state_from_generator
-from .models import Conditioning, unet_forward
+from spo_fast.diffusion.models import Conditioning, unet_forward
+from spo_fast.kernels.ddim_step import ddim_step, step_coefficients, x0_and_eps
+from spo_fast.kernels.philox import state_from_generator
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 

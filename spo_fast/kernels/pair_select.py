@@ -3,7 +3,7 @@ the win/lose pair, its validity and the continuation index in one pass. The PyTo
 specification, which takes the uniform draws u explicitly), the Triton kernel (one program per pool; u given, or
 drawn in-kernel with Philox), and the public ``score_and_select`` that dispatches between them.
 
-Formula, per pool b (rows j = 0 .. k-1 of img are img[b * k + j]; ``spo_fast.rollout.select_pairs``'s rules)::
+Formula, per pool b (rows j = 0 .. k-1 of img are img[b * k + j]; ``spo_fast.diffusion.rollout.select_pairs``'s rules)::
 
     f_j     = img_j / max(||img_j||_2, 1e-12)             (F.normalize; fp32 accumulation)
     s[b, j] = logit_scale * <f_j, txt_b>                  (txt is already L2-normalised, as the SPM returns it)

@@ -1,4 +1,4 @@
-"""Diffusion-DPO (Wallace et al. 2023) as a method of the trainer core (``spo_fast.trainer``): the baseline SPO is
+"""Diffusion-DPO (Wallace et al. 2023) as a method of the trainer core (``spo_fast.core.trainer``): the baseline SPO is
 compared with, on the same models, the same CLI, outputs, checkpoints and LoRA export.
 
 Per iteration: ``train.batch_size`` preference pairs per process (``data.pairs``, Pick-a-Pic schema, read by
@@ -26,11 +26,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import Config
-from .data.cache import LatentCache, cache_key, encoders_for
-from .data.pairs import PairDataset, PairsError
-from .kernels.spo_loss import dpo_loss
-from .models import (
+from spo_fast.core.config import Config
+from spo_fast.core.profiling import stage
+from spo_fast.core.trainer import MicroBatch, Setup, Work, kernel_backend, reference_unet
+from spo_fast.data.cache import LatentCache, cache_key, encoders_for
+from spo_fast.data.pairs import PairDataset, PairsError
+from spo_fast.diffusion.models import (
     Conditioning,
     encode_images,
     encode_negative,
@@ -39,9 +40,8 @@ from .models import (
     resolve_model_path,
     unet_forward,
 )
-from .profiling import stage
-from .scorers import build_scorer
-from .trainer import MicroBatch, Setup, Work, kernel_backend, reference_unet
+from spo_fast.kernels.spo_loss import dpo_loss
+from spo_fast.reward.scorers import build_scorer
 
 
 @dataclass

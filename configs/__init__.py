@@ -1,1 +1,0 @@
-"""Recipes (YAML) and architecture files, installed as ``spo_fast.configs``."""
