@@ -14,7 +14,7 @@ Decisions:
   recipe's threshold is an accident of the initialisation, and the training stage's cost follows it; at
   threshold 0 every transition trains, so the per-valid-pair training time is measured over all of them, and
   the iteration at a realistic ratio is derived: rollout time + ratio x transitions x per-pair time. The ratio
-  is the toy default's (``TOY_VALID_RATIO``, README: 2,132 valid transitions of 5,120).
+  is the toy default's (``TOY_VALID_RATIO``, docs/toy_results_history.md: 2,132 valid transitions of 5,120).
 - **Four passes per case**, each on its own iteration: a FLOP-counting pass (``StageTimer(count_flops=True)``,
   which is also the warm-up: its time is not used), a stage-timed pass (``StageTimer``: a device sync at every
   stage boundary, so stages are timed separately but overlap is lost), then the wall-time rounds that
@@ -47,12 +47,12 @@ from pathlib import Path
 import torch
 from bench_utils import device_name, is_cuda, median_seconds, sync, triton_version
 
-# The toy default's valid-pair ratio (README, "Results of the default run": 2,132 valid transitions trained of
+# The toy default's valid-pair ratio (docs/toy_results_history.md: 2,132 valid transitions trained of
 # 5,120 in the 40-iteration run; mean valid-pair ratio 0.42): what the projection assumes.
 TOY_VALID_PAIRS, TOY_TRANSITIONS = 2132, 5120
 TOY_VALID_RATIO = TOY_VALID_PAIRS / TOY_TRANSITIONS
 
-# The official full runs being projected (SPO_FACTS.md; configs/*_dpo.yaml for Diffusion-DPO).
+# The official full runs being projected (docs/method.md; configs/*_dpo.yaml for Diffusion-DPO).
 SPO_RECIPES = {"sd15_spo": {"prompts": 4000, "epochs": 10, "batch_per_gpu": 10, "gpus": 4},
                "sdxl_spo": {"prompts": 4000, "epochs": 10, "batch_per_gpu": 2, "gpus": 4}}
 DPO_RECIPES = {"sd15_dpo": {"steps": 2000, "pairs_per_step": 2048, "gpus": 8},
@@ -487,7 +487,7 @@ def summarize(run: Run, flops: IterationStats, timed: IterationStats, rounds: li
             "rollout_unet_fwd_equivalents": med([r.fwd_rollout for r in rounds]),
             "train_s_per_valid_pair": per_pair,
             "toy_valid_ratio": TOY_VALID_RATIO,
-            "toy_valid_ratio_source": f"README: {TOY_VALID_PAIRS} valid transitions of {TOY_TRANSITIONS} in the "
+            "toy_valid_ratio_source": f"docs/toy_results_history.md: {TOY_VALID_PAIRS} valid transitions of {TOY_TRANSITIONS} in the "
                                       "default toy run",
             "iteration_s_at_toy_ratio": work_s + TOY_VALID_RATIO * transitions * per_pair if per_pair else None,
         })

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The project's GPU suite in one command, from a bare machine with the project installed (../shared/gpu/check.sh
-# installs the carried wheels and the project, then calls this):
+# The project's GPU suite in one command, from a bare machine with the project installed (the offline
+# GPU image's check script installs the wheels it lacks and the project, then calls this):
 #
 #     bash benchmarks/gpu_suite.sh OUTDIR
 #

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The embedded default run (`python -m spo_fast.train`, training + evaluation), timed side by side: an old commit
 # and the current checkout, one after the other on this machine (machines of one kind differ by 2x or more, so
-# only a ratio measured in one session means anything).
+# only a ratio measured side by side on one machine means anything).
 #
 #   bash benchmarks/toy_side_by_side.sh [OLD_COMMIT=a5b6ee8] [OUTDIR=outputs/side_by_side]
 #

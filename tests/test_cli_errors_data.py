@@ -15,13 +15,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from spo_fast import train_spm
 from spo_fast.core.errors import InputError
 from spo_fast.data import __main__ as data_cli
 from spo_fast.data import cache as cache_module
 from spo_fast.data.pairs import PairsError, load_all
 from spo_fast.data.prompts import load_prompts
-from spo_fast.diffusion import models, spm, train_spm
+from spo_fast.diffusion import models
 from spo_fast.diffusion.models import toyworld_assets
+from spo_fast.reward import spm, spm_trainer
 from spo_fast.toyworld import build
 
 ROWS = [1, 2, 4, 5, 7]  # of the toy train pairs: no ties (a tie-free file survives data.ties=drop)
@@ -174,10 +176,10 @@ def test_train_spm_bad_input(case, w, no_models, capsys):
 def test_train_spm_undecodable_image_at_training_time_names_file_and_row(w, monkeypatch, capsys):
     """The lazy path: an image that passed the up-front check (here: the check is skipped) but cannot be decoded
     when a batch draws it fails with the same named error, not PIL's traceback."""
-    monkeypatch.setattr(train_spm.Pairs, "check_images", lambda self, **kw: None)
+    monkeypatch.setattr(spm_trainer.Pairs, "check_images", lambda self, **kw: None)
     pairs = load_all(str(w.corrupt))
     with pytest.raises(PairsError, match=rf"corrupt\.parquet row {BAD_ROW}: jpg_1 cannot be decoded"):
-        train_spm._batch_inputs(pairs, list(range(len(pairs))), 24)
+        spm_trainer._batch_inputs(pairs, list(range(len(pairs))), 24)
     rc, err = _run(train_spm.main, _spm_argv(w, **{"--eval-pairs": str(w.corrupt), "--steps": "1"}), capsys)
     _assert_one_line_error(rc, err, [str(w.corrupt), f"row {BAD_ROW}", "jpg_1"])
 

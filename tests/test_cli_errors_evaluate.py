@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from spo_fast import evaluate, evaluation
+from spo_fast import evaluate
 from spo_fast.diffusion.models import resolve_model_path
+from spo_fast.evaluation import heldout as evaluation
 
 TINY = ["--n-prompts", "2", "--seeds", "1", "--num-steps", "2", "--grid-prompts", "1"]
 MODULE = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"  # a Linear 64 -> 64 of the toy UNet

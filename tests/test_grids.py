@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from spo_fast.evaluation import evaluation, grids
+from spo_fast.evaluation import grids
+from spo_fast.evaluation import heldout as evaluation
 from spo_fast.toyworld import world
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)

@@ -441,7 +441,18 @@ def test_spm_at_t0(tmp):
     torch.testing.assert_close(scores, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_batched_fp32_without_autocast_or_tf32(clip, monkeypatch):
+@pytest.fixture
+def tf32_on():
+    """TF32 switched on for one test and restored by assignment: these flags are properties of torch's backend
+    modules, which pytest's monkeypatch (9.2) undoes by deleting the attribute it did not find in the module's
+    ``__dict__`` (an AttributeError at teardown)."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def test_batched_fp32_without_autocast_or_tf32(clip, monkeypatch, tf32_on):
     """Scores do not depend on the batch size; inside, autocast and TF32 are off (restored afterwards)."""
     path, _ = clip
     reward = load_metric(f"pickscore={path}", batch_size=3)
@@ -455,8 +466,6 @@ def test_batched_fp32_without_autocast_or_tf32(clip, monkeypatch):
         return score(*a)
 
     monkeypatch.setattr(reward, "score", spy)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         scores = reward(imgs.bfloat16(), prompts)[0]
     assert seen == [(False, False, False, torch.float32, n) for n in (3, 3, 1)]

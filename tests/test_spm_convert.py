@@ -31,8 +31,8 @@ from spo_fast.reward.spm import (
     SPMScorer,
     StepAwarePreferenceModel,
     check_spm_dir,
-    main,
 )
+from spo_fast.spm import main
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "configs/arch/tiny_sd15/tokenizer"

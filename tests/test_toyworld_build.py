@@ -8,8 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from spo_fast import evaluate, evaluation, train, train_spm
+from spo_fast import evaluate, train, train_spm
 from spo_fast.diffusion.models import ModelDirError, check_model_dir, load_components, resolve_model_path
+from spo_fast.evaluation import heldout as evaluation
+from spo_fast.reward import spm_trainer
 from spo_fast.toyworld import build, world
 
 
@@ -107,9 +109,9 @@ def test_noisy_x0_hat_is_clean_at_t0_and_shares_noise(smoke):
     imgs = world.render(attrs, gen)
     noise = torch.randn(imgs.shape, generator=gen)
     prompts = [a.prompt for a in attrs]
-    clean = train_spm.noisy_x0_hat(comp, imgs, prompts, torch.zeros(3, dtype=torch.long), noise, 5.0)
+    clean = spm_trainer.noisy_x0_hat(comp, imgs, prompts, torch.zeros(3, dtype=torch.long), noise, 5.0)
     assert torch.allclose(clean, imgs.clamp(-1, 1))
-    noisy = train_spm.noisy_x0_hat(comp, imgs, prompts, torch.full((3,), 900), noise, 5.0)
+    noisy = spm_trainer.noisy_x0_hat(comp, imgs, prompts, torch.full((3,), 900), noise, 5.0)
     assert not torch.allclose(noisy, clean, atol=1e-2)
 
 

@@ -73,7 +73,7 @@ class SamplingConfig:
     ``off`` (eager) | ``cuda_graphs`` (each call shape captured once as a CUDA graph, replayed with static
     buffers; CUDA only) | ``compile`` (``torch.compile(mode="reduce-overhead")``). ``off`` by default: the
     graph modes are tested for equality with eager on GPU by benchmarks/gpu_suite.sh but their speed has not been
-    measured on a GPU yet (see the README's speed section)."""
+    measured on a GPU yet (see docs/speed.md)."""
     merge_lora: bool = False
     """SPO: run the rollout on a plain copy of the UNet with the LoRA merged into its weights, refreshed before every
     rollout (``spo_fast.diffusion.merged``): no peft dispatch or rank-r matmuls in the rollout, at the price of a second UNet
@@ -82,7 +82,7 @@ class SamplingConfig:
     """Autocast dtype of the no-grad sampling (the SPO rollout, the sample grid, the end-of-run evaluation):
     ``auto`` = the run's ``train.mixed_precision`` | ``bf16`` | ``fp32`` (autocast off). Training is unaffected.
     The toy recipes set ``bf16``: on CPUs with AMX/AVX512-BF16 the toy UNet's sampling forward is ~1.6x faster in
-    bf16, while its backward is slower in bf16 than in fp32, so training stays fp32 (README, "Speed of the default run")."""
+    bf16, while its backward is slower in bf16 than in fp32, so training stays fp32 (docs/speed.md)."""
 
 
 @dataclass

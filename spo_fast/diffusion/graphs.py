@@ -24,7 +24,7 @@ replay: no re-capture, no merge. Merging the LoRA into the base weights for the 
 matmuls (rank 4: ~0.1% of the UNet's parameters, so about that share of its FLOPs; an estimate from the
 parameter count, not measured) but needs an unmerge after each rollout, which in bf16 drifts the
 base weights by rounding every iteration; a separate merged copy would cost a second UNet's memory. By that
-estimate neither pays at rank 4; see the README's speed section.
+estimate neither pays at rank 4; see docs/speed.md.
 
 The calls must be free of host reads and data-dependent shapes (checked on CPU by
 tests/test_rollout.py::test_rollout_segment_compiles_fullgraph) and of random draws (the UNet, VAE decode and

@@ -4,7 +4,7 @@ A model directory uses the diffusers layout (``unet/``, ``vae/``, ``text_encoder
 ``tokenizer/``, ``scheduler/``; SDXL adds ``text_encoder_2/`` and ``tokenizer_2/``).
 ``arch:<name>`` names a packaged config-only directory under ``configs/arch/`` for
 ``init="random"`` runs; its tokenizers are generated from ``configs/arch/words.txt`` by
-``python -m spo_fast.models write-tokenizers``. ``toyworld:<name>`` names a packaged, trained
+``python -m spo_fast.diffusion.models write-tokenizers``. ``toyworld:<name>`` names a packaged, trained
 toy-world model under ``spo_fast/toyworld/assets/`` (``python -m spo_fast.toyworld build``).
 
 Pixel-space models: a directory without ``vae/`` whose UNet has 3 input channels is a pixel-space
@@ -651,8 +651,8 @@ def write_tokenizers(arch_root: Path | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m spo_fast.models write-tokenizers [--arch-root DIR]``."""
-    parser = argparse.ArgumentParser(prog="python -m spo_fast.models", description=__doc__.splitlines()[0])
+    """``python -m spo_fast.diffusion.models write-tokenizers [--arch-root DIR]``."""
+    parser = argparse.ArgumentParser(prog="python -m spo_fast.diffusion.models", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     cmd = sub.add_parser("write-tokenizers", help="regenerate configs/arch/*/tokenizer*/ from words.txt")
     cmd.add_argument("--arch-root", type=Path, help="arch directory (default: the packaged one)")

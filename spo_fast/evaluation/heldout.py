@@ -152,7 +152,7 @@ def metric_statistics(rb: torch.Tensor, rt: torch.Tensor) -> dict:
             "ties": int((rt == rb).sum()), "n": n}
 
 
-# The paper's numbers (SPO_FACTS, "Results"): its prompts and seeds, not this evaluation's; printed beside ours in
+# The paper's numbers (docs/method.md): its prompts and seeds, not this evaluation's; printed beside ours in
 # eval.md for orientation only.
 PAPER = {
     "sd15": {"base": {"PickScore": 20.53, "HPSv2": 23.79, "ImageReward": -0.163, "Aesthetic": 5.365},

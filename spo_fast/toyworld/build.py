@@ -65,7 +65,7 @@ TEXT_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers":
 SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
                     "prediction_type": "epsilon", "clip_sample": False, "set_alpha_to_one": False,
                     "steps_offset": 1}
-# the toy recipes' sampler; the shipped pairs and SPM were made in fp32 (the recipes now sample in bf16: README)
+# the toy recipes' sampler; the shipped pairs and SPM were made in fp32 (the recipes now sample in bf16: docs/speed.md)
 SAMPLER = {"num_steps": 20, "eta": 1.0, "guidance_scale": 5.0, "dtype": "fp32"}
 
 
