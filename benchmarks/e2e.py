@@ -546,18 +546,25 @@ TARGETS = {"sd15_spo_mfu": 0.45, "sd15_spo_recipe_gpu_hours": 8.0, "sdxl_spo_pea
 
 
 def targets(data: dict) -> dict:
-    """The targets next to what this run measured (meaningful on an H200 only: the environment says where)."""
+    """The targets next to this run's values, labelled by what they are: ``measured`` only when the run was on a
+    CUDA device (the targets are an H200's at the real architectures); on a CPU the same figures come from the tiny
+    architectures and are kept under ``cpu_tiny_architectures`` with ``comparable: false``."""
     cases = data.get("cases", {})
     sd15, sdxl = cases.get("sd15_spo", {}), cases.get("sdxl_spo", {})
     env = data.get("environment", {})
+    on_gpu = str(env.get("device", "")).startswith("cuda")
+    label = "measured" if on_gpu else "cpu_tiny_architectures"
+
+    def row(bound: str, key: str, value) -> dict:
+        return {bound: TARGETS[key], label: value, "comparable": on_gpu}
+
     return {
         "device_name": env.get("device_name"),
-        "on_gpu": str(env.get("device", "")).startswith("cuda"),  # the targets are a GPU's (an H200's)
-        "sd15_spo_mfu": {"target_min": TARGETS["sd15_spo_mfu"], "measured": sd15.get("mfu")},
-        "sd15_spo_recipe_gpu_hours": {"target_max": TARGETS["sd15_spo_recipe_gpu_hours"],
-                                      "measured": sd15.get("projection", {}).get("gpu_hours")},
-        "sdxl_spo_peak_mem_gib": {"target_max": TARGETS["sdxl_spo_peak_mem_gib"],
-                                  "measured": sdxl.get("peak_mem_gib")},
+        "on_gpu": on_gpu,
+        "sd15_spo_mfu": row("target_min", "sd15_spo_mfu", sd15.get("mfu")),
+        "sd15_spo_recipe_gpu_hours": row("target_max", "sd15_spo_recipe_gpu_hours",
+                                         sd15.get("projection", {}).get("gpu_hours")),
+        "sdxl_spo_peak_mem_gib": row("target_max", "sdxl_spo_peak_mem_gib", sdxl.get("peak_mem_gib")),
     }
 
 
@@ -601,7 +608,7 @@ def report(path: str | Path) -> str:
                          f"{_fmt(mem / 2 ** 30 if mem is not None else None, '.1f')}")
     tg = data.get("targets", {})
     if tg and not tg.get("on_gpu"):
-        lines.append("targets (a GPU's; this run is not on one, so the measured values below do not apply):")
+        lines.append("targets (a GPU's at the real architectures; this run is not on one: its values are not comparable):")
     for name, t in tg.items():
         if isinstance(t, dict):
             lines.append(f"target {name}: {t}")

@@ -96,6 +96,18 @@ def test_toy_valid_ratio_is_the_documented_one():
     assert e2e.TOY_VALID_RATIO == 2132 / 5120
 
 
+def test_targets_say_measured_only_on_a_gpu():
+    data = {"cases": {"sd15_spo": {"mfu": 0.06, "projection": {"gpu_hours": 2.2}}, "sdxl_spo": {"peak_mem_gib": 1.0}},
+            "environment": {"device": "cpu", "device_name": "a CPU"}}
+    cpu = e2e.targets(data)
+    assert not cpu["on_gpu"] and all("measured" not in v and v["comparable"] is False
+                                     for v in cpu.values() if isinstance(v, dict))
+    assert cpu["sd15_spo_recipe_gpu_hours"]["cpu_tiny_architectures"] == 2.2
+    data["environment"]["device"] = "cuda:0"
+    gpu = e2e.targets(data)
+    assert gpu["sd15_spo_mfu"] == {"target_min": 0.45, "measured": 0.06, "comparable": True}
+
+
 def test_projection_arithmetic():
     p = e2e.project_spo_hours(rollout_s=3.0, train_s_per_valid_pair=0.05, transitions_per_iteration=160,
                               valid_ratio=0.5, prompts=4000, epochs=10, batch_per_gpu=10, gpus=4)
