@@ -54,6 +54,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from spo_fast.core import jsonio
 from spo_fast.core.errors import ArgumentParser, DivergedError, InputError
 
 DEFAULT_OUT = "outputs/compare"
@@ -284,7 +285,7 @@ class PointEvaluator:
         kw = {"latent_shape": s.latent_shape, "backend": kernel_backend(cfg),
               "negative_prompt": cfg.sampling.negative_prompt}
         args = (prompts, cfg.eval.seeds, cfg.sampling.guidance_scale, cfg.sampling.eta, cfg.eval.batch_size, device)
-        key = json.dumps(protocol(cfg), sort_keys=True)
+        key = jsonio.dumps(protocol(cfg), sort_keys=True)
         reward = ground_truth_reward if cfg.eval.reward == "ground_truth" else scorer_reward(self.spec.method.scorer)
         was_training = s.raw_unet.training
         s.raw_unet.eval()
@@ -442,7 +443,7 @@ def run_compare(args, spo: RunSpec, dpo: RunSpec, out: Path) -> dict:
         "seconds": time.perf_counter() - t0,
     }
     report = _nan_to_none(report)
-    (out / "compare.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "compare.json").write_text(jsonio.dumps(report, indent=1) + "\n")
     plot(report, out / "compare.png")
     return report
 
@@ -517,7 +518,7 @@ def run_tune(args, specs: list[RunSpec], grid: list[tuple[float, float]], out: P
         "chosen": {"lr": best["lr"], "beta": best["beta"], "reward": best["reward"], "win_rate": best["win_rate"],
                    "rule": "highest validation reward at the end of the run"},
     })
-    (out / "tune_dpo.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "tune_dpo.json").write_text(jsonio.dumps(report, indent=1) + "\n")
     return report
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from spo_fast.core import jsonio
 from spo_fast.core.errors import (
     ArgumentParser,
     InputError,
@@ -515,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                           markdown=markdown if args.metric else None)
     result["sampling_dtype"] = dtype  # recorded next to the statistics evaluate() wrote
     result["sampling"] = {"num_steps": args.num_steps, "eta": args.eta, "guidance_scale": args.guidance_scale}
-    (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "eval.json").write_text(jsonio.dumps(result, indent=1) + "\n")
     print(f"[spo_fast.evaluate] {summary_line(result)}; wrote {out / 'eval.json'} and {out / 'eval_grid.png'}")
     for label, m in result.get("metrics", {}).items():
         print(f"[spo_fast.evaluate] {label}: base {m['base']:.4g} -> trained {m['trained']:.4g} (margin "

@@ -25,6 +25,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from spo_fast.core import jsonio
 from spo_fast.core.errors import DivergedError, InputError, WeightsFileError, check_weights_file
 
 _NAME = re.compile(r"^iter_(\d+)$")
@@ -101,7 +102,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, iteration: int, opt_ste
         torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
         if accelerator.scaler is not None:
             torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-        (tmp / "state.json").write_text(json.dumps(
+        (tmp / "state.json").write_text(jsonio.dumps(
             {"iteration": iteration, "opt_step": opt_step, "world_size": accelerator.num_processes}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import json
 import os
 import signal
 import sys
@@ -36,6 +35,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from spo_fast.core import jsonio
 from spo_fast.core.checkpoint import (
     CheckpointError,
     check_files,
@@ -521,7 +521,7 @@ def sample_grid(cfg: Config, s: Setup, accelerator, prompts: list[str], scorer, 
     result = {"prompts": prompts, "rows": ["base", "trained"], "scores": scores}
     if truth:
         result["ground_truth"] = truth
-    (out / "samples.json").write_text(json.dumps(result, indent=1))
+    (out / "samples.json").write_text(jsonio.dumps(result, indent=1))
     return result
 
 
@@ -706,7 +706,7 @@ def run(cfg: Config, method: Method, hook=None) -> tuple[dict, Setup]:
                                          time.perf_counter() - t0)
                 if (it + 1) % cfg.log.every == 0 or it + 1 == total:
                     if main:
-                        metrics_file.write(json.dumps(last) + "\n")
+                        metrics_file.write(jsonio.dumps(last) + "\n")
                         metrics_file.flush()
                     if use_tb:
                         accelerator.log({k: v for k, v in last.items() if k != "iteration" and v is not None},
@@ -746,7 +746,7 @@ def run(cfg: Config, method: Method, hook=None) -> tuple[dict, Setup]:
     summary = {"stopped": False, "iterations": total, **last}
     if main:
         summary.update(finish(cfg, s, accelerator, method, out, say))
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        (out / "summary.json").write_text(jsonio.dumps(summary, indent=1))
         say(f"done: {total} iterations; weights in {summary['weights_dir']}; outputs in {out.resolve()}")
     accelerator.wait_for_everyone()
     accelerator.end_training()

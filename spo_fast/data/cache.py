@@ -37,6 +37,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from spo_fast.core import jsonio
 from spo_fast.core.config import flatten
 from spo_fast.core.errors import check_writable_dir
 from spo_fast.data.pairs import PairDataset, PairsError
@@ -160,7 +161,7 @@ def _chunk_path(root: Path, block: int) -> Path:
 
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    tmp.write_text(jsonio.dumps(obj, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -204,7 +205,7 @@ class LatentCache:
         barrier; PairsError on a bad image with data.bad_rows=error (every process must then stop).
         """
         path = Path(cache_dir).expanduser()
-        key = json.loads(json.dumps(key))  # tuples -> lists, as the manifest will read back
+        key = json.loads(jsonio.dumps(key))  # tuples -> lists, as the manifest will read back
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import io
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from spo_fast.core import jsonio
 from spo_fast.core.errors import InputError
 
 PAIR_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
@@ -283,7 +283,7 @@ class PairDataset:
     def fingerprint(self) -> str:
         """sha256 hex of every shard's resolved path, size and mtime_ns plus ``ties`` and ``bad_rows``."""
         shards = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in self.shards]
-        text = json.dumps({"shards": shards, "ties": self.ties, "bad_rows": self.bad_rows})
+        text = jsonio.dumps({"shards": shards, "ties": self.ties, "bad_rows": self.bad_rows})
         return hashlib.sha256(text.encode()).hexdigest()
 
     @property

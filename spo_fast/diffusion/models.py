@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from spo_fast.core import jsonio
 from spo_fast.core.config import ConfigError
 from spo_fast.core.errors import InputError, check_loading_info, check_weights_dir
 
@@ -605,14 +606,14 @@ def write_clip_tokenizer(out_dir, words, max_length: int = 77) -> int:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     token_ids = {tok: i for i, tok in enumerate(vocab)}
-    vocab_text = json.dumps(token_ids, ensure_ascii=False, indent=0)
+    vocab_text = jsonio.dumps(token_ids, ensure_ascii=False, indent=0)
     (out / "vocab.json").write_text(vocab_text + "\n", encoding="utf-8")
     merges = [f"{a} {b}" for a, b in ranks]  # dicts keep insertion (= rank) order
     (out / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n", encoding="utf-8")
     specials = {"bos_token": _BOS, "eos_token": _EOS, "unk_token": _EOS, "pad_token": _EOS}
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, **specials}
     for name, obj in (("tokenizer_config.json", config), ("special_tokens_map.json", specials)):
-        (out / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+        (out / name).write_text(jsonio.dumps(obj, indent=2) + "\n", encoding="utf-8")
     return len(vocab)
 
 
@@ -640,13 +641,13 @@ def write_tokenizers(arch_root: Path | None = None) -> int:
             size = write_clip_tokenizer(tok_dir, words)
             cfg_file = enc_dir / "config.json"
             cfg = sync_ids(json.loads(cfg_file.read_text(encoding="utf-8")), size, arch.name.startswith("tiny_"))
-            cfg_file.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+            cfg_file.write_text(jsonio.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     for arch in _spm_arch_dirs(arch_root):  # a CLIPModel: the tokenizer files sit beside its config.json
         size = write_clip_tokenizer(arch, words)
         cfg_file = arch / "config.json"
         cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
         sync_ids(cfg["text_config"], size, arch.name.startswith("tiny_"))
-        cfg_file.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        cfg_file.write_text(jsonio.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     return size
 
 

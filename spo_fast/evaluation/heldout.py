@@ -13,7 +13,7 @@ settings (steps, eta, guidance, negative prompt). Rewards:
 ``eval.json``: ``n_prompts``, ``n_seeds``, ``seed_offset`` (the first noise seed), ``reward_base`` and
 ``reward_trained`` (means over prompt x seed), ``win_rate`` (fraction of prompt/seed pairs where trained > base;
 exact ties count as losses and are reported as ``ties``), ``reward_base_seed_spread`` (std over seeds of the base
-model's per-seed mean reward) and ``margin`` = trained - base, ``seconds``; with the ground truth also the mean of
+model's per-seed mean reward; ``null`` with one seed: the file is strict JSON, :mod:`spo_fast.core.jsonio`) and ``margin`` = trained - base, ``seconds``; with the ground truth also the mean of
 each score component. ``eval_grid.png`` (``spo_fast.evaluation.grids.labelled_grid``): the first ``grid_prompts`` prompts
 (``eval.grid_prompts``, default 8) at the first noise seed (``seed_offset``), base (top) above trained (bottom), each
 image upscaled and captioned with its prompt, its reward written under it, the mean rewards and the win rate in a
@@ -26,13 +26,13 @@ is a markdown table in the paper's layout (a row per model, a column per metric)
 """
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from spo_fast.core import jsonio
 from spo_fast.diffusion.models import Components, decode_latents, encode_negative, encode_prompts
 from spo_fast.diffusion.sampling import DDIMSchedule, sample
 
@@ -257,7 +257,7 @@ def evaluate(comp: Components, base_ctx, trained_ctx, prompts: list[str], seeds:
     result["seconds"] = time.perf_counter() - t0
     result["prompts"] = prompts
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "eval.json").write_text(jsonio.dumps(result, indent=1) + "\n")
     if "metrics" in result:
         (out / "eval.md").write_text(eval_markdown(result, **(markdown or {})))
     n = min(grid_prompts, len(prompts))

@@ -59,7 +59,6 @@ import contextlib
 import importlib
 import io
 import itertools
-import json
 import multiprocessing
 import os
 import re
@@ -74,6 +73,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from spo_fast.core import jsonio
 
 from . import _dispatch, ddim_step, pair_select, spo_loss
 
@@ -478,8 +479,8 @@ def build_report(archs: Sequence[int] = ARCHS, jobs: int | None = None) -> dict[
 def write_report(report: dict[str, Any], path: Path) -> None:
     """The JSON with one record per line (diffs of a regenerated file show the variants that changed)."""
     header = {k: v for k, v in report.items() if k != "records"}
-    lines = [json.dumps(r, sort_keys=False) for r in report["records"]]
-    text = json.dumps(header, indent=2)[:-2] + ',\n  "records": [\n    ' + ",\n    ".join(lines) + "\n  ]\n}\n"
+    lines = [jsonio.dumps(r, sort_keys=False) for r in report["records"]]
+    text = jsonio.dumps(header, indent=2)[:-2] + ',\n  "records": [\n    ' + ",\n    ".join(lines) + "\n  ]\n}\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
 

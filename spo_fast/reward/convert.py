@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from spo_fast.core import jsonio
 from spo_fast.core.errors import check_weights_file, safetensors_header
 from spo_fast.reward.spm import RESIZE_OFFICIAL, SPM_CONFIG, SPMError, StepAwarePreferenceModel, check_spm_dir
 
@@ -260,7 +261,7 @@ def convert(official: Path, clip: Path, out: Path, tokenizer: Path | None = None
         cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
         cfg["converted_from"] = {"file": official.name, "format": "official SPO StepAwarePreferenceModel",
                                  "gate_offset": "bias[2H:3H] and bias[5H:6H] of every adaLN layer - 1"}
-        cfg_file.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        cfg_file.write_text(jsonio.dumps(cfg, indent=2) + "\n", encoding="utf-8")
         for name in _TOKENIZER_FILES:
             if (tok_dir / name).is_file():
                 shutil.copyfile(tok_dir / name, tmp / name)

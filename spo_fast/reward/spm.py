@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, PreTrainedTokenizerBase
 
+from spo_fast.core import jsonio
 from spo_fast.core.errors import InputError, check_weights_dir, safetensors_header
 
 __all__ = ["RESIZE_OFFICIAL", "RESIZE_SPO_FAST", "SPMScorer", "StepAwarePreferenceModel", "TimeConditioning",
@@ -90,7 +91,7 @@ def _check_resize(raw, file: Path | str) -> dict:
     if raw is None:
         return dict(RESIZE_SPO_FAST)
     if not isinstance(raw, dict):
-        raise SPMError(f"{file}: resize must be an object like {json.dumps(RESIZE_SPO_FAST)}, got {raw!r}")
+        raise SPMError(f"{file}: resize must be an object like {jsonio.dumps(RESIZE_SPO_FAST)}, got {raw!r}")
     unknown = sorted(set(raw) - set(RESIZE_KEYS))
     if unknown:
         raise SPMError(f"{file}: unknown key resize.{unknown[0]}; accepted: "
@@ -100,8 +101,8 @@ def _check_resize(raw, file: Path | str) -> dict:
         allowed = RESIZE_KEYS[key]
         # bools are ints in Python: compare types too, so resize.antialias=1 is refused
         if not any(type(value) is type(a) and value == a for a in allowed):
-            raise SPMError(f"{file}: resize.{key}={json.dumps(value)} is not accepted; use one of "
-                           f"{', '.join(json.dumps(a) for a in allowed)}")
+            raise SPMError(f"{file}: resize.{key}={jsonio.dumps(value)} is not accepted; use one of "
+                           f"{', '.join(jsonio.dumps(a) for a in allowed)}")
         out[key] = value
     return out
 
@@ -120,7 +121,7 @@ def read_spm_config(path: str | Path) -> dict:
             raise SPMError(f"{file}: expected a JSON object, got {type(cfg).__name__}; re-export the SPM")
     dim = cfg.get("time_freq_dim", 256)
     if type(dim) is not int or dim < 2:
-        raise SPMError(f"{file}: time_freq_dim={json.dumps(dim)} is not accepted; expected an integer >= 2 (the "
+        raise SPMError(f"{file}: time_freq_dim={jsonio.dumps(dim)} is not accepted; expected an integer >= 2 (the "
                        "official SPM: 256)")
     return {**cfg, "time_freq_dim": dim, "resize": _check_resize(cfg.get("resize"), file)}
 
@@ -322,7 +323,7 @@ class StepAwarePreferenceModel(nn.Module):
         cfg = {"time_freq_dim": self.time_cond.time_freq_dim, "vision_hidden_size": vcfg.hidden_size,
                "num_layers": vcfg.num_hidden_layers, "modulation": "adaLN shift/scale/gate per layer + pooled",
                "resize": _check_resize(self.resize, out_dir / SPM_CONFIG)}
-        (out_dir / SPM_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+        (out_dir / SPM_CONFIG).write_text(jsonio.dumps(cfg, indent=2) + "\n")
 
     # ----------------------------------------------------------------------------------------------------- helpers
     @property

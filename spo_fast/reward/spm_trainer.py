@@ -14,7 +14,6 @@ plus ``clean`` (the stored images themselves at t = 0). Written to ``<out>/spm_e
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spo_fast.core import jsonio
 from spo_fast.data.pairs import Pairs, load_all
 from spo_fast.diffusion.models import (
     Components,
@@ -189,7 +189,7 @@ def train_spm(spm, tokenizer, comp: Components, train_pairs, eval_pairs, out: Pa
                           sampling_dtype=cfg.sampling_dtype,
                           progress=progress, desc="SPM held-out accuracy (before)") if eval_set is not None else None
     if before is not None:
-        print(f"[train_spm] before: {json.dumps(before)}", flush=True)
+        print(f"[train_spm] before: {jsonio.dumps(before)}", flush=True)
     log, t0 = [], time.perf_counter()
     bar = tqdm(total=cfg.steps, desc="SPM training", unit="step", disable=not progress, mininterval=1.0)
     with open(out / "metrics.jsonl", "w") as metrics, bar:
@@ -226,9 +226,9 @@ def train_spm(spm, tokenizer, comp: Components, train_pairs, eval_pairs, out: Pa
                 acc = recent[:, 1][~np.isnan(recent[:, 1])]  # steps of ties only have no accuracy
                 row = {"step": step + 1, "loss": float(recent[:, 0].mean()),
                        "acc": float(acc.mean()) if len(acc) else None, "seconds": time.perf_counter() - t0}
-                metrics.write(json.dumps(row) + "\n")
+                metrics.write(jsonio.dumps(row) + "\n")
                 metrics.flush()
-                (bar.write if progress else print)(f"[train_spm] {json.dumps(row)}")
+                (bar.write if progress else print)(f"[train_spm] {jsonio.dumps(row)}")
                 sys.stdout.flush()
     spm.eval()
     for p in params:
@@ -240,6 +240,6 @@ def train_spm(spm, tokenizer, comp: Components, train_pairs, eval_pairs, out: Pa
                          progress=progress, desc="SPM held-out accuracy (after)") if eval_set is not None else None
     result = {"config": asdict(cfg), "train_pairs": len(train_set), "seconds": time.perf_counter() - t0,
               "eval_before": before, "eval": after}
-    (out / "spm_eval.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"[train_spm] held-out accuracy: {json.dumps(after)}", flush=True)
+    (out / "spm_eval.json").write_text(jsonio.dumps(result, indent=1) + "\n")
+    print(f"[train_spm] held-out accuracy: {jsonio.dumps(after)}", flush=True)
     return result

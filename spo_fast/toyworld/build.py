@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spo_fast.core import jsonio
 from spo_fast.diffusion.models import (
     encode_prompts,
     load_components,
@@ -185,7 +186,7 @@ def train_base(out: Path, cfg: BuildConfig) -> dict:
         if cfg.base_probe_every and ((step + 1) % cfg.base_probe_every == 0 or step + 1 == cfg.base_steps):
             with torch.no_grad():  # its own generator: the training stream is unchanged by probing
                 probes.append({"step": step + 1, **probe_base(comp, unet, cfg.seed + 300, cfg.base_probe_prompts)})
-            _log(f"base probe: {json.dumps({k: round(v, 3) for k, v in probes[-1].items()})}")
+            _log(f"base probe: {jsonio.dumps({k: round(v, 3) for k, v in probes[-1].items()})}")
     bar.close()
     with quiet_loading():  # no "Writing model shards" bar
         unet.save_pretrained(out / "unet")
@@ -400,7 +401,7 @@ def build(out: Path, cfg: BuildConfig, stages: tuple[str, ...] = STAGES) -> dict
             meta["pairs"] = build_pairs(out, cfg)
         elif stage == "spm":
             meta["spm"] = build_spm(out, cfg)
-        meta_file.write_text(json.dumps(meta, indent=1) + "\n")
+        meta_file.write_text(jsonio.dumps(meta, indent=1) + "\n")
     return meta
 
 
@@ -468,5 +469,5 @@ def main(argv: list[str] | None = None) -> int:
         meta = build(out, cfg, stages)
     except InputError as e:
         return report(e)
-    _log(f"done: {json.dumps({k: v for k, v in meta.items() if k != 'config'}, default=str)[:2000]}")
+    _log(f"done: {jsonio.dumps({k: v for k, v in meta.items() if k != 'config'}, default=str)[:2000]}")
     return 0
