@@ -16,6 +16,7 @@ the base model's.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import re
@@ -427,6 +428,26 @@ def _run_sampling_dtype(weights: Path) -> str:
     return "fp32"
 
 
+RESULT_FILES = ("eval.json", "eval_grid.png", "eval.md")  # what an evaluation writes into its --out
+
+
+def check_out(out: Path | None, lora: Path) -> Path:
+    """The output directory: ``--out`` as given, which must be creatable and writable and must not hold any of
+    :data:`RESULT_FILES` (results this call did not create are never replaced), or by default the first of
+    ``evaluate-1``, ``evaluate-2``, ... next to ``--lora`` that does not exist yet. Raises InputError naming
+    ``--out``."""
+    if out is None:
+        parent = lora.expanduser().resolve().parent
+        out = next(parent / f"evaluate-{i}" for i in itertools.count(1) if not (parent / f"evaluate-{i}").exists())
+    out = check_writable_dir(out, "--out")
+    earlier = [name for name in RESULT_FILES if (out / name).exists()]
+    if earlier:
+        raise InputError(f"--out={out} already holds {', '.join(earlier)} of an earlier evaluation; give a new "
+                         "directory as --out (or leave --out out: a new one is made next to --lora), or delete "
+                         "those files")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from types import SimpleNamespace
 
@@ -467,7 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                         help="autocast dtype of the sampling; auto (default) = the run's (sampling.dtype in the "
                              "config.yaml next to --lora, as the end-of-run evaluation used), else fp32")
-    parser.add_argument("--out", type=Path, default=None, help="output dir (default: the LoRA dir's parent)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output dir, which must not hold an earlier evaluation's files (default: a new "
+                             "directory next to --lora, evaluate-1, evaluate-2, ...)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -479,8 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         trained = check_trained(args, root)
         reward_dir = check_reward_dir(args, kind)
         metrics = [check_metric(m) for m in args.metric]  # RewardError (an InputError) naming metric and file
-        out = args.out.expanduser() if args.out is not None else args.lora.expanduser().resolve().parent
-        check_writable_dir(out, "--out")  # given, or its default: the --lora directory's parent
+        out = check_out(args.out, args.lora)
         # the models
         comp = load_components(args.model, args.family)
         base_unet, trained_unet = _load_trained(comp, trained)

@@ -298,13 +298,19 @@ def _out_is_a_file(t, lora):
     return ["--lora", lora, "--out", t / "ev"], ["--out", str(t / "ev"), "not a directory"]
 
 
+def _out_holds_an_earlier_evaluation(t, lora):
+    (t / "ev").mkdir()
+    (t / "ev" / "eval.json").write_text("{}")
+    return ["--lora", lora, "--out", t / "ev"], [f"--out={t / 'ev'}", "already holds eval.json"]
+
+
 CASES = [_missing_lora, _empty_lora, _lora_is_file, _run_dir_not_lora, _truncated_lora, _not_safetensors, _lora_of_sdxl,
          _lora_other_widths, _lora_partly_foreign, _lora_not_diffusers_keys, _lora_text_encoder, _unet_dir_truncated,
          _unet_dir_other_arch, _missing_prompts, _empty_prompts, _blank_prompts, _non_toy_prompt_ground_truth,
          _unknown_prompt_set, _missing_model, _model_without_unet, _model_truncated_unet, _unknown_toy_model,
          _wrong_family, _seeds_0, _n_prompts_0, _batch_size_negative, _seeds_not_int, _eta_nan, _guidance_inf,
          _seed_offset_negative, _too_many_steps, _spm_not_spm, _spm_truncated, _clip_reward_missing,
-         _clip_reward_without_dir, _out_under_a_file, _out_is_a_file]
+         _clip_reward_without_dir, _out_under_a_file, _out_is_a_file, _out_holds_an_earlier_evaluation]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__.strip("_") for c in CASES])
@@ -319,7 +325,7 @@ def test_bad_input_is_one_named_error_before_any_model(case, tmp_path, lora_dir,
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     for name in names:
         assert name in lines[0], (name, lines[0])
-    assert not (tmp_path / "ev").is_dir()
+    assert not (tmp_path / "ev").is_dir() or case is _out_holds_an_earlier_evaluation
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only directories")
@@ -438,3 +444,17 @@ def test_cli_seed_offset_and_valid_unet_dir(tmp_path, lora_dir, capsys):
     assert evaluate.main(["--lora", str(unet), *TINY, "--out", str(tmp_path / "c")]) == 0
     c = json.loads((tmp_path / "c" / "eval.json").read_text())
     assert c["margin"] == 0 and c["ties"] == 2
+
+
+def test_default_out_is_a_new_directory_next_to_the_lora(tmp_path, lora_dir):
+    """Without --out each evaluation gets a new directory (evaluate-1, evaluate-2, ...) next to --lora: a training
+    run's own eval.json and eval_grid.png beside its lora/ are never replaced."""
+    run = tmp_path / "run"
+    shutil.copytree(lora_dir, run / "lora")
+    (run / "eval.json").write_text('{"the run": "own"}')
+    assert evaluate.check_out(None, run / "lora") == run / "evaluate-1"
+    assert evaluate.main(["--lora", str(run / "lora"), *TINY]) == 0
+    assert json.loads((run / "eval.json").read_text()) == {"the run": "own"}
+    assert json.loads((run / "evaluate-1" / "eval.json").read_text())["n_prompts"] == 2
+    assert (run / "evaluate-1" / "eval_grid.png").is_file()
+    assert evaluate.check_out(None, run / "lora") == run / "evaluate-2"
