@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(
         prog="python -m spo_fast.train_spm",
         description="Train a step-aware preference model on Pick-a-Pic-schema preference pairs.",
-        epilog="Example (toy world): python -m spo_fast.train_spm --pairs spo_fast/toyworld/assets/pairs_train.parquet "
-               "--eval-pairs spo_fast/toyworld/assets/pairs_heldout.parquet --model toyworld:base "
+        epilog="Example (toy world, from any directory): python -m spo_fast.train_spm --pairs toyworld:train "
+               "--eval-pairs toyworld:heldout --model toyworld:base "
                "--init toyworld:spm --out outputs/spm")
     parser.add_argument("--pairs", required=True, help="training pairs (parquet file, directory of shards or glob; "
                                                        "Pick-a-Pic schema), or toyworld:train")
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         check_model_dir(resolve_model_path(args.model), args.family, "pretrained")
         init = resolve_model_path(args.init)
         check_spm_dir(init)
-        train_set, eval_set = (_load_checked(p, not args.no_progress) if p is not None else None
-                               for p in (args.pairs, args.eval_pairs))
+        train_set, eval_set = (_load_checked(p, not args.no_progress, flag) if p is not None else None
+                               for p, flag in ((args.pairs, "--pairs"), (args.eval_pairs, "--eval-pairs")))
         comp = load_components(args.model, args.family)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         for m in (comp.unet, *comp.text_encoders, *([comp.vae] if comp.vae is not None else [])):

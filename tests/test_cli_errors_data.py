@@ -275,3 +275,41 @@ def test_empty_prompt_file_is_a_named_error(tmp_path, text, state):
         load_prompts(str(f))
     with pytest.raises(InputError, match="is a directory"):
         load_prompts(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- help examples, flag names
+def _help_example(main, argv: list[str], capsys) -> list[str]:
+    """The ``Example ...: python -m spo_fast.X ARGS`` of a command's --help, as an argument list."""
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    example = text[text.index("Example"):]
+    return example.split(" python -m ", 1)[1].split()[1:]  # drop the module name
+
+
+@pytest.mark.parametrize("which", ["train_spm", "data cache"])
+def test_help_examples_pass_every_check_from_any_directory(which, tmp_path, monkeypatch, no_models, capsys):
+    """Run from an empty directory, the example in --help passes every input check and reaches the model builder
+    (which the fixture turns into an AssertionError): no repository-relative path in it."""
+    main, prefix = (train_spm.main, []) if which == "train_spm" else (data_cli.main, ["cache"])
+    argv = _help_example(main, prefix, capsys)
+    assert argv[:len(prefix)] == prefix and not any("spo_fast/" in a for a in argv), argv
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(AssertionError, match="model built"):
+        main(argv)
+
+
+@pytest.mark.parametrize("which, flag", [("train_spm", "--pairs"), ("train_spm", "--eval-pairs"),
+                                         ("data cache", "--pairs")])
+def test_a_missing_pairs_file_is_named_by_the_flag_typed(which, flag, tmp_path, no_models, capsys):
+    missing = str(tmp_path / "missing.parquet")
+    if which == "train_spm":
+        argv = ["--pairs", "toyworld:train", "--model", "toyworld:base", "--init", "toyworld:spm",
+                "--out", str(tmp_path / "o"), flag, missing]
+        main = train_spm.main
+    else:
+        argv, main = ["cache", "--pairs", missing, "--model", "toyworld:base", "--cache-dir", str(tmp_path / "c")], \
+            data_cli.main
+    rc, err = _run(main, argv, capsys)
+    _assert_one_line_error(rc, err, [f"{flag}={missing!r}", "does not exist"])
+    assert "data.pairs" not in err

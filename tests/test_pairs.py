@@ -344,4 +344,4 @@ def test_cache_cli_on_the_toy_world(tmp_path, capsys):
     assert data_main(["cache", "--pairs", str(tmp_path / "missing.parquet"), "--model", "toyworld:base",
                       "--cache-dir", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: data.pairs=") and "does not exist" in err and "Traceback" not in err
+    assert err.startswith("error: --pairs=") and "does not exist" in err and "Traceback" not in err  # the flag typed

@@ -1,6 +1,6 @@
 """``python -m spo_fast.data cache``: build the latent cache of a preference-pairs dataset ahead of training.
 
-Example (toy world): python -m spo_fast.data cache --pairs spo_fast/toyworld/assets/pairs_train.parquet
+Example (toy world): python -m spo_fast.data cache --pairs toyworld:train
 --model toyworld:base --cache-dir outputs/cache
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     try:
-        dataset = PairDataset(args.pairs, args.ties, args.bad_rows)
+        dataset = PairDataset(args.pairs, args.ties, args.bad_rows, option="--pairs")
         dataset.check_first()  # a file of unreadable images fails now; the build checks every row
         root = resolve_model_path(args.model)
         check_model_dir(root, args.family, "pretrained")

@@ -119,38 +119,39 @@ class _Block:
 TOYWORLD_PAIRS = ("train", "heldout")
 
 
-def resolve_pairs(spec: str) -> str:
-    """``toyworld:train`` / ``toyworld:heldout`` -> the toy world's shipped pairs file; anything else unchanged."""
+def resolve_pairs(spec: str, option: str = "data.pairs") -> str:
+    """``toyworld:train`` / ``toyworld:heldout`` -> the toy world's shipped pairs file; anything else unchanged.
+    ``option``: how the user gave ``spec`` (the config key, or a command's flag), named in errors."""
     if not spec.startswith("toyworld:"):
         return spec
     name = spec.split(":", 1)[1]
     if name not in TOYWORLD_PAIRS:
-        raise PairsError(f"data.pairs={spec!r}: unknown toy-world pairs; accepted: "
+        raise PairsError(f"{option}={spec!r}: unknown toy-world pairs; accepted: "
                          f"{', '.join('toyworld:' + n for n in TOYWORLD_PAIRS)}, or a parquet file/directory/glob")
     from spo_fast.diffusion.models import toyworld_assets
 
     return str(toyworld_assets() / f"pairs_{name}.parquet")
 
 
-def resolve_shards(spec: str) -> list[Path]:
+def resolve_shards(spec: str, option: str = "data.pairs") -> list[Path]:
     """The parquet files of ``spec``: one file, every ``*.parquet`` in a directory (not recursive), the files a
     glob matches, sorted, or ``toyworld:train|heldout`` (the shipped toy pairs). Raises PairsError when nothing is
-    found."""
+    found, naming ``option`` (the config key or flag ``spec`` came from)."""
     hint = "give a parquet file, a directory of parquet shards or a glob"
-    spec = resolve_pairs(spec)
+    spec = resolve_pairs(spec, option)
     path = Path(spec).expanduser()
     if glob.has_magic(spec):
         files = sorted(Path(p) for p in glob.glob(str(path)) if Path(p).is_file())
         if not files:
-            raise PairsError(f"data.pairs={spec!r}: the glob matches no file; {hint}")
+            raise PairsError(f"{option}={spec!r}: the glob matches no file; {hint}")
         return files
     if path.is_dir():
         files = sorted(p for p in path.glob("*.parquet") if p.is_file())
         if not files:
-            raise PairsError(f"data.pairs={spec!r} is a directory without *.parquet files; {hint}")
+            raise PairsError(f"{option}={spec!r} is a directory without *.parquet files; {hint}")
         return files
     if not path.is_file():
-        raise PairsError(f"data.pairs={spec!r} does not exist; {hint}")
+        raise PairsError(f"{option}={spec!r} does not exist; {hint}")
     return [path]
 
 
@@ -210,13 +211,13 @@ class PairDataset:
     missing column or when no usable pair remains.
     """
 
-    def __init__(self, spec: str, ties: str = "drop", bad_rows: str = "error"):
+    def __init__(self, spec: str, ties: str = "drop", bad_rows: str = "error", option: str = "data.pairs"):
         if ties not in TIES:
             raise PairsError(f"data.ties={ties!r}; accepted: {', '.join(TIES)}")
         if bad_rows not in BAD_ROWS:
             raise PairsError(f"data.bad_rows={bad_rows!r}; accepted: {', '.join(BAD_ROWS)}")
-        self.spec, self.ties, self.bad_rows = spec, ties, bad_rows
-        self.shards = resolve_shards(spec)
+        self.spec, self.ties, self.bad_rows, self.option = spec, ties, bad_rows, option
+        self.shards = resolve_shards(spec, option)
         self.counts = {"rows": 0, "ties_dropped": 0, "bad_labels_skipped": 0, "usable": 0, "bad_images_skipped": 0}
         self._blocks: list[_Block] = []
         for shard, path in enumerate(self.shards):
@@ -227,13 +228,13 @@ class PairDataset:
             if len(self.shards) == 1:
                 what = f"{self.shards[0]} has no rows (an empty parquet file)"
             else:
-                what = f"data.pairs={spec!r}: all {len(self.shards)} files have no rows (empty parquet files)"
+                what = f"{option}={spec!r}: all {len(self.shards)} files have no rows (empty parquet files)"
             raise PairsError(f"{what}; give preference pairs with columns {', '.join(PAIR_COLUMNS)} and at least "
                              "one row")
         if not len(self):
             c = self.counts
             fix = "; set data.ties=keep to train on ties" if c["ties_dropped"] else ""
-            raise PairsError(f"data.pairs={spec!r}: no usable pairs in {len(self.shards)} file(s): {c['rows']} rows, "
+            raise PairsError(f"{option}={spec!r}: no usable pairs in {len(self.shards)} file(s): {c['rows']} rows, "
                              f"{c['ties_dropped']} ties dropped (data.ties={ties}), {c['bad_labels_skipped']} rows with "
                              f"invalid labels skipped{fix}")
         self._bad_images: set[int] = set()
@@ -247,7 +248,7 @@ class PairDataset:
         try:
             pf = pq.ParquetFile(path)
         except (pa.ArrowException, OSError) as e:
-            raise PairsError(f"{path} is not a readable parquet file ({e}); data.pairs must name parquet files "
+            raise PairsError(f"{path} is not a readable parquet file ({e}); {self.option} must name parquet files "
                              f"with columns {', '.join(PAIR_COLUMNS)}") from e
         names = pf.schema_arrow.names
         missing = [c for c in PAIR_COLUMNS if c not in names]
@@ -363,7 +364,7 @@ class PairDataset:
                 table = self._file[1].read_row_group(blk.row_group, columns=list(PAIR_COLUMNS))
             except (pa.ArrowException, OSError) as e:
                 raise PairsError(f"{path}: row group {blk.row_group} cannot be read ({e}); the file changed or is "
-                                 "damaged: restore it or remove it from data.pairs") from e
+                                 f"damaged: restore it or remove it from {self.option}") from e
             self._group = (key, table)
         return self._group[1]
 
@@ -458,10 +459,10 @@ class PairDataset:
         return len(self._bad_images)
 
 
-def load_all(spec: str, ties: str = "keep") -> Pairs:
+def load_all(spec: str, ties: str = "keep", option: str = "data.pairs") -> Pairs:
     """Every usable pair of ``spec`` in memory, images still encoded, with each pair's file and row (bad labels
     raise PairsError; ``Pairs.check_images`` checks the images)."""
-    ds = PairDataset(spec, ties=ties)
+    ds = PairDataset(spec, ties=ties, option=option)
     captions, jpg_0, jpg_1, label_0, sources = [], [], [], [], []
     for blk in ds._blocks:
         table = ds._row_group(blk).take(blk.rows - blk.first_row)

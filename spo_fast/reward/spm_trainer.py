@@ -150,10 +150,11 @@ def evaluate_spm(spm, tokenizer, comp: Components, pairs: Pairs, seed: int = 0, 
     return result
 
 
-def _load_checked(path, progress: bool = False) -> Pairs:
+def _load_checked(path, progress: bool = False, option: str = "data.pairs") -> Pairs:
     """``load_all`` (schema and labels) plus ``Pairs.check_images`` (every image decodes): a bad file or row
-    raises PairsError now, naming the file and row, not when a training batch first draws the row."""
-    pairs = load_all(str(path), ties="keep")
+    raises PairsError now, naming the file and row (or ``option``, the flag the files came from), not when a
+    training batch first draws the row."""
+    pairs = load_all(str(path), ties="keep", option=option)
     pairs.check_images(progress=progress, desc=f"checking the images of {Path(str(path)).name}")
     return pairs
 
