@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -134,3 +135,35 @@ def test_grid_prompts_must_be_positive(value):
 
     with pytest.raises(ConfigError, match="eval.grid_prompts"):
         load_config(None, [f"eval.grid_prompts={value}"])
+
+
+def test_covering_shows_every_attribute_of_the_toy_prompts():
+    """The eval grid's 8 columns of toyworld:heldout's first 64 prompts (all of which start with small red circles)
+    show every shape, position, size and background those 64 prompts have, and more than one colour."""
+    prompts = world.prompts("heldout")[:64]
+    idx = grids.covering(prompts, 8)
+    assert len(idx) == len(set(idx)) == 8 and idx == grids.covering(prompts, 8)
+    shown = [world.parse_prompt(prompts[i]) for i in idx]
+    every = [world.parse_prompt(p) for p in prompts]
+    for field in ("shape", "position", "size", "background"):
+        assert {getattr(a, field) for a in shown} == {getattr(a, field) for a in every}, field
+    assert len({a.color for a in shown}) >= 3
+    assert len({a.color for a in [world.parse_prompt(p) for p in prompts[:8]]}) == 1  # what the first 8 would show
+    assert grids.covering(["a", "b"], 5) == [0, 1] and grids.covering([], 3) == []
+
+
+def test_eval_grid_columns_are_the_covering_prompts(tmp_path, monkeypatch):
+    prompts = world.prompts("heldout")[:12]
+    base = torch.arange(12.0).view(1, 12, 1, 1, 1).expand(1, 12, 3, 4, 4)  # image i is filled with i
+    seen = {}
+
+    def capture(images, rows, captions, notes, header, note_colours=None):
+        seen.update(columns=images[0][:, 0, 0, 0].tolist(), captions=captions, notes=notes)
+        return SimpleNamespace(save=lambda path: None)
+
+    monkeypatch.setattr(grids, "labelled_grid", capture)
+    rewards = [float(i) for i in range(12)]
+    evaluation.save_grid(base, base, tmp_path / "g.png", prompts, rewards, rewards, "h", 4)
+    idx = grids.covering(prompts, 4)
+    assert seen["columns"] == [float(i) for i in idx] and seen["captions"] == [prompts[i] for i in idx]
+    assert seen["notes"][0] == [f"base {float(i):.2f}" for i in idx]

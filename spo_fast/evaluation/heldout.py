@@ -13,9 +13,10 @@ settings (steps, eta, guidance, negative prompt). Rewards:
 ``eval.json``: ``n_prompts``, ``n_seeds``, ``seed_offset`` (the first noise seed), ``reward_base`` and
 ``reward_trained`` (means over prompt x seed), ``win_rate`` (fraction of prompt/seed pairs where trained > base;
 exact ties count as losses and are reported as ``ties``), ``reward_base_seed_spread`` (std over seeds of the base
-model's per-seed mean reward; ``null`` with one seed: the file is strict JSON, :mod:`spo_fast.core.jsonio`) and ``margin`` = trained - base, ``seconds``; with the ground truth also the mean of
-each score component. ``eval_grid.png`` (``spo_fast.evaluation.grids.labelled_grid``): the first ``grid_prompts`` prompts
-(``eval.grid_prompts``, default 8) at the first noise seed (``seed_offset``), base (top) above trained (bottom), each
+model's per-seed mean reward; ``null`` with one seed: the file is strict JSON, :mod:`spo_fast.core.jsonio`) and
+``margin`` = trained - base, ``seconds``; with the ground truth also the mean of each score component.
+``eval_grid.png`` (``spo_fast.evaluation.grids.labelled_grid``): ``grid_prompts`` prompts chosen to cover the set's
+words (``eval.grid_prompts``, default 8; ``grids.covering``) at the first noise seed (``seed_offset``), base (top) above trained (bottom), each
 image upscaled and captioned with its prompt, its reward written under it, the mean rewards and the win rate in a
 header line. The command line is ``spo_fast.evaluate``; the trainer calls ``evaluate`` here at the end of a run.
 
@@ -195,19 +196,19 @@ def eval_markdown(result: dict, names: tuple[str, str] = ("base", "trained"), fa
 def save_grid(base: torch.Tensor, trained: torch.Tensor, path: Path, prompts: list[str],
               base_rewards: list[float] | None = None, trained_rewards: list[float] | None = None,
               header: str | None = None, n: int = GRID_PROMPTS) -> None:
-    """eval_grid.png: base (top row) above trained (bottom row) at the first noise seed (``base[0]``) for the first
-    ``n`` prompts, each column captioned with its prompt, each image's reward under it ("base 3.21", "trained 5.08";
+    """eval_grid.png: base (top row) above trained (bottom row) at the first noise seed (``base[0]``) for ``n``
+    prompts chosen to cover the prompt set's words (``grids.covering``: colours, shapes, positions ...), each column captioned with its prompt, each image's reward under it ("base 3.21", "trained 5.08";
     green where the trained image beats the base one, red where it is worse), ``header`` on top
     (``spo_fast.evaluation.grids``)."""
-    from spo_fast.evaluation.grids import compare_colours, labelled_grid
+    from spo_fast.evaluation.grids import compare_colours, covering, labelled_grid
 
-    n = min(n, len(prompts))
+    idx = covering(prompts, n)
     notes = colours = None
     if base_rewards is not None and trained_rewards is not None:
-        rb, rt = list(base_rewards)[:n], list(trained_rewards)[:n]
+        rb, rt = [base_rewards[i] for i in idx], [trained_rewards[i] for i in idx]
         notes = [[f"base {v:.2f}" for v in rb], [f"trained {v:.2f}" for v in rt]]
         colours = compare_colours(rb, rt)
-    labelled_grid([base[0, :n], trained[0, :n]], ["base", "trained"], prompts[:n], notes, header,
+    labelled_grid([base[0, idx], trained[0, idx]], ["base", "trained"], [prompts[i] for i in idx], notes, header,
                   note_colours=colours).save(path)
 
 
@@ -215,7 +216,7 @@ def grid_header(r: dict, label: str, n: int) -> str:
     """The eval grid's header line: the statistics of the whole evaluation and what the grid shows."""
     return (f"{r['n_prompts']} prompts x {r['n_seeds']} seeds, reward = {label}: base {r['reward_base']:.3f} -> "
             f"trained {r['reward_trained']:.3f} (margin {r['margin']:+.3f}), win rate {r['win_rate']:.3f}. "
-            f"Shown: the first {n} prompts at noise seed {r.get('seed_offset', 0)}.")
+            f"Shown: {n} prompts that cover the set's words, at noise seed {r.get('seed_offset', 0)}.")
 
 
 def evaluate(comp: Components, base_ctx, trained_ctx, prompts: list[str], seeds: int, reward: Callable,
@@ -223,7 +224,7 @@ def evaluate(comp: Components, base_ctx, trained_ctx, prompts: list[str], seeds:
              progress: bool = True, grid_prompts: int = GRID_PROMPTS, seed_offset: int = 0,
              metrics: tuple = (), markdown: dict | None = None) -> dict:
     """Run both models on the same noise (noise seeds ``seed_offset`` .. ``seed_offset + seeds - 1``), score, write
-    eval.json and eval_grid.png (the first ``grid_prompts`` prompts at the first of those seeds) into ``out`` (a
+    eval.json and eval_grid.png (``grid_prompts`` prompts that cover the set's words, at the first of those seeds) into ``out`` (a
     progress bar with the time left unless ``progress`` is false). ``metrics``: more reward callables (each with a
     ``label``) scored on the same images, one after the other (a metric with a ``release()`` has it called after
     its scoring: a reward model loaded on first use is freed before the next one loads); with them or with

@@ -112,7 +112,12 @@ class DiffusionDPO:
         return self.ds.iterations_for(cfg.train.epochs, cfg.train.batch_size, world_size)
 
     def grid_prompts(self, n: int) -> list[str]:
-        return self.ds.load(list(range(min(n, len(self.ds)))), self.s.resolution).captions
+        """``n`` captions of the first ``4 n`` pairs that cover their words (``grids.covering``), for the sample
+        grid (a pool of the first pairs, not the dataset: loading a pair decodes its images)."""
+        from spo_fast.evaluation.grids import covering
+
+        captions = self.ds.load(list(range(min(4 * n, len(self.ds)))), self.s.resolution).captions
+        return [captions[i] for i in covering(captions, n)]
 
     # -- one iteration
     def _batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, Conditioning, torch.Tensor]:

@@ -142,7 +142,10 @@ class SPO:
         return self.sampler.iterations_for(cfg.train.epochs)
 
     def grid_prompts(self, n: int) -> list[str]:
-        return self.prompts[:n]
+        """``n`` training prompts that cover the set's words (``grids.covering``), for the sample grid."""
+        from spo_fast.evaluation.grids import covering
+
+        return [self.prompts[i] for i in covering(self.prompts, n)]
 
     def rollout_generator(self, it: int) -> torch.Generator:
         """Noise of rollout ``it`` on this process: a pure function of (seed, iteration, rank)."""
