@@ -211,6 +211,9 @@ class CheckpointConfig:
     """How many checkpoints to keep."""
     resume: str = "auto"
     """``auto``: resume from the newest checkpoint in output_dir if any; ``never``; or a path."""
+    redo_end: bool = False
+    """A finished run (its summary.json written, its last checkpoint the final one, its length unchanged) started
+    again says so and exits; ``true`` redoes its end phase instead (weights, sample grid, evaluation)."""
 
 
 @dataclass

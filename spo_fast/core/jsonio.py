@@ -25,3 +25,4 @@ def finite(obj: Any) -> Any:
 def dumps(obj: Any, **kwargs) -> str:
     """``json.dumps`` of :func:`finite` ``(obj)`` with ``allow_nan=False`` (anything non-finite left is a bug)."""
     return json.dumps(finite(obj), allow_nan=False, **kwargs)
+

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import json
 import os
 import signal
 import sys
@@ -43,6 +44,7 @@ from spo_fast.core.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     read_config,
+    read_state,
     save_checkpoint,
     trainable_state,
 )
@@ -213,13 +215,34 @@ def resume_path(cfg: Config, out: Path) -> Path | None:
     return ckpt
 
 
+def finished_run(cfg: Config, out: Path) -> dict | None:
+    """The summary of the finished run in ``out`` that ``cfg`` would only resume to redo its end phase, else None.
+    Finished: ``summary.json`` says it was not stopped, the checkpoint it would resume from is at that summary's
+    last iteration, and the run length (``train.max_iterations``, ``train.epochs``) is the one that checkpoint
+    recorded (a longer run resumes and trains on). ``checkpoint.redo_end=true`` or ``resume=never``: None. Reads
+    three small files; builds nothing."""
+    if cfg.checkpoint.redo_end or cfg.checkpoint.resume == "never" or not (out / "summary.json").is_file():
+        return None
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+        ckpt = resume_path(cfg, out)
+        if ckpt is None or not isinstance(summary, dict) or summary.get("stopped") is not False:
+            return None
+        state, recorded = read_state(ckpt), read_config(ckpt) or {}
+    except (OSError, ValueError, CheckpointError, ConfigError):
+        return None  # unreadable: the resume checks that follow name the problem
+    train = recorded.get("train") or {}
+    same_length = all(train.get(k) == getattr(cfg.train, k) for k in ("max_iterations", "epochs"))
+    return summary if same_length and state["iteration"] == summary.get("iterations") else None
+
+
 # Keys whose change makes a checkpoint's state unusable or its meaning different: resuming across one is an error.
 # Everything else (lr and the other optimizer settings, logging, evaluation, sampling speed options, run length...)
 # is applied from the resumed step on, with a warning. Not compared at all: where the run is and how it resumes.
 RESUME_UNSAFE = ("method", "model.family", "model.path", "model.init", "model.seed", "lora.enabled", "lora.rank",
                  "lora.alpha", "lora.targets", "train.optimizer", "train.batch_size", "train.train_batch_size",
                  "train.grad_accum")
-RESUME_IGNORED = ("checkpoint.resume", "log.output_dir")
+RESUME_IGNORED = ("checkpoint.resume", "checkpoint.redo_end", "log.output_dir")
 
 
 def resume_changes(saved: dict, cfg: Config) -> tuple[list[tuple], list[tuple]]:
@@ -655,6 +678,14 @@ def run(cfg: Config, method: Method, hook=None) -> tuple[dict, Setup]:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
+    done = finished_run(cfg, check_output_dir(cfg.log.output_dir))
+    if done is not None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"[spo_fast] {Path(cfg.log.output_dir).resolve()} holds a finished run ({done['iterations']} "
+                  f"iterations; weights in {done.get('weights_dir')}): nothing to do. To redo its end phase (weights, "
+                  "sample grid, evaluation): checkpoint.redo_end=true; to train again from the start: "
+                  "checkpoint.resume=never or another log.output_dir", flush=True)
+        return done, None
     out = preflight(cfg, method)
     use_tb = cfg.log.tensorboard and _has_tensorboard()
     # Several processes and no CUDA: accelerate only picks its gloo CPU backend when told cpu=True
