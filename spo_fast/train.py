@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from spo_fast.core.config import Config, available_recipes, load_config
+from spo_fast.core.config import Config, available_recipes, load_config, smoke_overrides
 from spo_fast.core.errors import ArgumentParser, DivergedError, InputError, report
 from spo_fast.core.trainer import Method, Setup, clip_gradients
 from spo_fast.core.trainer import preflight as _preflight
@@ -49,28 +49,37 @@ def train(cfg: Config) -> dict:
     return run(cfg)[0]
 
 
-def parse_args(argv: list[str] | None) -> tuple[str | None, list[str], bool]:
+def parse_args(argv: list[str] | None) -> tuple[str | None, list[str], bool, bool]:
     parser = ArgumentParser(
         prog="python -m spo_fast.train",
         description="Preference optimisation of Stable Diffusion 1.5 / SDXL: SPO (Step-aware Preference "
                     "Optimization) or the Diffusion-DPO baseline, picked by the recipe's method key. With no "
                     "arguments it trains the embedded default recipe (toy_spo) on CPU.",
         epilog="recipes: " + ", ".join(available_recipes()) + ". Examples: python -m spo_fast.train sd15_spo "
-               "model.path=/models/sd15 scorer.path=/models/sd15_spm; python -m spo_fast.train toy_dpo",
+               "model.path=/models/sd15 scorer.path=/models/sd15_spm; python -m spo_fast.train toy_dpo; "
+               "python -m spo_fast.train sdxl_spo --smoke",
     )
     parser.add_argument("items", nargs="*", metavar="RECIPE | key=value",
                         help="a recipe (name in configs/ or .yaml path), then dotted overrides like train.lr=3e-5")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    args = parser.parse_args(argv)
+    parser.add_argument("--smoke", action="store_true",
+                        help="a smoke run of the recipe: the whole pipeline (training, checkpoint, export, sample grid, "
+                             "evaluation) in seconds, real-model recipes on their family's tiny random architecture, "
+                             "into <output_dir>_smoke (your overrides still apply)")
+    args = parser.parse_intermixed_args(argv)  # --smoke may come after the overrides
     recipe = args.items[0] if args.items and "=" not in args.items[0] else None
     overrides = args.items[1:] if recipe else args.items
-    return recipe, overrides, args.print_config
+    return recipe, overrides, args.print_config, args.smoke
 
 
 def main(argv: list[str] | None = None) -> int:
-    recipe, overrides, print_only = parse_args(argv)
+    recipe, overrides, print_only, smoke = parse_args(argv)
     try:
         cfg = load_config(recipe, overrides)
+        if smoke:
+            import torch
+
+            cfg = load_config(recipe, [*smoke_overrides(cfg, torch.cuda.is_available()), *overrides])
         if print_only:
             import yaml
 

@@ -609,3 +609,32 @@ def to_dict(cfg: Config) -> dict:
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (loadable again with ``load_config(path)``)."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- smoke runs
+def smoke_overrides(cfg: Config, cuda: bool) -> list[str]:
+    """Overrides that turn ``cfg`` (a recipe with the user's overrides) into a smoke run: the whole pipeline --
+    preflight, build, rollout or pairs (SPO; DPO with its latent cache), training, checkpoint, export, sample grid,
+    evaluation -- in seconds, written to ``<output_dir>_smoke`` from scratch. Real-model recipes run on the tiny
+    random architecture of their family (``arch:tiny_sd15``/``arch:tiny_sdxl``) with a tiny random step-aware
+    preference model, toy prompts (SPO) or the toy world's pairs (DPO); toy-world recipes keep their models.
+    Without CUDA, fp16 becomes no mixed precision. Applied before the user's own overrides, which win."""
+    toy = cfg.model.path.startswith("toyworld:")
+    spo = cfg.method == "spo"
+    out = [f"log.output_dir={cfg.log.output_dir.rstrip('/')}_smoke", "checkpoint.resume=never", "checkpoint.every=1",
+           "train.epochs=0", "train.max_iterations=2", "train.batch_size=2", "train.train_batch_size=2",
+           "train.grad_accum=1", "sampling.num_steps=4", "log.sample_prompts=2", "eval.enabled=true",
+           "eval.n_prompts=4", "eval.seeds=2", "eval.grid_prompts=4", "eval.batch_size=8"]
+    if spo:
+        out.append("spo.divert_start_step=2")
+    if not cuda and cfg.train.mixed_precision == "fp16":
+        out.append("train.mixed_precision=no")
+    if cfg.model.path.startswith("arch:tiny") or toy:
+        return out
+    out += [f"model.path=arch:tiny_{cfg.model.family}", "model.init=random", "model.resolution=0",
+            "scorer.name=spm", "scorer.path=arch:tiny_spm", "scorer.init=random", "eval.reward=scorer"]
+    if spo:
+        out.append("data.prompts=builtin:toy")
+    else:
+        out += ["data.pairs=toyworld:train", f"data.cache_dir={cfg.log.output_dir.rstrip('/')}_smoke/latent_cache"]
+    return out

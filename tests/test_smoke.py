@@ -1,0 +1,44 @@
+"""``python -m spo_fast.train RECIPE --smoke``: every recipe runs its whole pipeline in seconds on CPU."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from spo_fast import train
+from spo_fast.core.config import available_recipes, load_config, smoke_overrides
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", available_recipes())
+def test_every_recipe_has_a_smoke_run_of_seconds(recipe, tmp_path, capsys):
+    out = tmp_path / recipe
+    t0 = time.perf_counter()
+    assert train.main([recipe, "--smoke", f"log.output_dir={out}", "log.progress=false"]) == 0
+    seconds = time.perf_counter() - t0
+    assert seconds < 60, f"{recipe} --smoke took {seconds:.0f} s"  # measured 3-6 s in-process on 2 cores
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["iterations"] == 2 and saved["stopped"] is False
+    for f in ("config.yaml", "metrics.jsonl", "samples.png", "eval.json", "eval_grid.png"):
+        assert (out / f).is_file(), f
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file() or (out / "unet").is_dir()
+    assert (out / "checkpoints").is_dir()
+    assert json.loads((out / "eval.json").read_text())["n_prompts"] == 4
+    assert "done: 2 iterations" in capsys.readouterr().out
+
+
+def test_smoke_overrides_keep_the_recipe_and_the_users_word():
+    """Real-model recipes move to their family's tiny random architecture and the toy data; toy recipes keep their
+    models; fp16 without CUDA becomes no mixed precision; the user's overrides come after and win."""
+    sdxl = load_config("sdxl_spo", ["scorer.path=/x"])
+    over = smoke_overrides(sdxl, cuda=False)
+    assert "model.path=arch:tiny_sdxl" in over and "train.mixed_precision=no" in over
+    assert "log.output_dir=outputs/sdxl_spo_smoke" in over
+    assert "train.mixed_precision=no" not in smoke_overrides(sdxl, cuda=True)
+    dpo = smoke_overrides(load_config("sd15_dpo", ["data.pairs=/x"]), cuda=False)
+    assert "data.pairs=toyworld:train" in dpo and any(o.startswith("data.cache_dir=outputs/sd15_dpo_smoke") for o in dpo)
+    toy = smoke_overrides(load_config("toy_spo"), cuda=False)
+    assert not any(o.startswith("model.path=") for o in toy)
+    cfg = load_config("toy_spo", [*toy, "train.max_iterations=3"])
+    assert cfg.train.max_iterations == 3 and cfg.sampling.num_steps == 4
