@@ -24,6 +24,8 @@ def test_every_recipe_has_a_smoke_run_of_seconds(recipe, tmp_path, capsys):
         assert (out / f).is_file(), f
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file() or (out / "unet").is_dir()
     assert (out / "checkpoints").is_dir()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["opt_steps"] > 0 for r in rows), rows  # training really stepped
     assert json.loads((out / "eval.json").read_text())["n_prompts"] == 4
     assert "done: 2 iterations" in capsys.readouterr().out
 

@@ -625,8 +625,8 @@ def smoke_overrides(cfg: Config, cuda: bool) -> list[str]:
            "train.epochs=0", "train.max_iterations=2", "train.batch_size=2", "train.train_batch_size=2",
            "train.grad_accum=1", "sampling.num_steps=4", "log.sample_prompts=2", "eval.enabled=true",
            "eval.n_prompts=4", "eval.seeds=2", "eval.grid_prompts=4", "eval.batch_size=8"]
-    if spo:
-        out.append("spo.divert_start_step=2")
+    if spo:  # every pool a valid pair: the smoke run always takes optimizer steps
+        out += ["spo.divert_start_step=2", "spo.threshold=0.0"]
     if not cuda and cfg.train.mixed_precision == "fp16":
         out.append("train.mixed_precision=no")
     if cfg.model.path.startswith("arch:tiny") or toy:
