@@ -5,6 +5,7 @@ import json
 import time
 
 import pytest
+import yaml
 
 from spo_fast import train
 from spo_fast.core.config import available_recipes, load_config, smoke_overrides
@@ -26,7 +27,19 @@ def test_every_recipe_has_a_smoke_run_of_seconds(recipe, tmp_path, capsys):
     assert (out / "checkpoints").is_dir()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["opt_steps"] > 0 for r in rows), rows  # training really stepped
-    assert json.loads((out / "eval.json").read_text())["n_prompts"] == 4
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["n_prompts"] == 4
+    # the model card beside the weights, with what it refers to: the folder can be shared as it is
+    weights = out / "lora" if (out / "lora").is_dir() else out / "unet"
+    card = (weights / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    base = load_config(recipe).model
+    assert meta["library_name"] == "diffusers" and meta["base_model"] in (base.path, f"arch:tiny_{base.family}")
+    assert ("lora" in meta["tags"]) == (weights.name == "lora")
+    assert f"| {ev['reward_base']:.4g} | {ev['reward_trained']:.4g} |" in card and "(eval_grid.png)" in card
+    assert (weights / "eval_grid.png").is_file() and (weights / "samples.png").is_file()
+    again = load_config(str(weights / "config.yaml"))  # loadable as a recipe: the run's resolved config
+    assert again.train.max_iterations == 2 and again.method == load_config(recipe).method
     assert "done: 2 iterations" in capsys.readouterr().out
 
 

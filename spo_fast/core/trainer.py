@@ -50,6 +50,7 @@ from spo_fast.core.checkpoint import (
 )
 from spo_fast.core.config import Config, ConfigError, flatten, save_config, to_dict
 from spo_fast.core.errors import DivergedError
+from spo_fast.core.model_card import write_model_card
 from spo_fast.core.profiling import stage
 from spo_fast.data import load_prompts
 from spo_fast.diffusion.models import (
@@ -778,6 +779,7 @@ def run(cfg: Config, method: Method, hook=None) -> tuple[dict, Setup]:
     if main:
         summary.update(finish(cfg, s, accelerator, method, out, say))
         (out / "summary.json").write_text(jsonio.dumps(summary, indent=1))
+        write_model_card(cfg, out, Path(summary["weights_dir"]), summary)
         say(f"done: {total} iterations; weights in {summary['weights_dir']}; outputs in {out.resolve()}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
