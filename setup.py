@@ -45,10 +45,13 @@ setup(
             "pytest>=8",
             "pytest-benchmark>=4",
             "ruff>=0.5",
+            "tensorboard>=2.14",  # the trackers the tests log to (log.report_to); wandb runs offline there
+            "wandb>=0.17",
             # torch 2.13's own pin is triton 3.7; 3.6 is what the GPU image carries.
             "triton>=3.6,<3.8; platform_system == 'Linux' and platform_machine == 'x86_64'",
         ],
         "tensorboard": ["tensorboard>=2.14"],
+        "wandb": ["wandb>=0.17"],
         "xformers": ["xformers"],
         "flash-attn": ["flash-attn"],
     },

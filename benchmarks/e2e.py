@@ -60,7 +60,7 @@ DPO_RECIPES = {"sd15_dpo": {"steps": 2000, "pairs_per_step": 2048, "gpus": 8},
 ABLATION_ENV = "SPO_FAST_E2E_ABLATION"
 SUMMARY_ENV = "SPO_FAST_E2E_JSON"
 
-_COMMON = ("log.tensorboard=false", "log.progress=false", "log.sample_prompts=0", "checkpoint.resume=never",
+_COMMON = ("log.report_to=none", "log.progress=false", "log.sample_prompts=0", "checkpoint.resume=never",
            "model.init=random")
 _SPO = (*_COMMON, "scorer.init=random", "data.prompts=builtin:toy", "spo.threshold=0.0")
 _DPO = (*_COMMON, "data.pairs=toyworld:train", "data.cache_dir=", "scorer.name=none")

@@ -147,7 +147,7 @@ class RunSpec:
 def _base_overrides(out: Path, split: str) -> list[str]:
     """What every run of the comparison sets before the user's overrides: quiet, no end-of-run extras, a fresh
     run (no resume), the evaluation prompts of ``split``."""
-    return ["log.progress=false", "log.tensorboard=false", "log.sample_prompts=0", "eval.enabled=false",
+    return ["log.progress=false", "log.report_to=none", "log.sample_prompts=0", "eval.enabled=false",
             "checkpoint.every=0", "checkpoint.keep=1", "checkpoint.resume=never", f"log.output_dir={out}",
             f"eval.prompts={SPLITS[split]}"]
 

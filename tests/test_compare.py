@@ -15,7 +15,7 @@ from spo_fast.methods.dpo import iteration_cost as dpo_cost
 from spo_fast.methods.spo import SPO
 from spo_fast.methods.spo import iteration_cost as spo_cost
 
-QUIET = ["log.tensorboard=false", "log.progress=false", "log.sample_prompts=0", "train.kernels=torch",
+QUIET = ["log.report_to=none", "log.progress=false", "log.sample_prompts=0", "train.kernels=torch",
          "checkpoint.every=0"]
 # toy SPO: 2 plain steps, 2 branching steps, k = 2, 2 prompts; threshold 0 so that pairs are valid and train
 TOY_SPO = QUIET + ["sampling.num_steps=4", "spo.divert_start_step=2", "spo.k=2", "spo.threshold=0.0",

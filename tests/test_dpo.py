@@ -108,7 +108,7 @@ def test_dpo_recipes_follow_the_official_settings():
 
 
 # ----------------------------------------------------------------------------- the method on the toy world
-QUICK = ["log.tensorboard=false", "log.progress=false", "train.batch_size=4", "train.train_batch_size=2",
+QUICK = ["log.report_to=none", "log.progress=false", "train.batch_size=4", "train.train_batch_size=2",
          "train.grad_accum=1", "sampling.num_steps=4"]
 
 
@@ -252,7 +252,7 @@ def test_real_dpo_recipes_run_on_the_tiny_architectures(tmp_path, recipe, arch, 
                                           "train.batch_size=4", "train.train_batch_size=2", "train.grad_accum=2",
                                           "train.max_iterations=2", "train.mixed_precision=no", "train.warmup_steps=0",
                                           "train.lr=1e-3", f"log.output_dir={out}", "log.progress=false",
-                                          "log.tensorboard=false", "log.sample_prompts=2", "sampling.num_steps=3",
+                                          "log.report_to=none", "log.sample_prompts=2", "sampling.num_steps=3",
                                           *extra]))
     assert summary["opt_step"] == 2 and math.isfinite(summary["loss"])
     assert (out / "samples.png").is_file()

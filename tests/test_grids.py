@@ -109,7 +109,7 @@ def test_reduced_default_run_is_quiet_and_writes_scores(tmp_path):
     cmd = [sys.executable, "-m", "spo_fast.train", "train.max_iterations=1", "sampling.num_steps=4",
            "spo.divert_start_step=2", "train.batch_size=2", "train.train_batch_size=2", "eval.n_prompts=3",
            "eval.seeds=1", "eval.grid_prompts=2", "log.sample_prompts=2", "train.mixed_precision=bf16",
-           "log.tensorboard=false", f"log.output_dir={out}"]
+           "log.report_to=none", f"log.output_dir={out}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]

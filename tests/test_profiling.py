@@ -29,7 +29,7 @@ _bench_module("bench_utils")
 e2e = _bench_module("e2e")
 
 # A small SPO case: 6 steps (2 plain, 4 branching), k = 2, 2 prompts, every pair valid, the tiny SPM.
-TINY_SPO = ("log.tensorboard=false", "log.progress=false", "log.sample_prompts=0", "checkpoint.resume=never",
+TINY_SPO = ("log.report_to=none", "log.progress=false", "log.sample_prompts=0", "checkpoint.resume=never",
             "model.init=random", "model.path=arch:tiny_sd15", "scorer.path=arch:tiny_spm", "scorer.init=random",
             "data.prompts=builtin:toy", "spo.threshold=0.0", "train.mixed_precision=no", "sampling.num_steps=6",
             "spo.divert_start_step=2", "spo.k=2", "train.batch_size=2", "train.train_batch_size=2")

@@ -220,8 +220,11 @@ class CheckpointConfig:
 class LogConfig:
     output_dir: str = "outputs/run"
     every: int = 1
-    tensorboard: bool = True
-    """Also log to tensorboard through accelerate when it is installed."""
+    report_to: str = "auto"
+    """Trackers to log metrics (and validation images) to, through accelerate, besides metrics.jsonl: ``auto``
+    (tensorboard when it is installed), ``none``, ``all`` (every installed one), or a comma-separated list of
+    ``tensorboard``, ``wandb``, ``comet_ml``, ``mlflow``, ``aim``, ``clearml``, ``dvclive``, ``swanlab``,
+    ``trackio`` (each must be installed)."""
     sample_prompts: int = 8
     """Prompts in the before/after sample grid written at the end (samples.png/json; 0 = none)."""
     progress: bool = True
@@ -400,7 +403,13 @@ def _fields(obj: Any) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
 
 
+RENAMED = {"log.tensorboard": "log.report_to (auto, none, all, or tensorboard, wandb, ...)"}
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "trackio")
+
+
 def _unknown(key: str, accepted: list[str]) -> ConfigError:
+    if key in RENAMED:
+        return ConfigError(f"config key {key!r} was replaced by {RENAMED[key]}")
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], accepted, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return ConfigError(f"unknown config key {key!r}{hint}; accepted keys here: {', '.join(accepted)}")
@@ -556,6 +565,10 @@ def validate(cfg: Config, given: set[str] | None = None) -> None:
     need(cfg.checkpoint.every >= 0, f"checkpoint.every={cfg.checkpoint.every}: must be >= 0")
     need(cfg.checkpoint.keep >= 1, f"checkpoint.keep={cfg.checkpoint.keep}: must be >= 1")
     need(cfg.log.every >= 1, f"log.every={cfg.log.every}: must be >= 1")
+    names = [n.strip() for n in cfg.log.report_to.split(",")]
+    need(names in (["auto"], ["none"], ["all"]) or all(n in TRACKERS for n in names),
+         f"log.report_to={cfg.log.report_to!r} is not accepted; use auto, none, all, or a comma-separated list of "
+         f"{', '.join(TRACKERS)}")
     need(cfg.profile.active >= 1 and cfg.profile.wait >= 0 and cfg.profile.warmup >= 0,
          "profile.wait/warmup must be >= 0 and profile.active >= 1")
     if cfg.model.path.startswith("arch:") and cfg.model.init == "pretrained":

@@ -187,6 +187,7 @@ def preflight(cfg: Config, method: Method) -> Path:
     out = check_output_dir(cfg.log.output_dir)
     check_model(cfg)
     check_speed_options(cfg)
+    trackers(cfg)
     ckpt = resume_path(cfg, out)
     if ckpt is not None:
         changed = check_resume(cfg, ckpt)
@@ -688,11 +689,11 @@ def run(cfg: Config, method: Method, hook=None) -> tuple[dict, Setup]:
                   "checkpoint.resume=never or another log.output_dir", flush=True)
         return done, None
     out = preflight(cfg, method)
-    use_tb = cfg.log.tensorboard and _has_tensorboard()
+    tracked = trackers(cfg)
     # Several processes and no CUDA: accelerate only picks its gloo CPU backend when told cpu=True
     # (its own --cpu launch flag needs MPI), so say it here; `accelerate launch --multi_gpu` then works.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with="tensorboard" if use_tb else None,
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=tracked or None,
                               project_dir=str(out), cpu=multi_cpu)
     if cfg.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ConfigError("train.mixed_precision=fp16 is not supported on CPU; use bf16 or no")
@@ -700,6 +701,9 @@ def run(cfg: Config, method: Method, hook=None) -> tuple[dict, Setup]:
     main = accelerator.is_main_process
     say = (lambda *a: print("[spo_fast]", *a, flush=True)) if main else (lambda *a: None)
     say(f"output dir: {out.resolve()}")
+    say(f"metrics: {out / 'metrics.jsonl'}" + (f" and {', '.join(tracked)} (log.report_to={cfg.log.report_to})" if tracked
+        else f"; no tracker (log.report_to={cfg.log.report_to}" + (": tensorboard is not installed" if
+                                                                   cfg.log.report_to == "auto" else "") + ")"))
     if main:
         save_config(cfg, out / "config.yaml")
 
@@ -713,8 +717,9 @@ def run(cfg: Config, method: Method, hook=None) -> tuple[dict, Setup]:
         state = load_checkpoint(accelerator, ckpt, s.raw_unet, s.optimizer, s.lr_scheduler)
         start_iter, opt_step = state["iteration"], state["opt_step"]
         say(f"resumed from {ckpt} at iteration {start_iter}")
-    if use_tb:
-        accelerator.init_trackers(method.name.lower(), config=_flat(cfg))
+    if tracked:
+        accelerator.init_trackers(method.name.lower(), config=_flat(cfg),
+                                  init_kwargs={"wandb": {"dir": str(out)}} if "wandb" in tracked else {})
 
     stop = StopFlag()
     stop.install()
@@ -740,7 +745,7 @@ def run(cfg: Config, method: Method, hook=None) -> tuple[dict, Setup]:
                     if main:
                         metrics_file.write(jsonio.dumps(last) + "\n")
                         metrics_file.flush()
-                    if use_tb:
+                    if tracked:
                         accelerator.log({k: v for k, v in last.items() if k != "iteration" and v is not None},
                                         step=it + 1)
                 if last["bad_steps"]:
@@ -822,12 +827,28 @@ def _agree(accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
 
-def _has_tensorboard() -> bool:
-    try:
-        import tensorboard  # noqa: F401
-        return True
-    except ImportError:
-        return False
+TRACKER_INSTALL = {"tensorboard": "pip install 'spo_fast[tensorboard]'", "wandb": "pip install 'spo_fast[wandb]'"}
+
+
+def trackers(cfg: Config) -> list[str]:
+    """``log.report_to`` as the tracker names accelerate logs to (``auto``: tensorboard when installed, else none;
+    ``all``: every installed one). A tracker asked for by name but not installed raises ConfigError naming what to
+    install; checked in ``preflight``, before any model is built."""
+    from accelerate.tracking import get_available_trackers
+
+    available = [str(getattr(t, "value", t)) for t in get_available_trackers()]
+    names = [n.strip() for n in cfg.log.report_to.split(",")]
+    if names == ["none"]:
+        return []
+    if names == ["auto"]:
+        return ["tensorboard"] if "tensorboard" in available else []
+    if names == ["all"]:
+        return available
+    for name in names:
+        if name not in available:
+            raise ConfigError(f"log.report_to={cfg.log.report_to!r}: {name} is not installed; "
+                              f"{TRACKER_INSTALL.get(name, 'pip install ' + name)}, or use log.report_to=none")
+    return names
 
 
 def _flat(cfg: Config) -> dict:
