@@ -24,7 +24,7 @@ def test_every_recipe_has_a_smoke_run_of_seconds(recipe, tmp_path, capsys):
     for f in ("config.yaml", "metrics.jsonl", "samples.png", "eval.json", "eval_grid.png"):
         assert (out / f).is_file(), f
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file() or (out / "unet").is_dir()
-    assert (out / "checkpoints").is_dir()
+    assert (out / "checkpoints").is_dir() and (out / "samples" / "iter_0000001.png").is_file()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["opt_steps"] > 0 for r in rows), rows  # training really stepped
     ev = json.loads((out / "eval.json").read_text())

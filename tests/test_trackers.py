@@ -2,7 +2,10 @@
 named error before any model is built; the console says once where metrics go."""
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
 
 from spo_fast import train
 from spo_fast.core import trainer
@@ -69,3 +72,27 @@ def test_a_tracker_not_installed_is_named_before_any_model(value, names, tmp_pat
 def test_bad_report_to_values(item, name):
     with pytest.raises(ConfigError, match=name.replace("(", r"\(").replace(")", r"\)")):
         load_config(None, [item])
+
+
+@pytest.mark.slow
+def test_validation_images_every_n_iterations(tmp_path):
+    """log.sample_every=1 over 3 iterations: samples/iter_1 and iter_2 (the last one is the end's samples.png), the
+    same prompts and noise each time, the grids in tensorboard; and sampling them changes nothing in training."""
+    pytest.importorskip("tensorboard")
+    from safetensors.torch import load_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    common = ["train.max_iterations=3", "log.sample_prompts=2"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    train.train(_cfg(a, *common, "log.sample_every=1", "log.report_to=tensorboard"))
+    train.train(_cfg(b, *common, "log.report_to=none"))
+    assert sorted(p.name for p in (a / "samples").iterdir()) == [
+        "iter_0000001.json", "iter_0000001.png", "iter_0000002.json", "iter_0000002.png"]
+    first, second = (json.loads((a / "samples" / f"iter_000000{i}.json").read_text()) for i in (1, 2))
+    assert first["prompts"] == second["prompts"] and first["scores"]["base"] == second["scores"]["base"]
+    assert not (b / "samples").exists()
+    ea = EventAccumulator(str(next((a / "spo").rglob("events.out.tfevents.*")).parent))
+    ea.Reload()
+    assert "samples" in ea.Tags()["images"] and [e.step for e in ea.Images("samples")] == [1, 2]
+    wa, wb = (load_file(str(d / "lora" / "pytorch_lora_weights.safetensors")) for d in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

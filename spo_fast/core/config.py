@@ -227,6 +227,9 @@ class LogConfig:
     ``trackio`` (each must be installed)."""
     sample_prompts: int = 8
     """Prompts in the before/after sample grid written at the end (samples.png/json; 0 = none)."""
+    sample_every: int = 0
+    """Validation images: the sample grid every N iterations too (fixed prompts and noise: comparable across the
+    run), as samples/iter_N.png/json and to the trackers (log.report_to); 0 = only at the end."""
     progress: bool = True
 
 
@@ -565,6 +568,7 @@ def validate(cfg: Config, given: set[str] | None = None) -> None:
     need(cfg.checkpoint.every >= 0, f"checkpoint.every={cfg.checkpoint.every}: must be >= 0")
     need(cfg.checkpoint.keep >= 1, f"checkpoint.keep={cfg.checkpoint.keep}: must be >= 1")
     need(cfg.log.every >= 1, f"log.every={cfg.log.every}: must be >= 1")
+    need(cfg.log.sample_every >= 0, f"log.sample_every={cfg.log.sample_every}: must be >= 0 (0 = only at the end)")
     names = [n.strip() for n in cfg.log.report_to.split(",")]
     need(names in (["auto"], ["none"], ["all"]) or all(n in TRACKERS for n in names),
          f"log.report_to={cfg.log.report_to!r} is not accepted; use auto, none, all, or a comma-separated list of "
@@ -636,7 +640,7 @@ def smoke_overrides(cfg: Config, cuda: bool) -> list[str]:
     spo = cfg.method == "spo"
     out = [f"log.output_dir={cfg.log.output_dir.rstrip('/')}_smoke", "checkpoint.resume=never", "checkpoint.every=1",
            "train.epochs=0", "train.max_iterations=2", "train.batch_size=2", "train.train_batch_size=2",
-           "train.grad_accum=1", "sampling.num_steps=4", "log.sample_prompts=2", "eval.enabled=true",
+           "train.grad_accum=1", "sampling.num_steps=4", "log.sample_prompts=2", "log.sample_every=1", "eval.enabled=true",
            "eval.n_prompts=4", "eval.seeds=2", "eval.grid_prompts=4", "eval.batch_size=8"]
     if spo:  # every pool a valid pair: the smoke run always takes optimizer steps
         out += ["spo.divert_start_step=2", "spo.threshold=0.0"]

@@ -484,11 +484,14 @@ def save_weights(s: Setup, out: Path) -> Path:
 
 
 @torch.no_grad()
-def sample_grid(cfg: Config, s: Setup, accelerator, prompts: list[str], scorer, out: Path) -> dict:
-    """Base vs trained images for the first prompts, same noise -> samples.png (``spo_fast.evaluation.grids.labelled_grid``:
-    base row above trained row, prompt captions, the scores under each image) and samples.json: ``prompts``,
+def sample_grid(cfg: Config, s: Setup, accelerator, prompts: list[str], scorer, out: Path, name: str = "samples",
+                iteration: int | None = None) -> dict:
+    """Base vs trained images for ``prompts``, same noise -> ``out/<name>.png`` (``spo_fast.evaluation.grids.labelled_grid``:
+    base row above trained row, prompt captions, the scores under each image) and ``<name>.json``: ``prompts``,
     ``rows``, ``scores`` (the scorer's at t = 0 per row; empty without a scorer) and, when every prompt is a
-    toy-world prompt, ``ground_truth`` (the toy world's score per row)."""
+    toy-world prompt, ``ground_truth`` (the toy world's score per row). The noise is fixed by ``train.seed``, so
+    grids of one run (the validation images every ``log.sample_every`` iterations, ``iteration`` in the header)
+    compare image by image."""
     from tqdm.auto import tqdm
 
     from spo_fast.evaluation.grids import compare_colours, labelled_grid
@@ -502,18 +505,18 @@ def sample_grid(cfg: Config, s: Setup, accelerator, prompts: list[str], scorer, 
     state = scorer.prepare(prompts) if scorer is not None else None
     images, scores = {}, {}
     with tqdm(total=2, desc="sample grid", unit="model", disable=not cfg.log.progress, mininterval=1.0) as bar:
-        for name in ("base", "trained"):
-            bar.set_postfix_str(name, refresh=False)
+        for row in ("base", "trained"):
+            bar.set_postfix_str(row, refresh=False)
             gen = torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed + 12345)
             x = torch.randn((n, *s.latent_shape), generator=gen, device=accelerator.device)
-            ctx = reference_unet(s) if name == "base" else contextlib.nullcontext(s.raw_unet)
+            ctx = reference_unet(s) if row == "base" else contextlib.nullcontext(s.raw_unet)
             with ctx as unet, sampling_autocast(cfg, accelerator):
                 img = decode(sample(unet, s.schedule, cond, uncond, x, cfg.sampling.guidance_scale, cfg.sampling.eta,
                                     gen, backend=kernel_backend(cfg)))
             if scorer is not None:
                 t0 = torch.zeros(n, dtype=torch.long, device=img.device)
-                scores[name] = scorer.score(img, t0, state, torch.arange(n, device=img.device)).tolist()
-            images[name] = img.float().cpu()
+                scores[row] = scorer.score(img, t0, state, torch.arange(n, device=img.device)).tolist()
+            images[row] = img.float().cpu()
             bar.update(1)
     truth = {}
     if all_toy_prompts(prompts):
@@ -526,28 +529,47 @@ def sample_grid(cfg: Config, s: Setup, accelerator, prompts: list[str], scorer, 
     scorer_name = "SPM" if cfg.scorer.name == "spm" else cfg.scorer.name
     main = truth or scores  # the numbers that colour the notes: the ground truth when there is one
 
-    def note(name: str, i: int) -> str:  # "base 3.21 (SPM 20.52)", "base 3.21" or "base SPM 20.52"
-        text = name + (f" {truth[name][i]:.2f}" if truth else "")
+    def note(row: str, i: int) -> str:  # "base 3.21 (SPM 20.52)", "base 3.21" or "base SPM 20.52"
+        text = row + (f" {truth[row][i]:.2f}" if truth else "")
         if scores:
-            text += f" ({scorer_name} {scores[name][i]:.2f})" if truth else f" {scorer_name} {scores[name][i]:.2f}"
+            text += f" ({scorer_name} {scores[row][i]:.2f})" if truth else f" {scorer_name} {scores[row][i]:.2f}"
         return text
 
-    notes = [[note(name, i) for i in range(n)] for name in ("base", "trained")] if main else None
+    notes = [[note(row, i) for i in range(n)] for row in ("base", "trained")] if main else None
     what = ", ".join(filter(None, ("ground truth (0-10)" if truth else "",
                                    f"{scorer_name} score at t = 0" if scores else "")))
-    header = f"before (base) vs after (trained), same noise (seed {cfg.train.seed + 12345})"
+    when = f" at iteration {iteration}" if iteration is not None else ""
+    header = f"before (base) vs after (trained{when}), same noise (seed {cfg.train.seed + 12345})"
     if main:
         header += "; under each image: " + what + "; means: " + "; ".join(
             f"{label} base {np.mean(d['base']):.2f} -> trained {np.mean(d['trained']):.2f}"
             for label, d in (("ground truth", truth), (scorer_name, scores)) if d)
     labelled_grid([images["base"], images["trained"]], ["base", "trained"], prompts, notes, header,
                   note_colours=compare_colours(main["base"], main["trained"]) if main else None).save(
-        out / "samples.png")
+        out / f"{name}.png")
     result = {"prompts": prompts, "rows": ["base", "trained"], "scores": scores}
     if truth:
         result["ground_truth"] = truth
-    (out / "samples.json").write_text(jsonio.dumps(result, indent=1))
+    (out / f"{name}.json").write_text(jsonio.dumps(result, indent=1))
     return result
+
+
+def validation_images(cfg: Config, s: Setup, accelerator, method: Method, it: int, out: Path) -> None:
+    """The sample grid of iteration ``it`` (main process): ``samples/iter_<it>.png/json`` and, to every tracker
+    that takes images (tensorboard, W&B, ...), the grid as ``samples`` at step ``it``."""
+    from PIL import Image
+
+    (out / "samples").mkdir(exist_ok=True)
+    name = f"samples/iter_{it:07d}"
+    was_training = s.raw_unet.training
+    s.raw_unet.eval()
+    sample_grid(cfg, s, accelerator, method.grid_prompts(cfg.log.sample_prompts), method.scorer, out, name, it)
+    s.raw_unet.train(was_training)
+    grid = np.asarray(Image.open(out / f"{name}.png").convert("RGB"))
+    for tracker in accelerator.trackers:
+        if hasattr(tracker, "log_images"):
+            kwargs = {"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}
+            tracker.log_images({"samples": grid[None]}, step=it, **kwargs)
 
 
 def run_eval(cfg: Config, s: Setup, accelerator, scorer, out: Path) -> dict:
@@ -761,7 +783,11 @@ def run(cfg: Config, method: Method, hook=None) -> tuple[dict, Setup]:
                         "written. Lower train.lr (or clip harder: a smaller train.max_grad_norm), check the data and the "
                         "model, then run again (checkpoint.resume=auto resumes from that checkpoint)")
                 bar.update(1)
-                bar.set_postfix({k: _short(last[k]) for k in ("loss", "implicit_acc", "valid_pairs", "samples_per_s")})
+                bar.set_postfix({k: _short(last[k]) for k in ("loss", "implicit_acc", "valid_pairs", "reward",
+                                                             "samples_per_s") if k in last})
+                if (main and cfg.log.sample_every and cfg.log.sample_prompts and (it + 1) % cfg.log.sample_every == 0
+                        and it + 1 < total):  # the last iteration's grid is the end phase's samples.png
+                    validation_images(cfg, s, accelerator, method, it + 1, out)
                 if hook is not None:
                     hook(it, total, s, last)
                 if prof is not None:
