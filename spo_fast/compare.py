@@ -686,12 +686,12 @@ def summary_text(report: dict) -> str:
         lines.append(f"[spo_fast.compare] {name}: reward {f['reward']:.4f}, win rate {f['win_rate']:.3f} after "
                      f"{f['iteration']} iterations, {f['unet_fwd_eq']:,} UNet fwd-eq, {f['train_seconds']:.0f} s")
     s = report["summary"]
-    if s["ratio_unet_fwd_eq"] is not None:
+    if s["reason"]:  # the caveat instead of a number it makes meaningless (a ratio of 0 when DPO ends below base)
+        lines.append(f"[spo_fast.compare] {s['reason']}")
+    elif s["ratio_unet_fwd_eq"] is not None:
         sec = "n/a" if s["ratio_train_seconds"] is None else f"{s['ratio_train_seconds']:.2f}"
         lines.append(f"[spo_fast.compare] SPO reaches DPO's final reward at {s['ratio_unet_fwd_eq']:.2f}x DPO's UNet "
                      f"forward-equivalents and {sec}x its training seconds")
-    if s["reason"]:
-        lines.append(f"[spo_fast.compare] {s['reason']}")
     return "\n".join(lines)
 
 

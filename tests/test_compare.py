@@ -151,6 +151,21 @@ def test_eval_iterations_and_interpolated_cost():
     assert never["ratio_unet_fwd_eq"] is None and "stays below" in never["reason"]
 
 
+def test_summary_text_gives_the_caveat_not_a_meaningless_ratio():
+    """DPO ending at or below the base: SPO 'reaches' its final reward at cost 0, so the console gives the reason
+    and no '0.00x' ratio; a real ratio is printed as a number."""
+    base = {"unet_fwd_eq": 0, "train_seconds": 0.0, "reward": 3.0, "win_rate": 0.5, "iteration": 0}
+    dpo = [base, {**base, "unet_fwd_eq": 100, "train_seconds": 50.0, "reward": 2.5, "iteration": 4}]
+    spo = [base, {**base, "unet_fwd_eq": 80, "train_seconds": 30.0, "reward": 4.0, "iteration": 4}]
+    report = {"protocol": {"n_prompts": 2, "split": "test", "seeds": 1}, "base": {"reward": 3.0},
+              "methods": {"SPO": {"final": spo[-1]}, "DPO": {"final": dpo[-1]}}, "summary": cmp.summarize(spo, dpo)}
+    text = cmp.summary_text(report)
+    assert "not above the base model's" in text and "x DPO's UNet" not in text
+    dpo[-1]["reward"] = 3.5
+    report["summary"] = cmp.summarize(spo, dpo)
+    assert "SPO reaches DPO's final reward at 0.40x DPO's UNet" in cmp.summary_text(report)
+
+
 # ----------------------------------------------------------------------------- the command
 def test_quick_compare_writes_json_and_png(tmp_path, capsys):
     out = tmp_path / "cmp"

@@ -41,6 +41,9 @@ def test_every_recipe_has_a_smoke_run_of_seconds(recipe, tmp_path, capsys):
     again = load_config(str(weights / "config.yaml"))  # loadable as a recipe: the run's resolved config
     assert again.train.max_iterations == 2 and again.method == load_config(recipe).method
     assert "done: 2 iterations" in capsys.readouterr().out
+    for f in [*out.rglob("*.json"), *out.rglob("*.jsonl")]:  # strict JSON, latent-cache manifest included
+        for line in f.read_text().splitlines() if f.suffix == ".jsonl" else [f.read_text()]:
+            json.loads(line, parse_constant=lambda c: pytest.fail(f"{f}: not strict JSON ({c})"))
 
 
 def test_smoke_overrides_keep_the_recipe_and_the_users_word():
