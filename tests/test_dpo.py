@@ -290,3 +290,29 @@ def test_dpo_two_processes_share_the_cache_build(tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["valid_pairs"] == 8 for r in rows)  # 4 pairs per process, summed
     assert (tmp_path / "cache" / "manifest.json").is_file()
+
+
+def test_dpo_drops_captions_to_the_encoded_empty_prompt_on_sdxl(tmp_path):
+    """The official Diffusion-DPO script replaces a dropped caption by "" encoded through both SDXL text encoders;
+    zeros (SDXL's and SPO's empty *negative* prompt) would be another conditioning."""
+    from accelerate import Accelerator
+
+    from spo_fast.core import trainer
+    from spo_fast.diffusion.models import encode_negative, encode_prompts
+    from spo_fast.methods.dpo import DiffusionDPO
+
+    cfg = load_config("sdxl_dpo", ["model.path=arch:tiny_sdxl", "model.init=random", "data.pairs=toyworld:train",
+                                   "data.cache_dir=", "train.mixed_precision=no", "train.batch_size=4",
+                                   "train.train_batch_size=2", "train.grad_accum=2", f"log.output_dir={tmp_path}",
+                                   "log.report_to=none"])
+    method = DiffusionDPO()
+    method.preflight(cfg)
+    acc = Accelerator(cpu=True)
+    s = trainer.build(cfg, acc)
+    method.setup(cfg, s, acc)
+    encoded = encode_prompts(s.comp, [""], acc.device, s.resolution)
+    zeros = encode_negative(s.comp, "", 1, acc.device, s.resolution)
+    assert torch.equal(method.empty.embeds, encoded.embeds) and torch.equal(method.empty.pooled, encoded.pooled)
+    assert s.comp.force_zeros_for_empty_prompt and zeros.embeds.abs().max() == 0
+    print("max |encoded - zeros|:", float(encoded.embeds.abs().max()), float(encoded.pooled.abs().max()))
+    assert encoded.embeds.abs().max() > 0.1 and encoded.pooled.abs().max() > 0.1
