@@ -525,3 +525,24 @@ def test_rollout_loop_reads_nothing_on_host(tiny, monkeypatch):
     finally:
         monkeypatch.undo()
     assert reads == [] and buf.valid.shape == (3, B)
+
+
+def test_the_rollout_scores_the_unclamped_decoder_output(tmp_path):
+    """As the official SPO pipeline: the rollout's scorer gets the decoder's raw output, and clamps where its own
+    preprocessing says (a converted official SPM clamps after resizing, spo_fast's own before). The grids and the
+    evaluation still see images clamped to [-1, 1]."""
+    from accelerate import Accelerator
+
+    from spo_fast.core import trainer
+    from spo_fast.core.config import load_config
+    from spo_fast.methods.spo import SPO
+
+    cfg = load_config("toy_spo", [f"log.output_dir={tmp_path}", "log.report_to=none"])
+    method = SPO()
+    method.preflight(cfg)
+    acc = Accelerator(cpu=True)
+    s = trainer.build(cfg, acc)
+    method.setup(cfg, s, acc)
+    x = torch.linspace(-2, 2, 3 * 24 * 24).view(1, 3, 24, 24)  # the toy base is pixel space: decode is identity
+    assert torch.equal(method.decode(x), x)
+    assert torch.equal(trainer.decoder(s.comp)(x), x.clamp(-1, 1))

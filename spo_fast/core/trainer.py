@@ -408,8 +408,9 @@ def reference_unet(s: Setup):
         s.raw_unet.enable_adapters()
 
 
-def decoder(comp: Components):
-    return functools.partial(decode_latents, comp)
+def decoder(comp: Components, clamp: bool = True):
+    """``decode_latents`` bound to ``comp`` (``clamp=False``: the raw decoder output, for the rollout's scorer)."""
+    return functools.partial(decode_latents, comp, clamp=clamp)
 
 
 def sampling_autocast(cfg: Config, accelerator):

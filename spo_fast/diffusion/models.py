@@ -362,13 +362,17 @@ def _vae_context(comp: Components, x: torch.Tensor):
     return contextlib.nullcontext() if comp.vae_autocast else torch.autocast(x.device.type, enabled=False)
 
 
-def decode_latents(comp: Components, latents: torch.Tensor) -> torch.Tensor:
-    """Latents (N, C, h, w) -> images (N, 3, H, W) in [-1, 1], fp32 (identity in pixel space)."""
+def decode_latents(comp: Components, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+    """Latents (N, C, h, w) -> images (N, 3, H, W), fp32 (identity in pixel space), clamped to [-1, 1] unless
+    ``clamp`` is false: the rollout scores the decoder's raw output, as the official SPO pipeline does, and each
+    scorer clamps where its preprocessing says (a converted official SPM: after resizing; ``reward.spm``)."""
     if comp.vae is None:
-        return latents.float().clamp(-1, 1)
-    z = latents.to(comp.vae.dtype) / comp.vae.config.scaling_factor
-    with _vae_context(comp, z):
-        return comp.vae.decode(z).sample.float().clamp(-1, 1)
+        x = latents.float()
+    else:
+        z = latents.to(comp.vae.dtype) / comp.vae.config.scaling_factor
+        with _vae_context(comp, z):
+            x = comp.vae.decode(z).sample.float()
+    return x.clamp(-1, 1) if clamp else x
 
 
 def encode_images(comp: Components, images: torch.Tensor) -> torch.Tensor:

@@ -130,7 +130,7 @@ class SPO:
         # the negative prompt is the same every iteration: encode it once
         self.uncond = encode_negative(s.comp, cfg.sampling.negative_prompt, cfg.train.batch_size, accelerator.device,
                                       s.resolution)
-        self.decode = decoder(s.comp)
+        self.decode = decoder(s.comp, clamp=False)  # the scorer clamps as its preprocessing says (official: late)
         # made once: with sampling.graphs the rollout's calls are captured (or compiled) at the first rollout and
         # replayed at every later one
         # sampling.merge_lora: the rollout runs a plain copy of the UNet with the LoRA merged in (spo_fast.diffusion.merged)
