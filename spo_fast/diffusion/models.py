@@ -539,12 +539,15 @@ def encode_prompts(comp: Components, prompts: list[str], device, resolution: int
 
 
 @torch.no_grad()
-def encode_negative(comp: Components, negative_prompt: str, n: int, device, resolution: int) -> Conditioning:
+def encode_negative(comp: Components, negative_prompt: str, n: int, device, resolution: int,
+                    zeros_for_empty: bool | None = None) -> Conditioning:
     """The unconditional branch of classifier-free guidance for n samples: the encoded negative prompt, or, for an
     SDXL pipeline with ``force_zeros_for_empty_prompt`` and an empty negative prompt, zeros for the embeddings and
-    the pooled embedding (the time ids stay), as diffusers' SDXL pipeline and the official SPO code do."""
+    the pooled embedding (the time ids stay), as diffusers' SDXL pipeline and the official SPO code do.
+    ``zeros_for_empty=False``: the encoded "" whatever the pipeline says (Diffusion-DPO's dropped captions)."""
     cond = encode_prompts(comp, [negative_prompt] * n, device, resolution)
-    if negative_prompt or not comp.force_zeros_for_empty_prompt:
+    zeros = comp.force_zeros_for_empty_prompt if zeros_for_empty is None else zeros_for_empty
+    if negative_prompt or not zeros:
         return cond
     return Conditioning(torch.zeros_like(cond.embeds), None if cond.pooled is None else torch.zeros_like(cond.pooled),
                         cond.time_ids)

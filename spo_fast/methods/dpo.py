@@ -35,6 +35,7 @@ from spo_fast.data.pairs import PairDataset, PairsError
 from spo_fast.diffusion.models import (
     Conditioning,
     encode_images,
+    encode_negative,
     encode_prompts,
     native_resolution,
     resolve_model_path,
@@ -97,7 +98,8 @@ class DiffusionDPO:
             self.scorer = build_scorer(cfg.scorer, dev)
         self.alphas = s.comp.scheduler.alphas_cumprod.to(dev, torch.float32)
         self.num_train_timesteps = s.comp.scheduler.config.num_train_timesteps
-        self.empty = encode_prompts(s.comp, [""], dev, s.resolution)  # the official dropped caption, not zeros
+        # the official dropped caption: "" through the text encoder(s), not SDXL's zero negative prompt
+        self.empty = encode_negative(s.comp, "", 1, dev, s.resolution, zeros_for_empty=False)
         if cfg.data.cache_dir:
             model_id, enc_images, enc_text = encoders_for(s.comp, cfg.model.path, s.resolution, dev)
             # the encoders see one micro-batch of pairs at a time (SDXL at 1024 px: memory)
