@@ -11,6 +11,10 @@ from spo_fast import train
 from spo_fast.core.config import available_recipes, load_config, smoke_overrides
 
 
+def _not_strict(constant: str):
+    pytest.fail(f"not strict JSON: {constant}")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", available_recipes())
 def test_every_recipe_has_a_smoke_run_of_seconds(recipe, tmp_path, capsys):
@@ -43,7 +47,7 @@ def test_every_recipe_has_a_smoke_run_of_seconds(recipe, tmp_path, capsys):
     assert "done: 2 iterations" in capsys.readouterr().out
     for f in [*out.rglob("*.json"), *out.rglob("*.jsonl")]:  # strict JSON, latent-cache manifest included
         for line in f.read_text().splitlines() if f.suffix == ".jsonl" else [f.read_text()]:
-            json.loads(line, parse_constant=lambda c: pytest.fail(f"{f}: not strict JSON ({c})"))
+            json.loads(line, parse_constant=_not_strict)
 
 
 def test_smoke_overrides_keep_the_recipe_and_the_users_word():

@@ -406,6 +406,11 @@ def _fields(obj: Any) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
 
 
+def report_to_names(cfg: Config) -> list[str]:
+    """``log.report_to`` split at commas: ``["auto"]``, ``["none"]``, ``["all"]`` or tracker names."""
+    return [n.strip() for n in cfg.log.report_to.split(",")]
+
+
 RENAMED = {"log.tensorboard": "log.report_to (auto, none, all, or tensorboard, wandb, ...)"}
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "trackio")
 
@@ -569,7 +574,7 @@ def validate(cfg: Config, given: set[str] | None = None) -> None:
     need(cfg.checkpoint.keep >= 1, f"checkpoint.keep={cfg.checkpoint.keep}: must be >= 1")
     need(cfg.log.every >= 1, f"log.every={cfg.log.every}: must be >= 1")
     need(cfg.log.sample_every >= 0, f"log.sample_every={cfg.log.sample_every}: must be >= 0 (0 = only at the end)")
-    names = [n.strip() for n in cfg.log.report_to.split(",")]
+    names = report_to_names(cfg)
     need(names in (["auto"], ["none"], ["all"]) or all(n in TRACKERS for n in names),
          f"log.report_to={cfg.log.report_to!r} is not accepted; use auto, none, all, or a comma-separated list of "
          f"{', '.join(TRACKERS)}")
@@ -638,10 +643,11 @@ def smoke_overrides(cfg: Config, cuda: bool) -> list[str]:
     Without CUDA, fp16 becomes no mixed precision. Applied before the user's own overrides, which win."""
     toy = cfg.model.path.startswith("toyworld:")
     spo = cfg.method == "spo"
-    out = [f"log.output_dir={cfg.log.output_dir.rstrip('/')}_smoke", "checkpoint.resume=never", "checkpoint.every=1",
+    smoke_dir = cfg.log.output_dir.rstrip("/") + "_smoke"
+    out = [f"log.output_dir={smoke_dir}", "checkpoint.resume=never", "checkpoint.every=1",
            "train.epochs=0", "train.max_iterations=2", "train.batch_size=2", "train.train_batch_size=2",
-           "train.grad_accum=1", "sampling.num_steps=4", "log.sample_prompts=2", "log.sample_every=1", "eval.enabled=true",
-           "eval.n_prompts=4", "eval.seeds=2", "eval.grid_prompts=4", "eval.batch_size=8"]
+           "train.grad_accum=1", "sampling.num_steps=4", "log.sample_prompts=2", "log.sample_every=1",
+           "eval.enabled=true", "eval.n_prompts=4", "eval.seeds=2", "eval.grid_prompts=4", "eval.batch_size=8"]
     if spo:  # every pool a valid pair: the smoke run always takes optimizer steps
         out += ["spo.divert_start_step=2", "spo.threshold=0.0"]
     if not cuda and cfg.train.mixed_precision == "fp16":
@@ -653,5 +659,5 @@ def smoke_overrides(cfg: Config, cuda: bool) -> list[str]:
     if spo:
         out.append("data.prompts=builtin:toy")
     else:
-        out += ["data.pairs=toyworld:train", f"data.cache_dir={cfg.log.output_dir.rstrip('/')}_smoke/latent_cache"]
+        out += ["data.pairs=toyworld:train", f"data.cache_dir={smoke_dir}/latent_cache"]
     return out

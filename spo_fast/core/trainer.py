@@ -48,7 +48,7 @@ from spo_fast.core.checkpoint import (
     save_checkpoint,
     trainable_state,
 )
-from spo_fast.core.config import Config, ConfigError, flatten, save_config, to_dict
+from spo_fast.core.config import Config, ConfigError, flatten, report_to_names, save_config, to_dict
 from spo_fast.core.errors import DivergedError
 from spo_fast.core.model_card import write_model_card
 from spo_fast.core.profiling import stage
@@ -487,9 +487,9 @@ def save_weights(s: Setup, out: Path) -> Path:
 @torch.no_grad()
 def sample_grid(cfg: Config, s: Setup, accelerator, prompts: list[str], scorer, out: Path, name: str = "samples",
                 iteration: int | None = None) -> dict:
-    """Base vs trained images for ``prompts``, same noise -> ``out/<name>.png`` (``spo_fast.evaluation.grids.labelled_grid``:
-    base row above trained row, prompt captions, the scores under each image) and ``<name>.json``: ``prompts``,
-    ``rows``, ``scores`` (the scorer's at t = 0 per row; empty without a scorer) and, when every prompt is a
+    """Base vs trained images for ``prompts``, same noise -> ``out/<name>.png``
+    (``spo_fast.evaluation.grids.labelled_grid``: base row above trained row, prompt captions, the scores under
+    each image) and ``<name>.json``: ``prompts``, ``rows``, ``scores`` (the scorer's at t = 0 per row; empty without a scorer) and, when every prompt is a
     toy-world prompt, ``ground_truth`` (the toy world's score per row). The noise is fixed by ``train.seed``, so
     grids of one run (the validation images every ``log.sample_every`` iterations, ``iteration`` in the header)
     compare image by image."""
@@ -555,16 +555,17 @@ def sample_grid(cfg: Config, s: Setup, accelerator, prompts: list[str], scorer, 
     return result
 
 
-def validation_images(cfg: Config, s: Setup, accelerator, method: Method, it: int, out: Path) -> None:
-    """The sample grid of iteration ``it`` (main process): ``samples/iter_<it>.png/json`` and, to every tracker
-    that takes images (tensorboard, W&B, ...), the grid as ``samples`` at step ``it``."""
+def validation_images(cfg: Config, s: Setup, accelerator, method: Method, prompts: list[str], it: int,
+                      out: Path) -> None:
+    """The sample grid of ``prompts`` at iteration ``it`` (main process): ``samples/iter_<it>.png/json`` and, to
+    every tracker that takes images (tensorboard, W&B, ...), the grid as ``samples`` at step ``it``."""
     from PIL import Image
 
     (out / "samples").mkdir(exist_ok=True)
     name = f"samples/iter_{it:07d}"
     was_training = s.raw_unet.training
     s.raw_unet.eval()
-    sample_grid(cfg, s, accelerator, method.grid_prompts(cfg.log.sample_prompts), method.scorer, out, name, it)
+    sample_grid(cfg, s, accelerator, prompts, method.scorer, out, name, it)
     s.raw_unet.train(was_training)
     grid = np.asarray(Image.open(out / f"{name}.png").convert("RGB"))
     for tracker in accelerator.trackers:
@@ -724,9 +725,12 @@ def run(cfg: Config, method: Method, hook=None) -> tuple[dict, Setup]:
     main = accelerator.is_main_process
     say = (lambda *a: print("[spo_fast]", *a, flush=True)) if main else (lambda *a: None)
     say(f"output dir: {out.resolve()}")
-    say(f"metrics: {out / 'metrics.jsonl'}" + (f" and {', '.join(tracked)} (log.report_to={cfg.log.report_to})" if tracked
-        else f"; no tracker (log.report_to={cfg.log.report_to}" + (": tensorboard is not installed" if
-                                                                   cfg.log.report_to == "auto" else "") + ")"))
+    if tracked:
+        where = f" and {', '.join(tracked)} (log.report_to={cfg.log.report_to})"
+    else:
+        why = ": tensorboard is not installed" if cfg.log.report_to == "auto" else ""
+        where = f"; no tracker (log.report_to={cfg.log.report_to}{why})"
+    say(f"metrics: {out / 'metrics.jsonl'}{where}")
     if main:
         save_config(cfg, out / "config.yaml")
 
@@ -750,6 +754,9 @@ def run(cfg: Config, method: Method, hook=None) -> tuple[dict, Setup]:
     bar = tqdm(total=total, initial=start_iter, disable=not (main and cfg.log.progress), desc=method.name, unit="it")
     profiler = _profiler(cfg, out) if cfg.profile.enabled else contextlib.nullcontext()
     last = {}
+    # the validation grids' prompts, chosen once (DPO's choice decodes pairs): the same prompts at every grid
+    val_prompts = (method.grid_prompts(cfg.log.sample_prompts)
+                   if main and cfg.log.sample_every and cfg.log.sample_prompts else None)
     bad_run, bad_total = 0, 0  # consecutive and total skipped (non-finite) optimizer steps
     try:
         with profiler as prof:
@@ -786,9 +793,8 @@ def run(cfg: Config, method: Method, hook=None) -> tuple[dict, Setup]:
                 bar.update(1)
                 bar.set_postfix({k: _short(last[k]) for k in ("loss", "implicit_acc", "valid_pairs", "reward",
                                                              "samples_per_s") if k in last})
-                if (main and cfg.log.sample_every and cfg.log.sample_prompts and (it + 1) % cfg.log.sample_every == 0
-                        and it + 1 < total):  # the last iteration's grid is the end phase's samples.png
-                    validation_images(cfg, s, accelerator, method, it + 1, out)
+                if val_prompts and (it + 1) % cfg.log.sample_every == 0 and it + 1 < total:
+                    validation_images(cfg, s, accelerator, method, val_prompts, it + 1, out)  # the last: samples.png
                 if hook is not None:
                     hook(it, total, s, last)
                 if prof is not None:
@@ -864,7 +870,7 @@ def trackers(cfg: Config) -> list[str]:
     from accelerate.tracking import get_available_trackers
 
     available = [str(getattr(t, "value", t)) for t in get_available_trackers()]
-    names = [n.strip() for n in cfg.log.report_to.split(",")]
+    names = report_to_names(cfg)
     if names == ["none"]:
         return []
     if names == ["auto"]:

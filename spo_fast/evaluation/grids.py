@@ -29,7 +29,7 @@ def covering(prompts: Sequence[str], n: int) -> list[int]:
     so a grid of a prompt set's first columns does not show one colour and one shape ``n`` times: each pick is the
     prompt whose words have been shown least (the sum of ``1 / (1 + times shown)`` over its words), ties to the
     earlier prompt. Deterministic; for the toy world's held-out prompts 8 picks show every shape, position, size and
-    background of the first 64."""
+    background of the first 64 (``tests/test_grids.py``)."""
     words = [set(re.findall(r"[a-z0-9]+", p.lower())) for p in prompts]
     chosen: list[int] = []
     shown: Counter = Counter()

@@ -16,7 +16,8 @@ exact ties count as losses and are reported as ``ties``), ``reward_base_seed_spr
 model's per-seed mean reward; ``null`` with one seed: the file is strict JSON, :mod:`spo_fast.core.jsonio`) and
 ``margin`` = trained - base, ``seconds``; with the ground truth also the mean of each score component.
 ``eval_grid.png`` (``spo_fast.evaluation.grids.labelled_grid``): ``grid_prompts`` prompts chosen to cover the set's
-words (``eval.grid_prompts``, default 8; ``grids.covering``) at the first noise seed (``seed_offset``), base (top) above trained (bottom), each
+words (``eval.grid_prompts``, default 8; ``grids.covering``) at the first noise seed (``seed_offset``), base (top)
+above trained (bottom), each
 image upscaled and captioned with its prompt, its reward written under it, the mean rewards and the win rate in a
 header line. The command line is ``spo_fast.evaluate``; the trainer calls ``evaluate`` here at the end of a run.
 
@@ -197,7 +198,8 @@ def save_grid(base: torch.Tensor, trained: torch.Tensor, path: Path, prompts: li
               base_rewards: list[float] | None = None, trained_rewards: list[float] | None = None,
               header: str | None = None, n: int = GRID_PROMPTS) -> None:
     """eval_grid.png: base (top row) above trained (bottom row) at the first noise seed (``base[0]``) for ``n``
-    prompts chosen to cover the prompt set's words (``grids.covering``: colours, shapes, positions ...), each column captioned with its prompt, each image's reward under it ("base 3.21", "trained 5.08";
+    prompts chosen to cover the prompt set's words (``grids.covering``: colours, shapes, positions ...), each
+    column captioned with its prompt, each image's reward under it ("base 3.21", "trained 5.08";
     green where the trained image beats the base one, red where it is worse), ``header`` on top
     (``spo_fast.evaluation.grids``)."""
     from spo_fast.evaluation.grids import compare_colours, covering, labelled_grid
@@ -224,7 +226,8 @@ def evaluate(comp: Components, base_ctx, trained_ctx, prompts: list[str], seeds:
              progress: bool = True, grid_prompts: int = GRID_PROMPTS, seed_offset: int = 0,
              metrics: tuple = (), markdown: dict | None = None) -> dict:
     """Run both models on the same noise (noise seeds ``seed_offset`` .. ``seed_offset + seeds - 1``), score, write
-    eval.json and eval_grid.png (``grid_prompts`` prompts that cover the set's words, at the first of those seeds) into ``out`` (a
+    eval.json and eval_grid.png (``grid_prompts`` prompts that cover the set's words, at the first of those seeds)
+    into ``out`` (a
     progress bar with the time left unless ``progress`` is false). ``metrics``: more reward callables (each with a
     ``label``) scored on the same images, one after the other (a metric with a ``release()`` has it called after
     its scoring: a reward model loaded on first use is freed before the next one loads); with them or with

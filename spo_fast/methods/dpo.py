@@ -19,7 +19,8 @@ Decisions: the cached latents are the VAE posterior's mean (the official script 
 step; a cache fixes one draw, so we use the mean), and there is no random horizontal flip (the official default
 flips; a flip of cached latents is not a flip of the image). A dropped caption is the empty prompt "" encoded
 through the text encoder(s), as the official training script does, on SDXL too (not the zeros that SDXL's
-pipeline and SPO use for an empty *negative* prompt: on a tiny SDXL the two differ by up to 1.57 in the embeddings).
+pipeline and SPO use for an empty *negative* prompt: on the tests' tiny SDXL the two differ by up to 1.57 in the
+embeddings, ``tests/test_dpo.py``).
 """
 from __future__ import annotations
 
