@@ -263,7 +263,6 @@ class Run:
     out: tempfile.TemporaryDirectory
     device: torch.device = None
     counter: UNetCounter = None
-    dpo_cond: object = None
     iteration: int = 0
 
 
@@ -323,12 +322,6 @@ def build(case: Case, device: torch.device, extra: tuple[str, ...] = (), count_f
     method.setup(cfg, s, accelerator)
     run = Run(case, cfg, method, s, accelerator, out, accelerator.device)
     run.counter = UNetCounter([s.raw_unet, s.ref_unet] if count_forwards else [])
-    if case.method == "dpo":
-        from spo_fast.data.prompts import load_prompts
-        from spo_fast.diffusion.models import encode_prompts
-
-        captions = (load_prompts("builtin:toy") * cfg.train.batch_size)[:cfg.train.batch_size]
-        run.dpo_cond = encode_prompts(s.comp, captions, accelerator.device, s.resolution)
     return run
 
 
@@ -348,22 +341,9 @@ def release(run: Run | None) -> None:
 
 
 def dpo_work(run: Run, step: int):
-    """One optimizer step's worth of Diffusion-DPO work from random cached latents: ``train.batch_size`` pairs in
-    micro-batches of ``train.train_batch_size`` (``PairMicroBatch``es, as ``DiffusionDPO.work`` makes them from
-    the cache), shared noise and t per pair, captions encoded once."""
-    from spo_fast.core.trainer import MicroBatch, Work
-    from spo_fast.methods.dpo import PairMicroBatch
-
-    cfg, s, dev = run.cfg, run.s, run.accelerator.device
-    n, m = cfg.train.batch_size, cfg.train.train_batch_size
-    g = torch.Generator(device=dev).manual_seed(1000 + step)
-    shape = (n, *s.latent_shape)
-    lw, ll, noise = (torch.randn(shape, generator=g, device=dev) for _ in range(3))
-    t = torch.randint(0, run.method.num_train_timesteps, (n,), generator=g, device=dev)
-    micro = [MicroBatch(PairMicroBatch(lw[i:i + m], ll[i:i + m], run.dpo_cond[i:i + m], noise[i:i + m], t[i:i + m],
-                                       torch.ones(m, device=dev)), m) for i in range(0, n, m)]
-    run.method.last = micro[0].data  # the shape DiffusionDPO.padding copies
-    return Work(micro, {}, samples=n)
+    """One optimizer step's worth of Diffusion-DPO work from random latents (``DiffusionDPO.synthetic_work``: the
+    shapes and steps of ``work`` after loading, the empty caption's conditioning)."""
+    return run.method.synthetic_work(step)
 
 
 @dataclass
@@ -568,6 +548,83 @@ def targets(data: dict) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------- estimate beside measurement
+def gpu_key(device_name: str | None, memory_gib: float | None = None) -> str | None:
+    """The ``spo_fast.estimate.GPUS`` entry of a CUDA device name (None when the table has no such GPU)."""
+    name = (device_name or "").lower().replace(" ", "")
+    for key, needle in (("h200", "h200"), ("h100-pcie", "h100pcie"), ("h100-sxm", "h100"), ("l40s", "l40s"),
+                        ("rtx4090", "4090"), ("rtx3090", "3090")):
+        if needle in name:
+            return key
+    if "a100" in name:
+        return "a100-40gb" if memory_gib is not None and memory_gib < 60 else "a100-80gb"
+    return None
+
+
+def estimate_case(case: Case, device_name: str | None, on_gpu: bool, train_steps: int = 2) -> dict:
+    """The estimator (``spo_fast.estimate.measure``: the same trainer code on fake tensors) for the case's
+    overrides of the device that measured it (GPU: the real architectures; CPU: the tiny ones): its peak memory
+    and, per stage, FLOPs per call and the roofline seconds per call on the measured GPU. Labelled ``estimated``."""
+    from spo_fast import estimate as est
+
+    overrides = list(case.gpu if on_gpu else case.cpu)
+    with tempfile.TemporaryDirectory(prefix=f"spo_est_{case.name}_") as tmp:
+        cfg, notes = est.estimate_config(case.recipe, [*overrides, f"log.output_dir={tmp}/run"], f"{tmp}/run")
+        m = est.measure(cfg, train_steps)
+    key = gpu_key(device_name)
+    gpu = est.GPUS.get(key) if key else None
+    stages = {}
+    for name, st in m.stages.items():
+        calls = st["calls"] or 1
+        row = {"flops_per_call": st["flops"] / calls, "bytes_per_call": st["bytes"] / calls}
+        if gpu is not None:
+            row["roofline_s_per_call"] = max(row["flops_per_call"] / (gpu.tflops * 1e12),
+                                             row["bytes_per_call"] / (gpu.tb_per_s * 1e12))
+        stages[name] = row
+    peak = max(v for k, v in m.peaks.items() if k != "build")
+    return {"label": "estimated", "gpu_table_entry": key, "notes": notes, "peak_mem_gib": peak / 2 ** 30,
+            "breakdown_gib": {k: v / 2 ** 30 for k, v in m.breakdown.get("train", {}).items()},
+            "stages": stages}
+
+
+def side_by_side(path: str | Path) -> dict:
+    """Add to every measured case of a summary JSON the estimate of the same config and the two side by side:
+    peak memory (measured ``peak_mem_gib`` vs estimated), per stage the FLOPs per call and the seconds per call
+    (measured in the stage-timed pass vs the estimator's roofline on this GPU). The first GPU run calibrates the
+    estimator: ``measured / roofline`` per stage is the achieved fraction of the roofline."""
+    path = Path(path)
+    data = json.loads(path.read_text())
+    env = data.get("environment", {})
+    on_gpu = str(env.get("device", "")).startswith("cuda")
+    for name, c in data.get("cases", {}).items():
+        if name not in CASES:
+            continue
+        e = estimate_case(CASES[name], env.get("device_name"), on_gpu)
+        rows = {}
+        for stage_name, m in c.get("stages", {}).items():
+            est_row = e["stages"].get(stage_name)
+            if not est_row or not m.get("calls"):
+                continue
+            measured_s = m["seconds"] / m["calls"]
+            roof = est_row.get("roofline_s_per_call")
+            rows[stage_name] = {"measured_s_per_call": measured_s, "estimated_roofline_s_per_call": roof,
+                                "measured_over_roofline": measured_s / roof if roof else None,
+                                "measured_flops_per_call": (m["flops"] or 0) / m["calls"],
+                                "estimated_flops_per_call": est_row["flops_per_call"]}
+        c["estimate"] = {**e, "side_by_side": {
+            "peak_mem_gib": {"measured" if on_gpu else "cpu_not_measured": c.get("peak_mem_gib"),
+                             "estimated": e["peak_mem_gib"]},
+            "stages": rows}}
+    sdxl = data.get("cases", {}).get("sdxl_spo", {}).get("estimate")
+    target = data.get("targets", {}).get("sdxl_spo_peak_mem_gib")
+    if sdxl and target is not None and on_gpu:  # like with like: the estimate of the measured config, labelled
+        target["estimated"] = sdxl["peak_mem_gib"]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)
+    return data
+
+
 # ----------------------------------------------------------------------------- report (gpu_suite.sh)
 def _fmt(v, spec: str = ".3g") -> str:
     return "-" if v is None else format(v, spec)
@@ -606,6 +663,13 @@ def report(path: str | Path) -> str:
             lines.append(f"  {name:24s} {_fmt(r['iteration_s'])} {_fmt(r.get('speedup_vs_default'))} "
                          f"{_fmt(r['rollout_s'])} {_fmt(r.get('train_s_per_valid_pair'))} "
                          f"{_fmt(mem / 2 ** 30 if mem is not None else None, '.1f')}")
+    for name, c in data.get("cases", {}).items():
+        sbs = c.get("estimate", {}).get("side_by_side")
+        if sbs:
+            mem = sbs["peak_mem_gib"]
+            lines.append(f"{name} estimate vs measurement: peak GiB {mem} ; per stage s/call measured vs roofline: "
+                         + ", ".join(f"{k} {_fmt(v['measured_s_per_call'])}/{_fmt(v['estimated_roofline_s_per_call'])}"
+                                     for k, v in sbs["stages"].items()))
     tg = data.get("targets", {})
     if tg and not tg.get("on_gpu"):
         lines.append("targets (a GPU's at the real architectures; this run is not on one: its values are not comparable):")
@@ -618,6 +682,8 @@ def report(path: str | Path) -> str:
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) != 3 or sys.argv[1] != "report":
-        sys.exit("usage: python benchmarks/e2e.py report SUMMARY.json")
+    if len(sys.argv) != 3 or sys.argv[1] not in ("report", "estimate"):
+        sys.exit("usage: python benchmarks/e2e.py report|estimate SUMMARY.json")
+    if sys.argv[1] == "estimate":
+        side_by_side(sys.argv[2])
     print(report(sys.argv[2]))

@@ -11,6 +11,7 @@
 #   e2e_sd15     one SPO iteration at the SD1.5 recipe             -> e2e_sd15.json (pytest-benchmark), e2e.json
 #   e2e_sdxl     one SPO iteration at the SDXL recipe              -> e2e_sdxl.json, e2e.json
 #   e2e_dpo      one Diffusion-DPO optimizer step, SD1.5 and SDXL  -> e2e_dpo.json, e2e.json
+#   estimate     the estimator on the same configs (fake tensors)   -> e2e.json: each case's "estimate", side by side
 #   ablation     the speed options one at a time at SD1.5          -> e2e_ablation.json, e2e.json
 #   ops_compile  op benchmarks' torch.compile provider             -> ops_compile.json
 # then a short report (report.txt) and stages.tsv (stage, rc, seconds). e2e.json is the end-to-end summary
@@ -89,6 +90,7 @@ stage e2e_sd15 90 "$PY" "${BENCH[@]}" "$E2E" -k "spo_iteration and sd15" --bench
 stage e2e_sdxl 75 "$PY" "${BENCH[@]}" "$E2E" -k "spo_iteration and sdxl" --benchmark-json "$OUT/e2e_sdxl.json" \
   --e2e-json "$E2E_JSON"
 stage e2e_dpo 50 "$PY" "${BENCH[@]}" "$E2E" -k "dpo_step" --benchmark-json "$OUT/e2e_dpo.json" --e2e-json "$E2E_JSON"
+stage estimate 120 "$PY" benchmarks/e2e.py estimate "$E2E_JSON"
 stage ablation 150 "$PY" "${BENCH[@]}" "$E2E" -k "ablation" --benchmark-json "$OUT/e2e_ablation.json" \
   --e2e-json "$E2E_JSON"
 if ((CUDA)); then

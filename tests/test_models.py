@@ -3,6 +3,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ from spo_fast.diffusion.models import (
     Conditioning,
     ModelDirError,
     check_model_dir,
+    decode_latents,
     encode_negative,
     encode_prompts,
     load_components,
@@ -124,6 +126,15 @@ def test_encode_prompts_and_unet_forward(tiny, family):
     assert out.shape == x.shape
     assert unet_forward(comp.unet, x, torch.tensor([1, 999]), cond).shape == x.shape
     assert not torch.equal(cond.embeds[0], cond.embeds[1])
+
+
+def test_vae_decode_batch_gives_the_same_images(tiny):
+    """``model.vae_decode_batch``: the decoder called on slices returns the images of one call on the batch."""
+    comp = copy.copy(tiny["sd15"])
+    z = torch.randn(5, *comp.latent_shape, generator=torch.Generator().manual_seed(0))
+    whole = decode_latents(comp, z, clamp=False)
+    comp.decode_batch = 2  # slices of 2, 2, 1
+    torch.testing.assert_close(decode_latents(comp, z, clamp=False), whole, rtol=1e-5, atol=1e-5)
 
 
 def test_conditioning_ops():

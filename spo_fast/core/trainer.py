@@ -351,14 +351,19 @@ def build(cfg: Config, accelerator) -> Setup:
         auto = torch.float32 if comp.vae.config.get("force_upcast", False) else weight_dtype
         _place(comp.vae, dev, {"auto": auto, "fp32": torch.float32, "bf16": torch.bfloat16}[cfg.model.vae_dtype])
         comp.vae_autocast = cfg.model.vae_dtype == "auto"
+        comp.decode_batch = cfg.model.vae_decode_batch
     for te in comp.text_encoders:
         _place(te, dev, weight_dtype)
     unet, ref_unet = comp.unet, None
     set_attention(unet, cfg.train.attention)
     if cfg.lora.enabled:
         _place(unet, dev, weight_dtype)
-        unet.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha or cfg.lora.rank,
-                                    init_lora_weights="gaussian", target_modules=list(cfg.lora.targets)))
+        try:
+            unet.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha or cfg.lora.rank,
+                                        init_lora_weights="gaussian", target_modules=list(cfg.lora.targets)))
+        except ValueError as e:  # peft: no module matched the targets
+            raise ConfigError(f"lora.targets={','.join(cfg.lora.targets)} matched no UNet module ({e}); use "
+                              "attention projections such as to_q,to_k,to_v,to_out.0") from e
         for p in unet.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # trainable LoRA weights stay fp32 under mixed precision

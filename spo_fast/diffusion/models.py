@@ -239,6 +239,8 @@ class Components:
     vae_autocast: bool = True
     """False: the VAE decodes and encodes in its own dtype with autocast off (``model.vae_dtype`` set explicitly);
     True: under whatever autocast the caller runs (the default)."""
+    decode_batch: int = 0
+    """Latents per VAE decoder call (``model.vae_decode_batch``); 0 = all at once."""
 
     @property
     def vae_scale_factor(self) -> int:
@@ -370,8 +372,9 @@ def decode_latents(comp: Components, latents: torch.Tensor, clamp: bool = True) 
         x = latents.float()
     else:
         z = latents.to(comp.vae.dtype) / comp.vae.config.scaling_factor
+        n = comp.decode_batch or len(z)
         with _vae_context(comp, z):
-            x = comp.vae.decode(z).sample.float()
+            x = torch.cat([comp.vae.decode(z[i:i + n]).sample for i in range(0, len(z), n)]).float()
     return x.clamp(-1, 1) if clamp else x
 
 

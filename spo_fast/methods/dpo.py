@@ -145,11 +145,23 @@ class DiffusionDPO:
         return torch.cat(lw), torch.cat(ll), Conditioning.cat(conds), torch.cat(ok)
 
     def work(self, it: int) -> Work:
-        cfg, dev = self.cfg, self.acc.device
+        cfg = self.cfg
         indices = self.ds.batch_indices(it, cfg.train.batch_size, self.acc.num_processes, self.acc.process_index,
                                         cfg.train.seed)
-        lw, ll, cond, ok = self._batch(indices)
-        n = len(indices)
+        return self._work(it, *self._batch(indices))
+
+    def synthetic_work(self, it: int) -> Work:
+        """What ``work`` hands the trainer, from random latents and the empty caption instead of a dataset: the same
+        shapes and the same steps after loading (the estimator and the end-to-end benchmarks run this)."""
+        n, dev = self.cfg.train.batch_size, self.acc.device
+        gen = torch.Generator(device=dev).manual_seed(1000 + it)
+        lw, ll = (torch.randn((n, *self.s.latent_shape), generator=gen, device=dev) for _ in range(2))
+        return self._work(it, lw, ll, self.empty.repeat_interleave(n), torch.ones(n, dtype=torch.bool))
+
+    def _work(self, it: int, lw: torch.Tensor, ll: torch.Tensor, cond: Conditioning, ok: torch.Tensor) -> Work:
+        """Caption dropout, shared noise and t per pair, micro-batches of ``train.train_batch_size`` pairs."""
+        cfg, dev = self.cfg, self.acc.device
+        n = len(lw)
         gen = torch.Generator(device=dev).manual_seed((cfg.train.seed * 1_000_003 + it) * 4099 + self.acc.process_index)
         drop = torch.rand(n, generator=gen, device=dev) < cfg.dpo.empty_prompt_prob
         cond = Conditioning(*(None if v is None else torch.where(drop.view(-1, *[1] * (v.dim() - 1)), e.to(v.dtype), v)
