@@ -4,6 +4,8 @@ Layout: ``<output_dir>/checkpoints/iter_<N>/`` with
   trainable.safetensors   the trained parameters only (LoRA, or the UNet for full fine-tuning)
   optimizer.pt, lr_scheduler.pt, scaler.pt (fp16 only)
   rng_rank<r>.pt          python/numpy/torch(/cuda) RNG states of each process
+  pending_rank<r>.pt      only when an optimizer step is half accumulated (train.accumulate_across_iterations):
+                          each process's accumulated gradients and the step's counts (state.json: pending_micro)
   state.json              iteration, optimizer step, world size
   config.yaml             the resolved config of the run that wrote it (compared on resume: spo_fast.core.trainer)
 A checkpoint is written to ``iter_<N>.tmp`` and renamed when complete, so a crash or kill at any
@@ -79,10 +81,12 @@ def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, iteration: int, opt_step: int, model: torch.nn.Module,
-                    optimizer, lr_scheduler, keep: int, config: dict | None = None) -> Path:
+                    optimizer, lr_scheduler, keep: int, config: dict | None = None, pending=None) -> Path:
     """Write checkpoint ``iter_<iteration>`` atomically (every process calls this); ``config``: the run's resolved
-    config (``config.to_dict``), recorded for the comparison on resume. Weights with inf/NaN are never written
-    (DivergedError, before anything is written)."""
+    config (``config.to_dict``), recorded for the comparison on resume. ``pending``: the trainer's ``Pending``
+    step; when it holds micro-batches, each process's accumulated gradients (not yet all-reduced: DDP's no_sync)
+    and counts are saved with it, so a resumed run completes that step as the uninterrupted run does. Weights with
+    inf/NaN are never written (DivergedError, before anything is written)."""
     trainable = trainable_state(model)
     check_finite(trainable, f"checkpoint iter_{iteration:07d}")
     root = checkpoint_root(output_dir)
@@ -94,6 +98,11 @@ def save_checkpoint(accelerator, output_dir: str | Path, iteration: int, opt_ste
         tmp.mkdir()
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng_rank{accelerator.process_index}.pt")
+    pending_micro = pending.micro if pending is not None else 0
+    if pending_micro:
+        grads = {n: p.grad.detach().contiguous() for n, p in model.named_parameters()
+                 if p.requires_grad and p.grad is not None}
+        torch.save({"state": pending.state(), "grads": grads}, tmp / f"pending_rank{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         save_file(trainable, str(tmp / "trainable.safetensors"))
         if config is not None:
@@ -103,7 +112,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, iteration: int, opt_ste
         if accelerator.scaler is not None:
             torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
         (tmp / "state.json").write_text(jsonio.dumps(
-            {"iteration": iteration, "opt_step": opt_step, "world_size": accelerator.num_processes}))
+            {"iteration": iteration, "opt_step": opt_step, "world_size": accelerator.num_processes,
+             "pending_micro": pending_micro}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for f in tmp.iterdir():  # make the contents durable before the rename publishes them
@@ -151,7 +161,8 @@ def check_files(path: Path) -> dict:
     optimizer and scheduler files complete (headers only). Returns state.json."""
     state = read_state(path)
     read_config(path)
-    for name in ("trainable.safetensors", "optimizer.pt", "lr_scheduler.pt"):
+    pending = [f"pending_rank{r}.pt" for r in range(int(state["world_size"]))] if state.get("pending_micro") else []
+    for name in ("trainable.safetensors", "optimizer.pt", "lr_scheduler.pt", *pending):
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} lacks {name}; resume from another checkpoint, delete this one, "
@@ -164,8 +175,9 @@ def check_files(path: Path) -> dict:
     return state
 
 
-def load_checkpoint(accelerator, path: Path, model: torch.nn.Module, optimizer, lr_scheduler) -> dict:
+def load_checkpoint(accelerator, path: Path, model: torch.nn.Module, optimizer, lr_scheduler, pending=None) -> dict:
     """Restore what ``save_checkpoint`` wrote; returns state.json. Raises CheckpointError on a mismatch.
+    ``pending``: the trainer's ``Pending``, restored with the accumulated gradients when the checkpoint holds some.
 
     The optimizer's hyperparameters (lr, betas, eps, weight decay, ...) and the schedule's base lr stay those of the
     current config: the checkpoint supplies the moments and the step counts only, so a changed ``train.lr`` applies
@@ -207,4 +219,17 @@ def load_checkpoint(accelerator, path: Path, model: torch.nn.Module, optimizer, 
     rng = path / f"rng_rank{accelerator.process_index}.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=False))
+    if state.get("pending_micro") and pending is not None:
+        f = path / f"pending_rank{accelerator.process_index}.pt"
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} lacks {f.name} (an optimizer step it had half accumulated); "
+                                  "resume from another checkpoint, or start afresh (checkpoint.resume=never)")
+        saved_pending = torch.load(f, weights_only=False)
+        grads = saved_pending["grads"]
+        if not grads or any(n not in params or not params[n].requires_grad for n in grads):
+            raise CheckpointError(f"the accumulated gradients in {f} do not match the model's trained parameters; "
+                                  "resume from another checkpoint, or start afresh (checkpoint.resume=never)")
+        for n, g in grads.items():
+            params[n].grad = g.to(device=params[n].device, dtype=params[n].dtype)
+        pending.load(saved_pending["state"])
     return state

@@ -103,6 +103,18 @@ class SPOConfig:
     beta: float = 10.0
     ratio_clip: float = 0.1
     """eps of the clamp of pi_theta / pi_ref to [1 - eps, 1 + eps]."""
+    micro_batches: str = "split"
+    """How the valid transitions of a rollout form micro-batches of ``train.train_batch_size``: ``split`` (ours)
+    keeps the transitions whose win and lose share x_t (branching steps) and those that do not (SDXL inner steps)
+    in micro-batches of their own, so a shared micro-batch runs one forward of the batch; ``mixed`` (the official
+    code) shuffles all of them together: ceil(valid / train_batch_size) micro-batches, and one that holds a
+    not-shared transition runs both sides (a forward of twice the batch). The same without inner steps (SD1.5)."""
+    process_split: str = "own"
+    """With several processes: ``own`` (ours): each process trains on its own rollout's valid transitions (the
+    others pad to the busiest process's number of micro-batches; none is dropped); ``gather`` (the official code):
+    every process's rollout is all-gathered, all valid transitions shuffled alike on every process, and each takes
+    an equal share of total // processes (the remainder dropped; a rollout with fewer valid transitions than
+    processes trains nothing). The same with one process."""
 
 
 @dataclass
@@ -175,7 +187,19 @@ class TrainConfig:
     adam_eps: float = 1e-8
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
-    """Gradient clipping by global norm; 0 disables it."""
+    """Gradient clipping by global norm; 0 disables it (the official SPO code's clipping is a no-op: its recipes
+    ``sd15_spo``/``sdxl_spo`` set 0)."""
+    loss_weighting: str = "pairs"
+    """How an optimizer step weights its micro-batches: ``pairs`` (ours): the step minimises the mean over its
+    valid pairs, so a micro-batch of 3 pairs weighs 3/10 of one of 10; ``micro_batches`` (the official code,
+    accelerate's convention): each micro-batch's mean loss divided by ``grad_accum``, whatever its number of pairs.
+    The same when every micro-batch is full or ``grad_accum`` = 1 with one process."""
+    accumulate_across_iterations: bool = False
+    """With ``grad_accum`` > 1: ``false`` (ours): an optimizer step never spans two iterations (the last step of an
+    iteration may have fewer micro-batches); ``true`` (the official code's accelerate counter): the micro-batches
+    are counted across iterations, so a step may take micro-batches of two rollouts and a gradient can be pending at
+    the end of an iteration (a checkpoint keeps it; the run's end drops it, as the official code does). E.g. 2
+    rollouts of 3 micro-batches, ``grad_accum`` 2: 4 steps with ``false``, 3 with ``true``."""
     max_bad_steps: int = 3
     """An optimizer step whose loss or gradient norm is not finite is skipped (no weight or optimizer-state change),
     counted (``bad_steps`` in metrics.jsonl) and reported; this many in a row stop the run with an error, keeping
@@ -300,6 +324,9 @@ CHOICES = {
     "model.vae_dtype": ("auto", "fp32", "bf16"),
     "scorer.init": ("pretrained", "random"),
     "scorer.dtype": ("autocast", "fp32", "bf16"),
+    "train.loss_weighting": ("pairs", "micro_batches"),
+    "spo.micro_batches": ("split", "mixed"),
+    "spo.process_split": ("own", "gather"),
 }
 
 

@@ -243,7 +243,8 @@ def finished_run(cfg: Config, out: Path) -> dict | None:
 # is applied from the resumed step on, with a warning. Not compared at all: where the run is and how it resumes.
 RESUME_UNSAFE = ("method", "model.family", "model.path", "model.init", "model.seed", "lora.enabled", "lora.rank",
                  "lora.alpha", "lora.targets", "train.optimizer", "train.batch_size", "train.train_batch_size",
-                 "train.grad_accum")
+                 "train.grad_accum", "train.accumulate_across_iterations", "train.loss_weighting",
+                 "spo.micro_batches", "spo.process_split")
 RESUME_IGNORED = ("checkpoint.resume", "checkpoint.redo_end", "log.output_dir")
 
 
@@ -297,6 +298,7 @@ class Setup:
     schedule: DDIMSchedule
     latent_shape: tuple[int, int, int]
     weight_dtype: torch.dtype
+    pending: Pending = field(default_factory=lambda: Pending())  # gradient accumulated towards the next step
 
     @property
     def resolution(self) -> int:
@@ -435,10 +437,11 @@ def kernel_backend(cfg: Config) -> str | None:
 
 
 def clip_gradients(accelerator, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Clip by global norm (unscaling fp16 grads first); returns the norm before clipping (a tensor:
-    no host sync)."""
+    """Clip by global norm (unscaling fp16 grads first; ``max_norm`` 0: no clipping, the official SPO code's
+    behaviour); returns the norm before clipping (a tensor: no host sync)."""
     if max_norm > 0:
         return accelerator.clip_grad_norm_(params, max_norm)
+    accelerator.unscale_gradients()  # fp16: the norm of the true gradient, as clip_grad_norm_ reports it
     grads = [p.grad.norm() for p in params if p.grad is not None]
     return torch.stack(grads).norm() if grads else torch.zeros(())
 
@@ -595,54 +598,122 @@ def run_eval(cfg: Config, s: Setup, accelerator, scorer, out: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- training
-def optimizer_groups(micro: list[MicroBatch], accum: int) -> list[list[MicroBatch]]:
-    """Consecutive groups of ``accum`` micro-batches, one optimizer step each (the last group may be shorter)."""
-    return [micro[i:i + accum] for i in range(0, len(micro), accum)]
+@dataclass
+class Pending:
+    """The optimizer step being accumulated: its micro-batches so far (their gradients are in the parameters'
+    ``.grad``), their valid pairs on this process and on all processes, and their loss and accuracy sums (weighted
+    by valid pairs). Empty (``micro == 0``) between iterations unless ``train.accumulate_across_iterations``; a
+    checkpoint saves it with the gradients (``spo_fast.core.checkpoint``)."""
+
+    micro: int = 0
+    n_local: int = 0
+    n_all: int = 0
+    loss: float = 0.0
+    acc: float = 0.0
+
+    def state(self) -> dict:
+        return {"micro": self.micro, "n_local": self.n_local, "n_all": self.n_all, "loss": self.loss,
+                "acc": self.acc}
+
+    def load(self, state: dict) -> None:
+        self.micro, self.n_local, self.n_all = int(state["micro"]), int(state["n_local"]), int(state["n_all"])
+        self.loss, self.acc = float(state["loss"]), float(state["acc"])
+
+
+def optimizer_groups(micro: list[MicroBatch], accum: int, pending: int = 0) -> list[list[MicroBatch]]:
+    """The micro-batches of one iteration in optimizer-step groups of ``accum``; the last group may be shorter.
+    ``pending`` micro-batches of an earlier iteration (``train.accumulate_across_iterations``) already wait for the
+    step that the first group completes, so the first group has ``accum - pending``."""
+    groups, i = [], 0
+    while i < len(micro):
+        size = accum - pending if i == 0 else accum
+        groups.append(micro[i:i + size])
+        i += size
+    return groups
 
 
 def train_iteration(cfg: Config, s: Setup, accelerator, method: Method, work: Work) -> dict:
-    """Forward/backward every micro-batch of ``work``, one optimizer step per group of ``train.grad_accum``.
+    """Forward/backward every micro-batch of ``work``, one optimizer step per ``train.grad_accum`` micro-batches.
 
-    Each micro-batch's loss is its mean over its valid pairs; it is backpropagated with weight
-    world * n_valid(micro-batch) / n_valid(step, all processes), so after DDP's average a step's gradient is that of
-    the mean over the step's valid pairs on all processes.
+    Each micro-batch's loss is its mean over its valid pairs. ``train.loss_weighting=pairs``: it is backpropagated
+    with weight world * n_valid(micro-batch) / n_valid(step, all processes), so after DDP's average a step's
+    gradient is that of the mean over the step's valid pairs on all processes; ``micro_batches`` (the official
+    code): weight 1 / grad_accum (0 for a padding micro-batch). ``train.accumulate_across_iterations``: the
+    micro-batch count runs across iterations, so a step may complete in the next iteration (``s.pending``); as the
+    step's valid pairs are then not known in advance, the pairs weighting backpropagates world * n_valid /
+    (train_batch_size * grad_accum * world) and rescales the gradient by that denominator over the step's valid
+    pairs just before the step. Without it the last step of an iteration may have fewer micro-batches.
     A step whose loss (any micro-batch's, on any process) or gradient norm is not finite is skipped: no optimizer
     or schedule step, the gradients are dropped, nothing changes (fp16: the loss only, as the loss scaler handles
     overflowing gradients); ``bad`` records, per optimizer step in order,
     whether it was skipped (one host read per optimizer step decides it).
-    Returns sums for the metrics (tensors) over the steps taken: loss and accuracy weighted by valid pairs, valid
-    pairs, optimizer steps, the sum of the steps' gradient norms; and ``bad``."""
+    Returns sums for the metrics (tensors) over the steps taken in this iteration (with their micro-batches of an
+    earlier iteration): loss and accuracy weighted by valid pairs, valid pairs, optimizer steps, the sum of the
+    steps' gradient norms; and ``bad``."""
+    t = cfg.train
     micro = list(work.micro)
     world = accelerator.num_processes
     if world > 1:  # every process runs the same number of micro-batches (DDP all-reduces)
         most = _all_max(accelerator, torch.tensor([len(micro)], device=accelerator.device))
         micro += [method.padding() for _ in range(most - len(micro))]
-    groups = optimizer_groups(micro, cfg.train.grad_accum)
-    # valid pairs of each optimizer step over all processes: DDP averages the processes' gradients, so each
-    # micro-batch's mean loss is weighted by world * n_valid / (the step's valid pairs on all processes)
-    local = [sum(mb.n_valid for mb in g) for g in groups]
-    if world > 1 and groups:
-        total = accelerator.reduce(torch.tensor(local, dtype=torch.long, device=accelerator.device), "sum")
-        step_valid = [int(v) for v in total.tolist()]
+    pending = getattr(s, "pending", None)
+    if pending is None:  # a Setup has one; a stand-in gets one here, kept for its next iteration
+        pending = s.pending = Pending()
+    across = t.accumulate_across_iterations
+    groups = optimizer_groups(micro, t.grad_accum, pending.micro if across else 0)
+    # valid pairs of each micro-batch over all processes (one collective per iteration): the weights need the
+    # step's total, since DDP averages the processes' gradients
+    local_mb = [mb.n_valid for mb in micro]
+    if world > 1 and micro:
+        all_mb = [int(v) for v in accelerator.reduce(torch.tensor(local_mb, dtype=torch.long,
+                                                                   device=accelerator.device), "sum").tolist()]
     else:
-        step_valid = local
+        all_mb = local_mb
+    by_pairs = t.loss_weighting == "pairs"
+    fixed = t.train_batch_size * t.grad_accum * world  # pairs weighting's denominator, a step spanning iterations
     dev = accelerator.device
     loss_sum, acc_sum, norm_sum = (torch.zeros((), device=dev) for _ in range(3))
     steps, n_valid, bad = 0, 0, []
-    for group, n_group, n_all in zip(groups, local, step_valid):
-        g_loss, g_acc = torch.zeros((), device=dev), torch.zeros((), device=dev)
+    pos = 0
+    for group in groups:
+        n_mb = all_mb[pos:pos + len(group)]
+        pos += len(group)
+        carried = across and pending.micro > 0  # a step begun in an earlier iteration
+        completes = (pending.micro if across else 0) + len(group) == t.grad_accum or not across
+        g_loss = torch.full((), pending.loss if carried else 0.0, device=dev)
+        g_acc = torch.full((), pending.acc if carried else 0.0, device=dev)
+        # the denominator of the pairs weighting: the step's valid pairs when all of them are known now
+        exact = not across or (not carried and completes)
+        denom = sum(n_mb) if exact else fixed
         for j, mb in enumerate(group):
-            sync = j == len(group) - 1
+            sync = completes and j == len(group) - 1
             ctx = contextlib.nullcontext() if sync else accelerator.no_sync(s.unet)
+            if by_pairs:
+                weight = mb.n_valid * world / max(denom, 1)
+            else:
+                weight = 1.0 / t.grad_accum if mb.n_valid else 0.0
             with ctx:
                 with accelerator.autocast():
                     lo = method.loss(mb)
                 with stage("train/backward"):
-                    accelerator.backward(lo.loss * (mb.n_valid * world / max(n_all, 1)))
+                    accelerator.backward(lo.loss * weight)
             g_loss += lo.loss.detach().float() * mb.n_valid
             g_acc += lo.accuracy.detach().float() * mb.n_valid
+        n_group = (pending.n_local if carried else 0) + sum(mb.n_valid for mb in group)
+        n_all = (pending.n_all if carried else 0) + sum(n_mb)
+        if not completes:  # across iterations: the step completes in a later iteration
+            pending.micro += len(group)
+            pending.n_local, pending.n_all = n_group, n_all
+            pending.loss, pending.acc = float(g_loss), float(g_acc)
+            continue
+        pending.micro = pending.n_local = pending.n_all = 0
+        pending.loss = pending.acc = 0.0
         with stage("train/optimizer"):
-            norm = clip_gradients(accelerator, s.params, cfg.train.max_grad_norm).float().to(dev)
+            if by_pairs and not exact:  # the gradient is of sum(loss * n_valid) / fixed: make it the step's mean
+                grads = [p.grad for p in s.params if p.grad is not None]
+                if grads:
+                    torch._foreach_mul_(grads, fixed / max(n_all, 1))
+            norm = clip_gradients(accelerator, s.params, t.max_grad_norm).float().to(dev)
             if accelerator.scaler is None:
                 finite = torch.isfinite(norm) & torch.isfinite(g_loss)
             else:  # fp16: the loss scaler skips overflowing steps itself and lowers its scale; only the loss counts
@@ -746,7 +817,7 @@ def run(cfg: Config, method: Method, hook=None) -> tuple[dict, Setup]:
     start_iter, opt_step = 0, 0
     ckpt = resume_path(cfg, out)
     if ckpt is not None:
-        state = load_checkpoint(accelerator, ckpt, s.raw_unet, s.optimizer, s.lr_scheduler)
+        state = load_checkpoint(accelerator, ckpt, s.raw_unet, s.optimizer, s.lr_scheduler, pending=s.pending)
         start_iter, opt_step = state["iteration"], state["opt_step"]
         say(f"resumed from {ckpt} at iteration {start_iter}")
     if tracked:
@@ -808,7 +879,8 @@ def run(cfg: Config, method: Method, hook=None) -> tuple[dict, Setup]:
                 every = cfg.checkpoint.every
                 if stopping or it + 1 == total or (every and (it + 1) % every == 0):
                     path = save_checkpoint(accelerator, out, it + 1, opt_step, s.raw_unet, s.optimizer,
-                                           s.lr_scheduler, cfg.checkpoint.keep, config=to_dict(cfg))
+                                           s.lr_scheduler, cfg.checkpoint.keep, config=to_dict(cfg),
+                                           pending=s.pending)
                 if stopping:
                     say(f"stopped at iteration {it + 1} (checkpoint {path}); run the same command again to resume")
                     return {"stopped": True, **last}, s

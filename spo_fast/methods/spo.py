@@ -5,14 +5,18 @@ Per iteration: B prompts (``data.prompts``, a pure function of (seed, iteration,
 prompt -> one rollout with the step-wise resampler (``spo_fast.diffusion.rollout``: no grad, fixed shapes, invalid pairs kept
 with valid = False) -> the VALID transitions only, shuffled and compacted into micro-batches of
 ``train.train_batch_size`` (the last one padded with masked entries), so the number of micro-batches follows the
-data (the official code's ceil(valid / micro-batch)) while every micro-batch keeps one shape. A rollout without a
+data (the official code's ceil(valid / micro-batch); per kind of transition with SDXL's inner steps unless
+``spo.micro_batches=mixed``) while every micro-batch keeps one shape. A rollout without a
 valid pair trains nothing: no forward, no optimizer step (AdamW's momentum and weight decay would otherwise move
 the weights).
 
 Per micro-batch: one reference forward (LoRA adapters disabled, or the frozen copy) and one policy forward, both
 with CFG, serve win and lose, which share x_t on branching steps; the SPO loss (``spo_fast.kernels.spo_loss``)
 compares the two DDIM means on both samples. SDXL inner steps (win and lose chains have their own x_t) run the
-two sides in one forward of twice the batch; those transitions form micro-batches of their own.
+two sides in one forward of twice the batch; those transitions form micro-batches of their own
+(``spo.micro_batches=split``), or share them with the branching steps' (``mixed``, the official code's count).
+With several processes each trains on its own rollout's valid transitions (``spo.process_split=own``), or, as the
+official code, on an equal share of all processes' (``gather``: ``gather_rollouts`` then ``compact_valid``).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from spo_fast.core.profiling import stage
 from spo_fast.core.trainer import MicroBatch, Setup, Work, decoder, kernel_backend, reference_unet, sampling_autocast
 from spo_fast.data import PromptSampler, load_prompts
 from spo_fast.diffusion.merged import MergedLoRA
-from spo_fast.diffusion.models import encode_negative, encode_prompts
+from spo_fast.diffusion.models import Conditioning, encode_negative, encode_prompts
 from spo_fast.diffusion.rollout import RolloutBuffer, RolloutCalls, rollout
 from spo_fast.diffusion.sampling import cfg_model_output, ddim_step_stats
 from spo_fast.kernels.spo_loss import spo_loss
@@ -34,7 +38,8 @@ from spo_fast.reward.scorers import build_scorer
 
 @dataclass
 class Transitions:
-    """A micro-batch of transitions (slot[n], b[n]) of one rollout buffer, all ``shared`` or all not."""
+    """A micro-batch of transitions (slot[n], b[n]) of one rollout buffer; ``shared``: all of them share x_t (one
+    forward serves both sides), else both sides run (``spo.micro_batches=mixed`` puts shared ones there too)."""
 
     buf: RolloutBuffer
     shared: bool
@@ -43,26 +48,63 @@ class Transitions:
     weight: torch.Tensor  # (micro,) 1 for a valid pair, 0 for padding
 
 
-def compact_valid(buf: RolloutBuffer, micro: int, generator: torch.Generator) -> list[tuple[bool, torch.Tensor,
-                                                                                             torch.Tensor, int]]:
+def compact_valid(buf: RolloutBuffer, micro: int, generator: torch.Generator, mixed: bool = False,
+                  world: int = 1, rank: int = 0) -> list[tuple[bool, torch.Tensor, torch.Tensor, int]]:
     """The valid transitions of ``buf``, shuffled, in micro-batches of ``micro``: a list of (shared, slot (micro,),
-    b (micro,), n_valid). Within a micro-batch all transitions are ``shared`` or all are not; the last micro-batch
-    of each kind is padded by repeating its first transition (its weight is 0). One host read of the valid mask."""
+    b (micro,), n_valid). ``mixed=False`` (``spo.micro_batches=split``): within a micro-batch all transitions are
+    ``shared`` or all are not, and the last micro-batch of each kind is padded by repeating its first transition
+    (its weight is 0). ``mixed=True`` (the official code's): all valid transitions are shuffled together, so there
+    are ceil(valid / micro); a micro-batch is ``shared`` only when all of its transitions are (else its shared ones
+    run as two sides with the same x_t). Without not-shared slots both give the same micro-batches.
+
+    ``world`` > 1 (``spo.process_split=gather``; ``buf`` then holds every process's rollout): the official split.
+    All valid transitions are shuffled together (``generator`` must be seeded alike on every process), process
+    ``rank`` takes the ``rank``-th of ``world`` equal slices of total // world (the remainder is dropped; fewer
+    than ``world`` valid transitions: none for anyone) and, with ``mixed=False``, keeps its slice's two kinds
+    apart. One host read of the valid mask."""
     valid = buf.valid.cpu()  # (S, B)
-    out = []
-    for shared in (True, False):
-        slots = torch.tensor([i for i, s in enumerate(buf.shared) if s == shared], dtype=torch.long)
-        if len(slots) == 0:
-            continue
-        idx = valid[slots].nonzero()  # (n, 2): (position in slots, b)
+    shared_slots = torch.tensor(buf.shared, dtype=torch.bool)
+    orders = []  # the (slot, b) of each kind's transitions, shuffled
+    if world > 1:
+        idx = valid.nonzero()
+        if len(idx) < world:
+            return []
         idx = idx[torch.randperm(len(idx), generator=generator)]
+        n = len(idx) // world
+        idx = idx[rank * n:(rank + 1) * n]
+        orders = [idx] if mixed else [idx[shared_slots[idx[:, 0]]], idx[~shared_slots[idx[:, 0]]]]
+    else:
+        for shared in [None] if mixed else [True, False]:
+            slots = torch.tensor([i for i, s in enumerate(buf.shared) if shared is None or s == shared],
+                                 dtype=torch.long)
+            if len(slots) == 0:
+                continue
+            idx = valid[slots].nonzero()  # (n, 2): (position in slots, b)
+            idx = idx[torch.randperm(len(idx), generator=generator)]
+            orders.append(torch.stack([slots[idx[:, 0]], idx[:, 1]], 1) if len(idx) else idx)
+    out = []
+    for idx in orders:
         for chunk in idx.split(micro):
             n = len(chunk)
             if n == 0:  # split of an empty tensor yields one empty chunk
                 continue
             chunk = torch.cat([chunk, chunk[:1].expand(micro - n, 2)])
-            out.append((shared, slots[chunk[:, 0]], chunk[:, 1], n))
+            out.append((bool(shared_slots[chunk[:, 0]].all()), chunk[:, 0], chunk[:, 1], n))
     return out
+
+
+def gather_rollouts(accelerator, buf: RolloutBuffer, cond: Conditioning) -> tuple[RolloutBuffer, Conditioning]:
+    """Every process's rollout buffer and prompt conditioning, concatenated along the prompt dim in rank order
+    (``spo.process_split=gather``): fixed shapes, so plain all-gathers (the valid mask as uint8)."""
+
+    def gather(x: torch.Tensor, dim: int) -> torch.Tensor:
+        return accelerator.gather(x.movedim(dim, 0).contiguous()).movedim(0, dim)
+
+    valid = gather(buf.valid.to(torch.uint8), 1).bool()
+    out = RolloutBuffer(gather(buf.x_t, 2), gather(buf.x_prev, 2), buf.t, valid, gather(buf.score_win, 1),
+                        gather(buf.score_lose, 1), buf.shared, gather(buf.final_scores, 0), gather(buf.final, 0))
+    fields = (cond.embeds, cond.pooled, cond.time_ids)
+    return out, Conditioning(*(None if v is None else gather(v, 0) for v in fields))
 
 
 def iteration_cost(batch: int, k: int, num_steps: int, divert_start_step: int, num_inner_steps: int,
@@ -165,13 +207,22 @@ class SPO:
         with torch.no_grad(), sampling_autocast(cfg, self.acc):
             buf = rollout(s.raw_unet, s.schedule, self.cond, self.uncond, self.scorer, self.scorer.prepare(prompts),
                           self.decode, noise, cfg.spo, cfg.sampling, gen, backend=kernel_backend(cfg), calls=self.calls)
-        shuffle = torch.Generator().manual_seed(cfg.train.seed * 7919 + it)
+        stats = {"valid_ratio": buf.valid.float().mean(), "reward": buf.final_scores.float().mean()}  # this process's
+        # the transitions to train on: this process's own (ours), or a share of every process's (official)
+        world, rank = self.acc.num_processes, self.acc.process_index
+        self.train_cond, self.train_uncond = self.cond, self.uncond
+        if cfg.spo.process_split == "gather" and world > 1:
+            buf, self.train_cond = gather_rollouts(self.acc, buf, self.cond)
+            self.train_uncond = Conditioning.cat([self.uncond] * world)
+        else:
+            world, rank = 1, 0
+        shuffle = torch.Generator().manual_seed(cfg.train.seed * 7919 + it)  # the same on every process
         micro = []
-        for shared, slot, b, n in compact_valid(buf, cfg.train.train_batch_size, shuffle):
+        for shared, slot, b, n in compact_valid(buf, cfg.train.train_batch_size, shuffle,
+                                                mixed=cfg.spo.micro_batches == "mixed", world=world, rank=rank):
             weight = (torch.arange(len(slot)) < n).float()
             micro.append(MicroBatch(Transitions(buf, shared, slot.to(dev), b.to(dev), weight.to(dev)), n))
         self.buf = buf
-        stats = {"valid_ratio": buf.valid.float().mean(), "reward": buf.final_scores.float().mean()}
         stats.update(iteration_cost(len(prompts), cfg.spo.k, cfg.sampling.num_steps, cfg.spo.divert_start_step,
                                     cfg.spo.num_inner_steps, [mb.data.shared for mb in micro],
                                     cfg.train.train_batch_size, cfg.train.gradient_checkpointing))
@@ -191,7 +242,7 @@ class SPO:
         x_t = buf.x_t[slot, :, b]  # (n, 2, C, H, W)
         x_prev = buf.x_prev[slot, :, b]  # (n, 2, C, H, W)
         t = buf.t[slot]
-        c, u = self.cond[b], self.uncond[b]
+        c, u = self.train_cond[b], self.train_uncond[b]
         if tr.shared:
             x_in, t_in = x_t[:, 0], t
         else:  # SDXL inner steps: win and lose chains have their own x_t
