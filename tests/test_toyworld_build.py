@@ -214,7 +214,37 @@ def test_toy_prompts_scorer_and_config_checks(tmp_path):
 
 
 def test_shipped_spm_beats_chance_near_t0():
-    """The shipped SPM's recorded held-out accuracy (build.json) is above chance at small t."""
+    """The shipped SPM's recorded held-out accuracy (build.json) is above chance at small t: 0.6 on >= 150 pairs is
+    more than 2.4 standard deviations of a coin (0.04) above 0.5. (The pairs of the rebuilt base differ less than the
+    former base's: ground-truth std 0.88 against 1.89, so the SPM's accuracy on them fell from 0.85 to 0.70.)"""
     meta = json.loads((resolve_model_path("toyworld:spm").parent / "build.json").read_text())
     ev = meta["spm"]["eval"]
-    assert ev["pairs"] >= 100 and ev["clean"] > 0.7 and ev["t0-250"] > 0.7
+    assert ev["pairs"] >= 150 and ev["clean"] > 0.6 and ev["t0-250"] > 0.6
+
+
+def test_rendered_pairs_include_every_negative_kind_and_speckle_loses():
+    """Each of the five hard-negative kinds occurs; a speckled copy of a render loses to the render by the ground
+    truth (its cleanliness falls), so the SPM is taught that high-frequency noise is worse."""
+    gen = torch.Generator().manual_seed(5)
+    caps, img0, img1, lab = build.rendered_pairs(200, gen)
+    assert len(build.NEGATIVE_KINDS) == 5
+    attrs = [world.parse_prompt(c) for c in caps]
+    good = world.render(attrs[:16], torch.Generator().manual_seed(1))
+    speckled = (good + torch.randn(good.shape, generator=torch.Generator().manual_seed(2)) * 0.2).clamp(-1, 1)
+    c_good, c_sp = world.score_components(good, attrs[:16]), world.score_components(speckled, attrs[:16])
+    assert (c_sp["cleanliness"] < c_good["cleanliness"] - 0.5).all()
+    assert (world.score(speckled, attrs[:16]) < world.score(good, attrs[:16])).all()
+    # pairs whose two sides differ only by per-pixel noise occur (the speckled kind): same layout, high-frequency
+    # difference
+    diff = (img0 - img1)
+    hf = (diff - torch.nn.functional.avg_pool2d(diff, 3, 1, 1)).abs().mean((1, 2, 3))
+    assert (hf > 0.05).sum() >= 10
+
+
+def test_base_loss_weight_is_min_snr_for_v_prediction():
+    cfg = build.BuildConfig()
+    a = torch.tensor([0.999, 0.9, 5 / 6, 0.5, 0.01])  # SNR 999, 9, 5, 1, 0.0101
+    w = build.loss_weight(a, cfg)
+    assert cfg.base_loss_weighting == "min_snr" and cfg.base_min_snr_gamma == 5.0
+    assert torch.allclose(w, torch.tensor([5 / 1000, 5 / 10, 5 / 6, 1 / 2, 0.0101 / 1.0101]), atol=1e-4)
+    assert torch.equal(build.loss_weight(a, build.BuildConfig(base_loss_weighting="uniform")), torch.ones(5))

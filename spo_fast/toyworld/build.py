@@ -53,32 +53,41 @@ FAMILY = "sd15"
 TEXT_MAX_LEN = 16  # "a small red circle on the left, black background" is 13 tokens with bos/eos
 
 UNET_CONFIG = {
+    # three levels, 24 -> 12 -> 6 px, text cross-attention at 12 and 6 px and in the 6 px middle block. The coarsest
+    # level is where a UNet decides the layout, and its attention has no positional embedding: a pixel knows where
+    # it is only from the convolutions' zero padding, which a 6x6 map carries in one or two layers and a 12x12 map
+    # (the former base's coarsest) hardly at all. That base put its objects in the middle whatever the prompt said,
+    # smeared at the high-noise steps and lost (45% empty frames): docs/toy_world.md
     "sample_size": world.RESOLUTION, "in_channels": 3, "out_channels": 3, "layers_per_block": 1,
-    "block_out_channels": [32, 64], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 64,
-    # diffusers reads attention_head_dim as the number of heads: 8 heads of 8 channels. 2 heads of 32 sample ~1.5x
-    # faster in bf16 on the 2-core CPU, but a base built with them (and twice the steps) was no better at following
-    # prompts and SPO on it failed on the validation prompts (docs/toy_results_history.md): not shipped
-    "attention_head_dim": 8, "norm_num_groups": 8,
+    "block_out_channels": [32, 64, 64],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 64,
+    # diffusers reads attention_head_dim as the number of heads: 2 heads of 32 channels, which sample ~1.6x faster in
+    # bf16 on the 2-core CPU than 8 heads of 8 (0.21 vs 0.34 s per 96-sample forward) and train ~1.3x faster
+    "attention_head_dim": 2, "norm_num_groups": 8,
 }
 TEXT_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                "max_position_embeddings": TEXT_MAX_LEN, "projection_dim": 64}
 SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
-                    "prediction_type": "epsilon", "clip_sample": False, "set_alpha_to_one": False,
+                    # v-prediction (as SD 2): see loss_weight
+                    "prediction_type": "v_prediction", "clip_sample": False, "set_alpha_to_one": False,
                     "steps_offset": 1}
-# the toy recipes' sampler; the shipped pairs and SPM were made in fp32 (the recipes now sample in bf16: docs/speed.md)
-SAMPLER = {"num_steps": 20, "eta": 1.0, "guidance_scale": 5.0, "dtype": "fp32"}
+# the toy recipes' sampler (bf16, as the recipes' rollouts: docs/speed.md); the pairs and the SPM's noisy pairs are sampled with it
+SAMPLER = {"num_steps": 20, "eta": 1.0, "guidance_scale": 5.0, "dtype": "bf16"}
 
 
 @dataclass
 class BuildConfig:
     seed: int = 0
-    base_steps: int = 1500
+    base_steps: int = 2000
     base_batch: int = 48
     base_probe_every: int = 500  # ground truth of base samples on the validation prompts every this many steps
     base_probe_prompts: int = 64  # validation prompts per probe (one sample each)
     base_lr: float = 2e-3
     cond_dropout: float = 0.1
+    # per-sample weight of the epsilon MSE: "min_snr" (min(SNR, gamma) / SNR) or "uniform" (the plain MSE)
+    base_loss_weighting: str = "min_snr"
+    base_min_snr_gamma: float = 5.0
     pairs_per_train_prompt: int = 1
     heldout_pair_prompts: int = 0  # 0 = every held-out prompt, one pair each
     sample_batch: int = 128
@@ -142,6 +151,23 @@ def probe_base(comp, unet, seed: int, n: int = PROBE_PROMPTS) -> dict:
     return result
 
 
+def loss_weight(alpha_bar: torch.Tensor, cfg: BuildConfig) -> torch.Tensor:
+    """Per-sample weight of the base model's v-prediction MSE at cumulative alphas ``alpha_bar``.
+
+    Why v-prediction: an epsilon model's estimate of the clean image, x0 = (x_t - sqrt(1 - a) eps) / sqrt(a), divides
+    its error by sqrt(a) = 0.006 to 0.03 at t = 999 to 800, where the sampler decides the layout, so an epsilon
+    model of this size (the former base) gives the sampler an x0 of amplified noise there: its text barely changed
+    the prediction (MSE with the right, empty or a wrong prompt equal to 4 digits at t = 700-900), and 45% of its
+    samples came out as empty frames (docs/toy_world.md). A v-model's x0 = sqrt(a) x_t - sqrt(1 - a) v is as well
+    conditioned at every t. Min-SNR-gamma (Hang et al. 2023) then weights each t as min(SNR, gamma) / (SNR + 1)
+    (the v-loss form), so the low-noise steps, whose loss is mostly the unpredictable background texture, do not
+    dominate. "uniform" is the plain MSE."""
+    if cfg.base_loss_weighting == "uniform":
+        return torch.ones_like(alpha_bar)
+    snr = alpha_bar / (1 - alpha_bar)
+    return snr.clamp(max=cfg.base_min_snr_gamma) / (snr + 1)
+
+
 def train_base(out: Path, cfg: BuildConfig) -> dict:
     """Train UNet + text encoder from scratch on renders (epsilon MSE); saves ``out`` (diffusers layout)."""
     write_base_configs(out)
@@ -171,7 +197,8 @@ def train_base(out: Path, cfg: BuildConfig) -> dict:
         a = alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * images + (1 - a).sqrt() * noise
         pred = unet(x_t, t, encoder_hidden_states=text(tokens).last_hidden_state).sample
-        loss = F.mse_loss(pred, noise)
+        target = a.sqrt() * noise - (1 - a).sqrt() * images  # v
+        loss = (loss_weight(alphas[t], cfg) * (pred - target).pow(2).mean((1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -329,19 +356,24 @@ def pretrain_clip(tokenizer, cfg: BuildConfig):
                  "final_top1": float(np.mean(accs[-100:])), "seconds": time.perf_counter() - t0}
 
 
+NEGATIVE_KINDS = ("mismatched", "requality", "flooded", "empty", "speckled")
+
+
 def rendered_pairs(n: int, gen: torch.Generator):
     """Labelled pairs of *rendered* images (train-split prompts): a render against a hard negative.
 
-    The negative is, at random: the same prompt with one attribute changed, another render of
-    different quality, the image flooded towards the object colour (partly or fully), or the
-    background alone with noise. Both sides are labelled by the ground truth like the sampled
-    pairs; the order is random. This teaches the SPM the failure modes a policy drifts into
-    (blobs of colour, empty frames) that base-model samples alone rarely show it.
+    The negative is, at random (one kind in five each): the same prompt with one attribute changed,
+    another render of different quality, the image flooded towards the object colour (partly or
+    fully), the background alone with noise, or the same render speckled (independent per-pixel
+    noise over the whole frame, std 0.05-0.4 in [-1, 1] units: the high-frequency texture an SPO
+    run on an SPM trained without it learned to add). Both sides are labelled by the ground truth
+    like the sampled pairs; the order is random. This teaches the SPM the failure modes a policy
+    drifts into (speckle, blobs of colour, empty frames) that base-model samples alone rarely show it.
     """
     train = world.split("train")
     attrs = [train[i] for i in torch.randint(len(train), (n,), generator=gen).tolist()]
     good = world.render(attrs, gen, world.sample_quality(n, gen))
-    kind = torch.randint(4, (n,), generator=gen)
+    kind = torch.randint(len(NEGATIVE_KINDS), (n,), generator=gen)
     other = []
     fields = ("color", "shape", "size", "position", "background")
     choices = {"color": world.COLORS, "shape": world.SHAPES, "size": world.SIZES, "position": world.POSITIONS,
@@ -358,7 +390,9 @@ def rendered_pairs(n: int, gen: torch.Generator):
     noise = torch.randn(good.shape, generator=gen) * torch.rand(n, 1, 1, 1, generator=gen) * 0.3
     flood = (good * (1 - amount) + colour * amount + noise).clamp(-1, 1)
     empty = (bg.expand_as(good) + noise).clamp(-1, 1)
-    neg = torch.stack([mismatched, requality, flood, empty])[kind, torch.arange(n)]
+    speckle_std = torch.rand(n, 1, 1, 1, generator=gen) * 0.35 + 0.05
+    speckled = (good + torch.randn(good.shape, generator=gen) * speckle_std).clamp(-1, 1)
+    neg = torch.stack([mismatched, requality, flood, empty, speckled])[kind, torch.arange(n)]
     swap = torch.rand(n, generator=gen) < 0.5
     img0 = torch.where(swap.view(n, 1, 1, 1), neg, good)
     img1 = torch.where(swap.view(n, 1, 1, 1), good, neg)
