@@ -180,9 +180,10 @@ def _unet_dir_other_arch(t, lora):
     d = t / "unet"
     d.mkdir()
     cfg = json.loads((resolve_model_path("toyworld:base") / "unet" / "config.json").read_text())
-    cfg["block_out_channels"] = [64, 128]
+    cfg["block_out_channels"] = [2 * c for c in cfg["block_out_channels"]]
     (d / "config.json").write_text(json.dumps(cfg))
-    save_file({"conv_in.weight": torch.zeros(64, 3, 3, 3)}, str(d / "diffusion_pytorch_model.safetensors"))
+    save_file({"conv_in.weight": torch.zeros(cfg["block_out_channels"][0], 3, 3, 3)},
+              str(d / "diffusion_pytorch_model.safetensors"))
     return ["--lora", d], [str(d), "another architecture", "parameters differ", "check --model/--family"]
 
 

@@ -319,8 +319,13 @@ def _preprocess_before_resize_config(images: torch.Tensor, s: int) -> torch.Tens
 
 
 def test_existing_spm_dirs_preprocess_and_score_as_before(tmp_path):
-    assert "resize" not in json.loads((TOY_SPM / SPM_CONFIG).read_text())
-    scorer = SPMScorer.from_pretrained(TOY_SPM)
+    # an SPM directory written before the resize config existed: the shipped one without its "resize" entry
+    old = tmp_path / "old_spm"
+    shutil.copytree(TOY_SPM, old)
+    config = json.loads((old / SPM_CONFIG).read_text())
+    config.pop("resize", None)
+    (old / SPM_CONFIG).write_text(json.dumps(config))
+    scorer = SPMScorer.from_pretrained(old)
     model = scorer.model.eval()
     assert model.resize == RESIZE_SPO_FAST
     s = model.clip.config.vision_config.image_size

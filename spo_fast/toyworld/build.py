@@ -26,6 +26,7 @@ step counts into a scratch directory (the tests use it).
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -52,45 +53,55 @@ from spo_fast.toyworld import world
 FAMILY = "sd15"
 TEXT_MAX_LEN = 16  # "a small red circle on the left, black background" is 13 tokens with bos/eos
 
-UNET_CONFIG = {
-    # three levels, 24 -> 12 -> 6 px, text cross-attention at 12 and 6 px and in the 6 px middle block. The coarsest
-    # level is where a UNet decides the layout, and its attention has no positional embedding: a pixel knows where
-    # it is only from the convolutions' zero padding, which a 6x6 map carries in one or two layers and a 12x12 map
-    # (the former base's coarsest) hardly at all. That base put its objects in the middle whatever the prompt said,
-    # smeared at the high-noise steps and lost (45% empty frames): docs/toy_world.md
+UNET_CONFIG = {  # the shipped base: two levels (24 and 12 px), cross-attention at 12 px
     "sample_size": world.RESOLUTION, "in_channels": 3, "out_channels": 3, "layers_per_block": 1,
-    "block_out_channels": [32, 64, 64],
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 64,
-    # diffusers reads attention_head_dim as the number of heads: 2 heads of 32 channels, which sample ~1.6x faster in
-    # bf16 on the 2-core CPU than 8 heads of 8 (0.21 vs 0.34 s per 96-sample forward) and train ~1.3x faster
-    "attention_head_dim": 2, "norm_num_groups": 8,
+    "block_out_channels": [32, 64], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 64,
+    # diffusers reads attention_head_dim as the number of heads: 8 heads of 8 channels
+    "attention_head_dim": 8, "norm_num_groups": 8,
 }
+# the v-prediction variant's UNet: three levels (24, 12, 6 px), cross-attention at 12 and 6 px and in the 6 px middle
+# block, 2 heads of 32 channels (a 96-sample bf16 forward: 0.23 s against 0.34 s for the shipped one on the 2-core CPU)
+UNET_CONFIG_3LEVEL = {
+    **UNET_CONFIG, "block_out_channels": [32, 64, 64],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "attention_head_dim": 2,
+}
+UNETS = {"2level": UNET_CONFIG, "3level": UNET_CONFIG_3LEVEL}
 TEXT_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                "max_position_embeddings": TEXT_MAX_LEN, "projection_dim": 64}
 SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
-                    # v-prediction (as SD 2): see loss_weight
-                    "prediction_type": "v_prediction", "clip_sample": False, "set_alpha_to_one": False,
+                    "prediction_type": "epsilon", "clip_sample": False, "set_alpha_to_one": False,
                     "steps_offset": 1}
-# the toy recipes' sampler (bf16, as the recipes' rollouts: docs/speed.md); the pairs and the SPM's noisy pairs are sampled with it
-SAMPLER = {"num_steps": 20, "eta": 1.0, "guidance_scale": 5.0, "dtype": "bf16"}
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+# the toy recipes' sampler; the shipped pairs and SPM were made in fp32 (BuildConfig.sample_dtype; the recipes now
+# sample in bf16: docs/speed.md)
+SAMPLER = {"num_steps": 20, "eta": 1.0, "guidance_scale": 5.0, "dtype": "fp32"}
+NEGATIVE_KINDS = ("mismatched", "requality", "flooded", "empty", "speckled", "recoloured")
+VARIANTS = ("shipped", "v_prediction")
 
 
 @dataclass
 class BuildConfig:
+    """The build's settings. The defaults are the shipped world's; ``variant("v_prediction")`` the rebuilt one that
+    follows its prompts (docs/toy_world.md: it is not shipped, because SPO reward-hacks the SPM built on it)."""
+
     seed: int = 0
-    base_steps: int = 2000
+    base_steps: int = 1500
     base_batch: int = 48
     base_probe_every: int = 500  # ground truth of base samples on the validation prompts every this many steps
     base_probe_prompts: int = 64  # validation prompts per probe (one sample each)
     base_lr: float = 2e-3
     cond_dropout: float = 0.1
-    # per-sample weight of the epsilon MSE: "min_snr" (min(SNR, gamma) / SNR) or "uniform" (the plain MSE)
-    base_loss_weighting: str = "min_snr"
+    base_unet: str = "2level"  # a key of UNETS
+    base_prediction: str = "epsilon"  # or "v_prediction" (the scheduler's prediction_type)
+    # per-sample weight of the base model's MSE: "uniform" (the plain MSE) or "min_snr" (see loss_weight)
+    base_loss_weighting: str = "uniform"
     base_min_snr_gamma: float = 5.0
     pairs_per_train_prompt: int = 1
     heldout_pair_prompts: int = 0  # 0 = every held-out prompt, one pair each
     sample_batch: int = 128
+    sample_dtype: str = SAMPLER["dtype"]  # the pairs' and the SPM's noisy pairs' sampling precision (fp32 | bf16)
     clip_steps: int = 1000
     clip_batch: int = 128
     clip_lr: float = 1e-3
@@ -98,11 +109,38 @@ class BuildConfig:
     spm_batch: int = 32
     spm_lr: float = 3e-4
     spm_rendered_fraction: float = 0.5
+    spm_negatives: tuple[str, ...] = NEGATIVE_KINDS[:4]  # the rendered hard negatives' kinds (NEGATIVE_KINDS)
+
+    def __post_init__(self):
+        for name, value, accepted in (("base_unet", self.base_unet, tuple(UNETS)),
+                                      ("base_prediction", self.base_prediction, PREDICTION_TYPES),
+                                      ("base_loss_weighting", self.base_loss_weighting, ("uniform", "min_snr")),
+                                      ("sample_dtype", self.sample_dtype, ("fp32", "bf16"))):
+            if value not in accepted:
+                raise ValueError(f"BuildConfig.{name}={value!r}; accepted: {', '.join(accepted)}")
+        bad = [k for k in self.spm_negatives if k not in NEGATIVE_KINDS]
+        if bad or not self.spm_negatives:
+            raise ValueError(f"BuildConfig.spm_negatives={self.spm_negatives!r}; accepted: a non-empty subset of "
+                             f"{', '.join(NEGATIVE_KINDS)}")
 
     @classmethod
-    def smoke(cls) -> BuildConfig:
-        return cls(base_steps=3, base_batch=8, base_probe_every=2, base_probe_prompts=4, pairs_per_train_prompt=0, heldout_pair_prompts=4, sample_batch=8,
-                   clip_steps=3, clip_batch=8, spm_steps=3, spm_batch=4)
+    def smoke(cls, **kw) -> BuildConfig:
+        """Tiny step counts (over any ``kw``, e.g. a variant's settings)."""
+        return cls(**{**kw, **dict(base_steps=3, base_batch=8, base_probe_every=2, base_probe_prompts=4,
+                             pairs_per_train_prompt=0, heldout_pair_prompts=4, sample_batch=8, clip_steps=3,
+                             clip_batch=8, spm_steps=3, spm_batch=4)})
+
+    @staticmethod
+    def variant(name: str) -> dict:
+        """The settings of a build variant (``--variant``): ``shipped`` (the defaults) or ``v_prediction``: a base
+        predicting v with min-SNR-5 weights on the three-level UNet, trained 2,000 steps, pairs sampled in bf16, an
+        SPM trained 1,200 steps with all six kinds of negatives."""
+        if name not in VARIANTS:
+            raise ValueError(f"unknown build variant {name!r}; accepted: {', '.join(VARIANTS)}")
+        if name == "shipped":
+            return {}
+        return dict(base_steps=2000, base_unet="3level", base_prediction="v_prediction", base_loss_weighting="min_snr",
+                    sample_dtype="bf16", spm_steps=1200, spm_negatives=NEGATIVE_KINDS)
 
 
 PROGRESS = True  # tqdm bars (with the time left) per stage; --no-progress turns them off
@@ -123,27 +161,28 @@ def _bar(total: int, desc: str, unit: str):
 
 
 # ----------------------------------------------------------------------------- stage 1: base model
-def write_base_configs(out: Path) -> None:
+def write_base_configs(out: Path, cfg: BuildConfig | None = None) -> None:
     """Tokenizer, text-encoder, UNet and scheduler configs of the tiny base model (no weights)."""
+    cfg = cfg or BuildConfig()
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig
 
     size = write_clip_tokenizer(out / "tokenizer", world.words(), max_length=TEXT_MAX_LEN)
     CLIPTextConfig(vocab_size=size, bos_token_id=size - 2, eos_token_id=size - 1, pad_token_id=size - 1,
                    **TEXT_CONFIG).save_pretrained(out / "text_encoder")
-    UNet2DConditionModel.from_config(UNET_CONFIG).save_config(out / "unet")
-    DDIMScheduler.from_config(SCHEDULER_CONFIG).save_config(out / "scheduler")
+    UNet2DConditionModel.from_config(UNETS[cfg.base_unet]).save_config(out / "unet")
+    DDIMScheduler.from_config({**SCHEDULER_CONFIG, "prediction_type": cfg.base_prediction}).save_config(out / "scheduler")
 
 
 PROBE_PROMPTS = 64  # of world.validation_prompts()
 
 
-def probe_base(comp, unet, seed: int, n: int = PROBE_PROMPTS) -> dict:
+def probe_base(comp, unet, seed: int, n: int = PROBE_PROMPTS, dtype: str = SAMPLER["dtype"]) -> dict:
     """Mean ground truth (and its components) of one sample per validation prompt: how good the base is so far."""
     prompts = world.validation_prompts()[:n]
     was_training = unet.training
     unet.eval()
-    images = sample_images(comp, prompts, seed, batch=len(prompts), unet=unet)
+    images = sample_images(comp, prompts, seed, batch=len(prompts), unet=unet, dtype=dtype)
     unet.train(was_training)
     comps = world.score_components(images, [world.parse_prompt(p) for p in prompts])
     result = {"score": world.score_prompts(images, prompts).mean().item()}
@@ -152,25 +191,24 @@ def probe_base(comp, unet, seed: int, n: int = PROBE_PROMPTS) -> dict:
 
 
 def loss_weight(alpha_bar: torch.Tensor, cfg: BuildConfig) -> torch.Tensor:
-    """Per-sample weight of the base model's v-prediction MSE at cumulative alphas ``alpha_bar``.
+    """Per-sample weight of the base model's MSE at cumulative alphas ``alpha_bar``: 1 (``uniform``), or min-SNR-gamma
+    (Hang et al. 2023; ``min_snr``): min(SNR, gamma) / SNR for an epsilon loss, min(SNR, gamma) / (SNR + 1) for a
+    v loss, so the low-noise steps, whose loss is mostly the unpredictable background texture, do not dominate.
 
-    Why v-prediction: an epsilon model's estimate of the clean image, x0 = (x_t - sqrt(1 - a) eps) / sqrt(a), divides
-    its error by sqrt(a) = 0.006 to 0.03 at t = 999 to 800, where the sampler decides the layout, so an epsilon
-    model of this size (the former base) gives the sampler an x0 of amplified noise there: its text barely changed
-    the prediction (MSE with the right, empty or a wrong prompt equal to 4 digits at t = 700-900), and 45% of its
-    samples came out as empty frames (docs/toy_world.md). A v-model's x0 = sqrt(a) x_t - sqrt(1 - a) v is as well
-    conditioned at every t. Min-SNR-gamma (Hang et al. 2023) then weights each t as min(SNR, gamma) / (SNR + 1)
-    (the v-loss form), so the low-noise steps, whose loss is mostly the unpredictable background texture, do not
-    dominate. "uniform" is the plain MSE."""
+    Why the v-prediction variant predicts v: an epsilon model's estimate of the clean image, x0 = (x_t - sqrt(1 - a)
+    eps) / sqrt(a), divides its error by sqrt(a) = 0.006 to 0.03 at t = 999 to 800, where the sampler decides the
+    layout; the shipped (epsilon) base gives the sampler amplified noise there, its text barely changes the
+    prediction at t >= 700, and 45% of its samples are empty frames (docs/toy_world.md). A v-model's x0 =
+    sqrt(a) x_t - sqrt(1 - a) v is as well conditioned at every t."""
     if cfg.base_loss_weighting == "uniform":
         return torch.ones_like(alpha_bar)
     snr = alpha_bar / (1 - alpha_bar)
-    return snr.clamp(max=cfg.base_min_snr_gamma) / (snr + 1)
+    return snr.clamp(max=cfg.base_min_snr_gamma) / (snr + 1 if cfg.base_prediction == "v_prediction" else snr)
 
 
 def train_base(out: Path, cfg: BuildConfig) -> dict:
     """Train UNet + text encoder from scratch on renders (epsilon MSE); saves ``out`` (diffusers layout)."""
-    write_base_configs(out)
+    write_base_configs(out, cfg)
     torch.manual_seed(cfg.seed)
     comp = load_components(str(out), FAMILY, init="random", seed=cfg.seed)
     unet, text = comp.unet.train().requires_grad_(True), comp.text_encoders[0].train().requires_grad_(True)
@@ -197,7 +235,7 @@ def train_base(out: Path, cfg: BuildConfig) -> dict:
         a = alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * images + (1 - a).sqrt() * noise
         pred = unet(x_t, t, encoder_hidden_states=text(tokens).last_hidden_state).sample
-        target = a.sqrt() * noise - (1 - a).sqrt() * images  # v
+        target = a.sqrt() * noise - (1 - a).sqrt() * images if cfg.base_prediction == "v_prediction" else noise
         loss = (loss_weight(alphas[t], cfg) * (pred - target).pow(2).mean((1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -212,7 +250,8 @@ def train_base(out: Path, cfg: BuildConfig) -> dict:
                  f"({time.perf_counter() - t0:.0f} s)")
         if cfg.base_probe_every and ((step + 1) % cfg.base_probe_every == 0 or step + 1 == cfg.base_steps):
             with torch.no_grad():  # its own generator: the training stream is unchanged by probing
-                probes.append({"step": step + 1, **probe_base(comp, unet, cfg.seed + 300, cfg.base_probe_prompts)})
+                probes.append({"step": step + 1, **probe_base(comp, unet, cfg.seed + 300, cfg.base_probe_prompts,
+                                                              cfg.sample_dtype)})
             _log(f"base probe: {jsonio.dumps({k: round(v, 3) for k, v in probes[-1].items()})}")
     bar.close()
     with quiet_loading():  # no "Writing model shards" bar
@@ -238,9 +277,9 @@ def jpeg_bytes(image: torch.Tensor, quality: int = 95) -> bytes:
 @torch.no_grad()
 def sample_images(comp, prompts: list[str], seed: int, batch: int, num_steps: int = SAMPLER["num_steps"],
                   eta: float = SAMPLER["eta"], guidance_scale: float = SAMPLER["guidance_scale"],
-                  unet=None, bar=None) -> torch.Tensor:
+                  unet=None, bar=None, dtype: str = SAMPLER["dtype"]) -> torch.Tensor:
     """One sample per prompt, (N, 3, R, R) in [-1, 1]; the noise of prompt i depends on (seed, i // batch).
-    ``bar``: a progress bar advanced once per batch."""
+    ``bar``: a progress bar advanced once per batch; ``dtype``: fp32, or bf16 autocast (the toy recipes' rollouts)."""
     from spo_fast.diffusion.models import decode_latents
 
     unet = unet if unet is not None else comp.unet
@@ -252,7 +291,7 @@ def sample_images(comp, prompts: list[str], seed: int, batch: int, num_steps: in
         cond = encode_prompts(comp, chunk, "cpu", world.RESOLUTION)
         uncond = encode_prompts(comp, [""] * len(chunk), "cpu", world.RESOLUTION)
         x = torch.randn((len(chunk), *comp.latent_shape), generator=gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=SAMPLER["dtype"] == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
             out.append(decode_latents(comp, sample(unet, schedule, cond, uncond, x, guidance_scale, eta, gen)).float())
         if bar is not None:
             bar.update(1)
@@ -270,10 +309,11 @@ def decode_jpeg(data: bytes) -> torch.Tensor:
 TIE_MARGIN = 0.05  # ground-truth scores closer than this (on the 0-10 scale) are a tie
 
 
-def make_pairs(comp, prompts: list[str], seed: int, batch: int, split_name: str, bar=None) -> dict[str, list]:
+def make_pairs(comp, prompts: list[str], seed: int, batch: int, split_name: str, bar=None,
+               dtype: str = SAMPLER["dtype"]) -> dict[str, list]:
     """Two samples per prompt, labelled by the ground truth of their stored JPEGs (Pick-a-Pic schema)."""
-    imgs0 = sample_images(comp, prompts, seed, batch, bar=bar)
-    imgs1 = sample_images(comp, prompts, seed + 1, batch, bar=bar)
+    imgs0 = sample_images(comp, prompts, seed, batch, bar=bar, dtype=dtype)
+    imgs1 = sample_images(comp, prompts, seed + 1, batch, bar=bar, dtype=dtype)
     jpg0, jpg1 = [jpeg_bytes(x) for x in imgs0], [jpeg_bytes(x) for x in imgs1]
     s0 = world.score_prompts(torch.stack([decode_jpeg(b) for b in jpg0]), prompts)
     s1 = world.score_prompts(torch.stack([decode_jpeg(b) for b in jpg1]), prompts)
@@ -304,7 +344,7 @@ def build_pairs(out: Path, cfg: BuildConfig) -> dict:
         if not prompts:
             prompts = world.prompts(name)[:2]  # smoke mode: keep the file non-empty
         with _bar(2 * -(-len(prompts) // cfg.sample_batch), f"pairs {name}", "batch") as bar:
-            cols = make_pairs(comp, prompts, seed, cfg.sample_batch, name, bar=bar)
+            cols = make_pairs(comp, prompts, seed, cfg.sample_batch, name, bar=bar, dtype=cfg.sample_dtype)
         write_parquet(cols, out / f"pairs_{name}.parquet")
         s = torch.tensor(cols["score_0"] + cols["score_1"])
         lab = torch.tensor(cols["label_0"])
@@ -356,24 +396,24 @@ def pretrain_clip(tokenizer, cfg: BuildConfig):
                  "final_top1": float(np.mean(accs[-100:])), "seconds": time.perf_counter() - t0}
 
 
-NEGATIVE_KINDS = ("mismatched", "requality", "flooded", "empty", "speckled")
-
-
-def rendered_pairs(n: int, gen: torch.Generator):
+def rendered_pairs(n: int, gen: torch.Generator, kinds: tuple[str, ...] = NEGATIVE_KINDS[:4]):
     """Labelled pairs of *rendered* images (train-split prompts): a render against a hard negative.
 
-    The negative is, at random (one kind in five each): the same prompt with one attribute changed,
+    The negative is, at random (each of ``kinds``, a subset of NEGATIVE_KINDS, equally often): the same prompt with one attribute changed,
     another render of different quality, the image flooded towards the object colour (partly or
-    fully), the background alone with noise, or the same render speckled (independent per-pixel
+    fully), the background alone with noise, the same render speckled (independent per-pixel
     noise over the whole frame, std 0.05-0.4 in [-1, 1] units: the high-frequency texture an SPO
-    run on an SPM trained without it learned to add). Both sides are labelled by the ground truth
-    like the sampled pairs; the order is random. This teaches the SPM the failure modes a policy
+    run on an SPM trained without it learned to add), or the same render recoloured (per-channel
+    gain 0.7-1.3 and offset +-0.15, then saturation boosted 1-2x: the tinted backgrounds and
+    over-saturated, shifted object colours an SPO run on an SPM trained without it drifted into).
+    Both sides are labelled by the ground truth like the sampled pairs; the order is random. This teaches the SPM the failure modes a policy
     drifts into (speckle, blobs of colour, empty frames) that base-model samples alone rarely show it.
     """
     train = world.split("train")
     attrs = [train[i] for i in torch.randint(len(train), (n,), generator=gen).tolist()]
     good = world.render(attrs, gen, world.sample_quality(n, gen))
-    kind = torch.randint(len(NEGATIVE_KINDS), (n,), generator=gen)
+    index = torch.tensor([NEGATIVE_KINDS.index(k) for k in kinds])
+    kind = index[torch.randint(len(kinds), (n,), generator=gen)]
     other = []
     fields = ("color", "shape", "size", "position", "background")
     choices = {"color": world.COLORS, "shape": world.SHAPES, "size": world.SIZES, "position": world.POSITIONS,
@@ -390,9 +430,20 @@ def rendered_pairs(n: int, gen: torch.Generator):
     noise = torch.randn(good.shape, generator=gen) * torch.rand(n, 1, 1, 1, generator=gen) * 0.3
     flood = (good * (1 - amount) + colour * amount + noise).clamp(-1, 1)
     empty = (bg.expand_as(good) + noise).clamp(-1, 1)
-    speckle_std = torch.rand(n, 1, 1, 1, generator=gen) * 0.35 + 0.05
-    speckled = (good + torch.randn(good.shape, generator=gen) * speckle_std).clamp(-1, 1)
-    neg = torch.stack([mismatched, requality, flood, empty, speckled])[kind, torch.arange(n)]
+    candidates = {"mismatched": mismatched, "requality": requality, "flooded": flood, "empty": empty}
+    if "speckled" in kinds:  # drawn only when used: the shipped four kinds keep their random stream
+        speckle_std = torch.rand(n, 1, 1, 1, generator=gen) * 0.35 + 0.05
+        candidates["speckled"] = (good + torch.randn(good.shape, generator=gen) * speckle_std).clamp(-1, 1)
+    if "recoloured" in kinds:
+        x = (good + 1) / 2
+        gain = 1 + (torch.rand(n, 3, 1, 1, generator=gen) * 2 - 1) * 0.3
+        offset = (torch.rand(n, 3, 1, 1, generator=gen) * 2 - 1) * 0.15
+        x = x * gain + offset
+        grey = x.mean(1, keepdim=True)
+        x = grey + (1 + torch.rand(n, 1, 1, 1, generator=gen)) * (x - grey)
+        candidates["recoloured"] = x.clamp(0, 1) * 2 - 1
+    stacked = torch.stack([candidates.get(k, torch.zeros_like(good)) for k in NEGATIVE_KINDS])
+    neg = stacked[kind, torch.arange(n)]
     swap = torch.rand(n, generator=gen) < 0.5
     img0 = torch.where(swap.view(n, 1, 1, 1), neg, good)
     img1 = torch.where(swap.view(n, 1, 1, 1), good, neg)
@@ -411,9 +462,10 @@ def build_spm(out: Path, cfg: BuildConfig) -> dict:
     comp = load_components(str(out / "base"), FAMILY)
     tcfg = SPMTrainConfig(steps=cfg.spm_steps, batch_size=cfg.spm_batch, lr=cfg.spm_lr, seed=cfg.seed,
                           guidance_scale=SAMPLER["guidance_scale"], extra_fraction=cfg.spm_rendered_fraction,
-                          sampling_dtype=SAMPLER["dtype"])
+                          sampling_dtype=cfg.sample_dtype)
     result = train_spm(spm, tokenizer, comp, out / "pairs_train.parquet", out / "pairs_heldout.parquet",
-                       out / "spm", tcfg, extra_pairs=rendered_pairs, progress=PROGRESS)
+                       out / "spm", tcfg, extra_pairs=functools.partial(rendered_pairs, kinds=cfg.spm_negatives),
+                       progress=PROGRESS)
     return {"clip_pretrain": clip_info, **result}
 
 
@@ -482,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--smoke", action="store_true", help="tiny step counts (seconds; for tests)")
     b.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     b.add_argument("--seed", type=seed, default=0, help="(default 0; >= 0)")
+    b.add_argument("--variant", choices=VARIANTS, default="shipped",
+                   help="shipped (default: the packaged assets' settings) or v_prediction (a base that follows its "
+                        "prompts, not shipped: docs/toy_world.md)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars (the [toyworld build] lines stay)")
     args = parser.parse_args(argv)
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
@@ -493,8 +548,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke and args.out is None:
         b.error("--smoke needs --out (it must not overwrite the shipped weights)")
     stages = tuple(s for s in STAGES if s in stages)  # in build order, once each
-    cfg = BuildConfig.smoke() if args.smoke else BuildConfig()
+    variant = BuildConfig.variant(args.variant)
+    cfg = BuildConfig.smoke(**variant) if args.smoke else BuildConfig(**variant)
     cfg = replace(cfg, seed=args.seed)
+    if args.variant != "shipped" and args.out is None:
+        b.error(f"--variant {args.variant} needs --out (the packaged assets are the shipped variant's)")
     out = (args.out or toyworld_assets()).expanduser()
     global PROGRESS
     PROGRESS = not args.no_progress
