@@ -23,6 +23,11 @@ The output directory (default: the packaged ``spo_fast/toyworld/assets``) holds 
 diffusers-layout model directory without ``vae/``: pixel space), ``spm/``, the two parquet
 files and ``build.json`` (settings, timings, metrics). ``--smoke`` runs every stage with tiny
 step counts into a scratch directory (the tests use it).
+
+``--variant v_prediction`` (``BuildConfig.variant``) builds the world with a base that follows its prompts: it
+predicts v with min-SNR weights on a three-level UNet, its pairs are sampled in bf16, and its SPM learns two more
+kinds of negatives. It needs ``--out``: the packaged assets are the shipped variant's, because SPO reward-hacks the
+v-prediction world's SPM (docs/toy_world.md).
 """
 from __future__ import annotations
 
