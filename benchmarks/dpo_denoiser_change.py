@@ -26,7 +26,7 @@ def denoiser_change(comp, pairs_file, n_pairs: int, draws: int, seed: int = 0) -
     table = pq.read_table(pairs_file).to_pydict()
     keep = [i for i, lab in enumerate(table["label_0"]) if lab != 0.5][:n_pairs]
     first_wins = [table["label_0"][i] == 1 for i in keep]
-    side = lambda i, w, first: table["jpg_0" if first == w else "jpg_1"][i]  # noqa: E731
+    side = lambda i, w, first: table["jpg_0" if first == w else "jpg_1"][i]
     win = torch.stack([decode_jpeg(side(i, True, f)) for i, f in zip(keep, first_wins)])
     lose = torch.stack([decode_jpeg(side(i, False, f)) for i, f in zip(keep, first_wins)])
     cond = encode_prompts(comp, [table["caption"][i] for i in keep], "cpu", win.shape[-1]).embeds

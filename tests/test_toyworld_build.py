@@ -222,10 +222,10 @@ def test_shipped_spm_beats_chance_near_t0():
 
 def test_rendered_pairs_include_every_negative_kind_and_speckle_loses():
     """Each of the six hard-negative kinds occurs; a speckled copy of a render loses to the render by the ground
-    truth (its cleanliness falls), so the SPM is taught that high-frequency noise is worse. The shipped four kinds
-    draw the same random stream as before the last two existed."""
+    truth (its cleanliness falls), so the SPM is taught that high-frequency noise is worse. The default kinds are the
+    shipped four."""
     gen = torch.Generator().manual_seed(5)
-    caps, img0, img1, lab = build.rendered_pairs(200, gen, kinds=build.NEGATIVE_KINDS)
+    caps, img0, img1, _ = build.rendered_pairs(200, gen, kinds=build.NEGATIVE_KINDS)
     assert len(build.NEGATIVE_KINDS) == 6
     four = build.rendered_pairs(8, torch.Generator().manual_seed(3))
     assert torch.equal(four[1], build.rendered_pairs(8, torch.Generator().manual_seed(3), build.NEGATIVE_KINDS[:4])[1])

@@ -131,9 +131,9 @@ class BuildConfig:
     @classmethod
     def smoke(cls, **kw) -> BuildConfig:
         """Tiny step counts (over any ``kw``, e.g. a variant's settings)."""
-        return cls(**{**kw, **dict(base_steps=3, base_batch=8, base_probe_every=2, base_probe_prompts=4,
-                             pairs_per_train_prompt=0, heldout_pair_prompts=4, sample_batch=8, clip_steps=3,
-                             clip_batch=8, spm_steps=3, spm_batch=4)})
+        return cls(**{**kw, "base_steps": 3, "base_batch": 8, "base_probe_every": 2, "base_probe_prompts": 4,
+                      "pairs_per_train_prompt": 0, "heldout_pair_prompts": 4, "sample_batch": 8, "clip_steps": 3,
+                      "clip_batch": 8, "spm_steps": 3, "spm_batch": 4})
 
     @staticmethod
     def variant(name: str) -> dict:
@@ -144,8 +144,9 @@ class BuildConfig:
             raise ValueError(f"unknown build variant {name!r}; accepted: {', '.join(VARIANTS)}")
         if name == "shipped":
             return {}
-        return dict(base_steps=2000, base_unet="3level", base_prediction="v_prediction", base_loss_weighting="min_snr",
-                    sample_dtype="bf16", spm_steps=1200, spm_negatives=NEGATIVE_KINDS)
+        return {"base_steps": 2000, "base_unet": "3level", "base_prediction": "v_prediction",
+                "base_loss_weighting": "min_snr", "sample_dtype": "bf16", "spm_steps": 1200,
+                "spm_negatives": NEGATIVE_KINDS}
 
 
 PROGRESS = True  # tqdm bars (with the time left) per stage; --no-progress turns them off
