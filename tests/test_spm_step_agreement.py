@@ -1,0 +1,43 @@
+"""benchmarks/spm_step_agreement.py: the within-pool statistics and a tiny run on the packaged toy world."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "spm_step_agreement.py"
+
+
+@pytest.fixture(scope="module")
+def agreement_module():
+    spec = importlib.util.spec_from_file_location("spm_step_agreement", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_within_pool_corr_ignores_pool_means(agreement_module):
+    corr = agreement_module.within_pool_corr
+    a = torch.tensor([[1.0, 2.0, 3.0], [10.0, 11.0, 12.0]])
+    assert corr(a, a + torch.tensor([[100.0], [-5.0]])) == pytest.approx(1.0)  # pool offsets do not count
+    assert corr(a, -a) == pytest.approx(-1.0)
+    assert corr(a, torch.tensor([[3.0, 1.0, 2.0], [11.0, 12.0, 10.0]])) == pytest.approx(-0.5)
+
+
+def test_last_step_reads_the_final_image(agreement_module, capsys):
+    """At the last step the candidates are the final images: the ground truth of what the SPM reads is the final
+    ground truth (correlation 1), it is scored at t = 0, and every statistic is in its range."""
+    from spo_fast.diffusion.models import load_components, resolve_model_path
+    from spo_fast.reward.spm import SPMScorer
+    from spo_fast.toyworld import world
+
+    comp = load_components(str(resolve_model_path("toyworld:base")), "sd15")
+    scorer = SPMScorer.from_pretrained(resolve_model_path("toyworld:spm"))
+    sampler = agreement_module.Sampler(comp, 4, 1.0, 5.0, bf16=False)
+    rows = agreement_module.agreement(comp, scorer, world.validation_prompts()[:6], [2, 3], 3, 0, sampler)
+    last = rows[-1]
+    assert last["t_scored"] == 0 and rows[0]["t_scored"] == int(sampler.ts[3])
+    assert last["corr_gt_x0"] == pytest.approx(1.0, abs=1e-5)
+    for r in rows:
+        assert 0 <= r["decided"] <= 1 and 0 <= r["agree"] <= 1 and -1 <= r["corr_spm"] <= 1
+        assert r["spm_gap"] >= 0 and r["gt_pool_range"] >= 0
