@@ -13,9 +13,14 @@
 # Nothing else should run meanwhile (OMP_WAIT_POLICY=PASSIVE keeps OpenMP from spin-waiting if something does).
 # Writes OUTDIR/side_by_side.json: both wall times, the ratio, both eval.json summaries.
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 OLD=${1:-a5b6ee8}
 OUT=$(realpath -m "${2:-outputs/side_by_side}")
 REPO=$(git rev-parse --show-toplevel)
+if ! git -C "$REPO" rev-parse --verify --quiet "$OLD^{commit}" >/dev/null; then
+  echo "error: OLD_COMMIT '$OLD' is not a commit of this repository (e.g. a5b6ee8; --help for usage)" >&2
+  exit 2
+fi
 NEW=$(git -C "$REPO" rev-parse --short HEAD)
 export HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE
 mkdir -p "$OUT"
