@@ -213,7 +213,8 @@ def loss_weight(alpha_bar: torch.Tensor, cfg: BuildConfig) -> torch.Tensor:
 
 
 def train_base(out: Path, cfg: BuildConfig) -> dict:
-    """Train UNet + text encoder from scratch on renders (epsilon MSE); saves ``out`` (diffusers layout)."""
+    """Train UNet + text encoder from scratch on renders (epsilon or v MSE, ``cfg.base_prediction``, weighted by
+    ``loss_weight``); saves ``out`` (diffusers layout)."""
     write_base_configs(out, cfg)
     torch.manual_seed(cfg.seed)
     comp = load_components(str(out), FAMILY, init="random", seed=cfg.seed)
