@@ -57,3 +57,67 @@ def test_merge_lora_config_needs_lora():
 
     with pytest.raises(ConfigError, match="sampling.merge_lora"):
         load_config(None, ["sampling.merge_lora=true", "lora.enabled=false"])
+
+
+def _bf16(unet, x, t, e):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        return unet(x, t, encoder_hidden_states=e).sample
+
+
+def test_weights_in_the_autocast_dtype_are_bit_identical_under_autocast():
+    """Linear/Conv2d weights stored in bf16 give exactly what autocast's per-call casts of fp32 weights give."""
+    unet = _policy()
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    x, t, e = torch.randn(3, 3, 8, 8), torch.tensor([10, 500, 900]), torch.randn(3, 5, 16)
+    fp32, bf16 = MergedLoRA(unet), MergedLoRA(unet, weight_dtype=torch.bfloat16)
+    dtypes = {p.dtype for m in bf16.module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+              for p in m.parameters()}
+    norms = {p.dtype for m in bf16.module.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+             for p in m.parameters()}
+    assert dtypes == {torch.bfloat16} and norms == {torch.float32}
+    assert torch.equal(_bf16(bf16.module, x, t, e), _bf16(fp32.module, x, t, e))
+    with torch.no_grad():  # a refresh writes the new merge, rounded as autocast would round it
+        for name, p in unet.named_parameters():
+            if "lora_A" in name:
+                p.mul_(1.5)
+    fp32.refresh(), bf16.refresh()
+    assert torch.equal(_bf16(bf16.module, x, t, e), _bf16(fp32.module, x, t, e))
+
+
+def test_base_copy_and_sampling_unet():
+    """adapter=None copies the base; the trainer's sampling_unet gives copies with merge_lora, the UNet without."""
+    from types import SimpleNamespace
+
+    from spo_fast.core.config import load_config
+    from spo_fast.core.trainer import sampling_unet
+    from spo_fast.diffusion.cpu_attention import ChunkedAttnProcessor
+
+    unet = _policy()
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    x, t, e = torch.randn(3, 3, 8, 8), torch.tensor([10, 500, 900]), torch.randn(3, 5, 16)
+    unet.disable_adapters()
+    base = _run(unet, x, t, e)
+    unet.enable_adapters()
+    trained = _run(unet, x, t, e)
+    assert (base - trained).abs().max() > 1e-3
+    s, acc = SimpleNamespace(raw_unet=unet, ref_unet=None), SimpleNamespace(device=torch.device("cpu"))
+    plain = load_config(None, ["sampling.merge_lora=true", "sampling.dtype=fp32"])
+    for row, want in (("base", base), ("trained", trained)):
+        with sampling_unet(plain, s, acc, row) as copy:
+            assert copy is not unet and not lora_layers(copy)
+            torch.testing.assert_close(_run(copy, x, t, e), want, atol=1e-5, rtol=1e-5)
+    bf16 = load_config(None, ["sampling.merge_lora=true", "sampling.dtype=bf16"])
+    with sampling_unet(bf16, s, acc, "trained") as copy:
+        assert copy.conv_in.weight.dtype == torch.bfloat16
+        assert all(isinstance(p, ChunkedAttnProcessor) for p in copy.attn_processors.values())
+    off = load_config(None, ["sampling.merge_lora=true", "sampling.dtype=bf16", "sampling.chunked_attention=false"])
+    with sampling_unet(off, s, acc, "trained") as copy:
+        assert not any(isinstance(p, ChunkedAttnProcessor) for p in copy.attn_processors.values())
+    with sampling_unet(load_config(None, ["sampling.merge_lora=false"]), s, acc, "trained") as same:
+        assert same is unet

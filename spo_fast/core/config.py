@@ -82,7 +82,14 @@ class SamplingConfig:
     merge_lora: bool = False
     """SPO: run the rollout on a plain copy of the UNet with the LoRA merged into its weights, refreshed before every
     rollout (``spo_fast.diffusion.merged``): no peft dispatch or rank-r matmuls in the rollout, at the price of a second UNet
-    in memory (on in the toy recipes; off by default, where a second SD UNet costs GBs). Needs ``lora.enabled``."""
+    in memory (on in the toy recipes; off by default, where a second SD UNet costs GBs). The end-of-run evaluation
+    then samples plain copies too (the base's, then the merged policy's, one at a time). With a bf16/fp16
+    ``dtype`` the copies hold their Linear/Conv2d weights in that dtype (bit-identical under autocast, without its
+    per-call weight casts). Needs ``lora.enabled``."""
+    chunked_attention: bool = True
+    """With ``merge_lora``: the plain copies' attention is ``spo_fast.diffusion.cpu_attention.ChunkedAttnProcessor``
+    (on a CPU in bf16 without gradients: batched matmuls and softmax in cache-sized chunks, 1.2x faster than SDPA's
+    CPU flash kernel on the toy UNet's forward; SDPA everywhere else). False: the copies keep ``train.attention``."""
     dtype: str = "auto"
     """Autocast dtype of the no-grad sampling (the SPO rollout, the sample grid, the end-of-run evaluation):
     ``auto`` = the run's ``train.mixed_precision`` | ``bf16`` | ``fp32`` (autocast off). Training is unaffected.

@@ -431,6 +431,27 @@ def sampling_autocast(cfg: Config, accelerator):
     return torch.autocast(dev, dtype=torch.bfloat16)
 
 
+def sampling_weight_dtype(cfg: Config, accelerator) -> torch.dtype | None:
+    """The dtype ``sampling_autocast`` computes in (None: it does not autocast): the dtype the plain sampling copies
+    of ``sampling.merge_lora`` hold their Linear/Conv2d weights in."""
+    dev = accelerator.device.type
+    with sampling_autocast(cfg, accelerator):
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
+def sampling_unet(cfg: Config, s: Setup, accelerator, row: str):
+    """A context that yields the UNet sampling ``row`` (``base`` or ``trained``) in a no-grad pass (sample grid,
+    evaluation): with ``sampling.merge_lora`` a plain copy (``spo_fast.diffusion.merged.plain_unet``: the base
+    weights, or the policy's LoRA merged in; weights in the sampling dtype, ``sampling.chunked_attention``), made on
+    entry and freed on exit; otherwise the UNet itself with its adapters off (base) or on (trained)."""
+    if cfg.sampling.merge_lora:
+        from spo_fast.diffusion.merged import plain_unet
+
+        return plain_unet(s.raw_unet, None if row == "base" else "default", sampling_weight_dtype(cfg, accelerator),
+                          cfg.sampling.chunked_attention)
+    return reference_unet(s) if row == "base" else contextlib.nullcontext(s.raw_unet)
+
+
 def kernel_backend(cfg: Config) -> str | None:
     """The kernels' ``backend`` argument: ``torch``/``triton`` win over SPO_FAST_KERNELS; ``auto`` defers to it."""
     return None if cfg.train.kernels == "auto" else cfg.train.kernels
@@ -518,8 +539,7 @@ def sample_grid(cfg: Config, s: Setup, accelerator, prompts: list[str], scorer, 
             bar.set_postfix_str(row, refresh=False)
             gen = torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed + 12345)
             x = torch.randn((n, *s.latent_shape), generator=gen, device=accelerator.device)
-            ctx = reference_unet(s) if row == "base" else contextlib.nullcontext(s.raw_unet)
-            with ctx as unet, sampling_autocast(cfg, accelerator):
+            with sampling_unet(cfg, s, accelerator, row) as unet, sampling_autocast(cfg, accelerator):
                 img = decode(sample(unet, s.schedule, cond, uncond, x, cfg.sampling.guidance_scale, cfg.sampling.eta,
                                     gen, backend=kernel_backend(cfg)))
             if scorer is not None:
@@ -591,7 +611,8 @@ def run_eval(cfg: Config, s: Setup, accelerator, scorer, out: Path) -> dict:
         scorer, f"{scorer_name} at t = 0")
     s.raw_unet.eval()
     with sampling_autocast(cfg, accelerator):
-        return evaluate(s.comp, reference_unet(s), contextlib.nullcontext(s.raw_unet), eval_prompts(cfg),
+        return evaluate(s.comp, sampling_unet(cfg, s, accelerator, "base"), sampling_unet(cfg, s, accelerator, "trained"),
+                        eval_prompts(cfg),
                         cfg.eval.seeds, reward, out, cfg.sampling, cfg.eval.batch_size, accelerator.device,
                         latent_shape=s.latent_shape, backend=kernel_backend(cfg), progress=cfg.log.progress,
                         grid_prompts=cfg.eval.grid_prompts)

@@ -7,12 +7,20 @@ recomputed and written in place, ``refresh``) before every rollout, after the op
 always equals the current policy up to float rounding of the merge; the policy itself is never merged or unmerged
 (an unmerge after each rollout would drift the base weights by rounding every iteration).
 
+For a copy that only ever runs under autocast (``weight_dtype``), the weights and biases of its ``nn.Linear`` and
+``nn.Conv2d`` layers are stored in the autocast dtype: autocast casts them to that dtype at every call anyway (a
+frozen weight's cast is not cached), so the result is bit-identical and the per-call casts are gone (the toy UNet's
+bf16 forward at batch 64: 7% less time, interleaved runs on a 2-core CPU). Norm layers keep fp32, as autocast
+runs them. ``chunked_attention`` installs ``spo_fast.diffusion.cpu_attention.ChunkedAttnProcessor`` on the copy.
+``adapter=None`` gives a plain copy of the base model (the evaluation's base).
+
 Costs: a second UNet in memory (the toy UNet: 4 MB; SD1.5: 1.7 GB in bf16, which is why it is off by default outside
 the toy recipes) and, per rollout, one rank-r product per adapted layer. Writing in place keeps tensor identities,
 so CUDA graphs captured on the copy stay valid.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -27,16 +35,26 @@ def lora_layers(unet) -> dict[str, torch.nn.Module]:
 class MergedLoRA:
     """A plain UNet equal to ``unet`` (a peft-adapted diffusers UNet) with its active adapter merged in.
 
-    ``module`` is the copy (no adapters, frozen, same device and dtypes); ``refresh()`` rewrites every adapted layer's
-    weight as base + delta from the policy's current adapter weights.
+    ``module`` is the copy (no adapters, frozen, same device; Linear/Conv2d in ``weight_dtype`` if given, for use
+    under autocast of that dtype only); ``refresh()`` rewrites every adapted layer's weight as base + delta from the
+    policy's current adapter weights (``adapter=None``: the base weights alone).
     """
 
-    def __init__(self, unet, adapter: str = "default"):
+    def __init__(self, unet, adapter: str | None = "default", weight_dtype: torch.dtype | None = None,
+                 chunked_attention: bool = False):
         self.layers = lora_layers(unet)
         if not self.layers:
             raise ValueError("MergedLoRA: the UNet has no LoRA layers")
         self.adapter = adapter
         self.module = self._plain_copy(unet)
+        if weight_dtype is not None:
+            for m in self.module.modules():
+                if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                    m.to(weight_dtype)
+        if chunked_attention:
+            from spo_fast.diffusion.cpu_attention import ChunkedAttnProcessor
+
+            self.module.set_attn_processor(ChunkedAttnProcessor())
         own = dict(self.module.named_modules())
         self.targets = {name: own[name] for name in self.layers}
         self.refresh()
@@ -60,6 +78,17 @@ class MergedLoRA:
         """Write W_base + scaling * B @ A (the policy's current adapter) into the copy's layers, in place."""
         for name, layer in self.layers.items():
             merged = layer.base_layer.weight.float()
-            if self.adapter in layer.lora_A:
+            if self.adapter is not None and self.adapter in layer.lora_A:
                 merged = merged + layer.get_delta_weight(self.adapter)
             self.targets[name].weight.copy_(merged)  # copy_ casts to the copy's dtype
+
+
+@contextlib.contextmanager
+def plain_unet(unet, adapter: str | None = "default", weight_dtype: torch.dtype | None = None,
+               chunked_attention: bool = False):
+    """A ``MergedLoRA`` copy of ``unet`` for the duration of the block (its module), freed on exit."""
+    merged = MergedLoRA(unet, adapter, weight_dtype, chunked_attention)
+    try:
+        yield merged.module
+    finally:
+        del merged

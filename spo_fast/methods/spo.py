@@ -26,7 +26,8 @@ import torch
 
 from spo_fast.core.config import Config, ConfigError
 from spo_fast.core.profiling import stage
-from spo_fast.core.trainer import MicroBatch, Setup, Work, decoder, kernel_backend, reference_unet, sampling_autocast
+from spo_fast.core.trainer import MicroBatch, Setup, Work, decoder, kernel_backend, reference_unet, sampling_autocast, \
+    sampling_weight_dtype
 from spo_fast.data import PromptSampler, load_prompts
 from spo_fast.diffusion.merged import MergedLoRA
 from spo_fast.diffusion.models import Conditioning, encode_negative, encode_prompts
@@ -176,7 +177,9 @@ class SPO:
         # made once: with sampling.graphs the rollout's calls are captured (or compiled) at the first rollout and
         # replayed at every later one
         # sampling.merge_lora: the rollout runs a plain copy of the UNet with the LoRA merged in (spo_fast.diffusion.merged)
-        self.merged = MergedLoRA(s.raw_unet) if cfg.sampling.merge_lora else None
+        # (weights in the sampling dtype; sampling.chunked_attention)
+        self.merged = MergedLoRA(s.raw_unet, weight_dtype=sampling_weight_dtype(cfg, accelerator),
+                                 chunked_attention=cfg.sampling.chunked_attention) if cfg.sampling.merge_lora else None
         rollout_unet = self.merged.module if self.merged is not None else s.raw_unet
         self.calls = RolloutCalls(rollout_unet, self.decode, self.scorer, cfg.sampling.graphs, accelerator.device)
 
