@@ -87,9 +87,12 @@ class SamplingConfig:
     ``dtype`` the copies hold their Linear/Conv2d weights in that dtype (bit-identical under autocast, without its
     per-call weight casts). Needs ``lora.enabled``."""
     chunked_attention: bool = True
-    """With ``merge_lora``: the plain copies' attention is ``spo_fast.diffusion.cpu_attention.ChunkedAttnProcessor``
-    (on a CPU in bf16 without gradients: batched matmuls and softmax in cache-sized chunks, 1.2x faster than SDPA's
-    CPU flash kernel on the toy UNet's forward; SDPA everywhere else). False: the copies keep ``train.attention``."""
+    """With ``merge_lora``: the attention of the copies that sample the sample grid and the end-of-run evaluation is
+    ``spo_fast.diffusion.cpu_attention.ChunkedAttnProcessor`` (on a CPU in bf16 without gradients: batched matmuls
+    and softmax in cache-sized chunks: the toy UNet's forward 1.2x faster than with SDPA's CPU flash kernel; SDPA
+    everywhere else). It moved a trained LoRA's evaluation by 0.008. The SPO rollout keeps SDPA: there, the
+    chunked kernel's different rounding changed the training trajectory and, in 3 of 3 paired runs, the result for
+    the worse (docs/speed.md). False: the copies keep ``train.attention``."""
     dtype: str = "auto"
     """Autocast dtype of the no-grad sampling (the SPO rollout, the sample grid, the end-of-run evaluation):
     ``auto`` = the run's ``train.mixed_precision`` | ``bf16`` | ``fp32`` (autocast off). Training is unaffected.

@@ -4,8 +4,10 @@ On a CPU, PyTorch's SDPA runs a flash-attention kernel (``_scaled_dot_product_fl
 built for large head dims; at the toy UNet's head dim of 8 (8 heads of 64 channels, 144 image tokens, 16 text
 tokens) it took 46% of a bf16 UNet forward (batch 64, 2-core AMD EPYC with AVX512-BF16: 108 ms of 240). Written as
 ``softmax(q k^T) v`` with ``torch.bmm`` over (batch x heads), a few dozen heads at a time so that the chunk's score
-matrices (~1 MB) stay in cache while the softmax reads and rewrites them, the same forward took 1.2x less time
-(interleaved runs: 286 ms against 354, and 162 against 191 on a quieter minute) and its output moved by nothing
+matrices (~1 MB) stay in cache while the softmax reads and rewrites them, the same forward took 1.2-1.3x less time
+(interleaved runs: 286 ms against 354 and 169 against 216 with the bf16 weights of ``spo_fast.diffusion.merged``;
+OMP_WAIT_POLICY=PASSIVE, which wakes sleeping threads for each of its many small calls, takes most of that gain
+away: 246 against 264) and its output moved by nothing
 measurable (max |difference| from an fp32 forward 0.024 and mean 0.0029 with either attention: the rest of the
 bf16 forward dominates).
 
@@ -13,8 +15,11 @@ bf16 forward dominates).
 a CPU tensor in bf16 (i.e. under bf16 autocast), gradients off, and one head's score matrix within the chunk
 budget (``L * S * 2`` bytes <= ``budget``; SD1.5's 4096 x 4096 does not fit and keeps SDPA). Anything else goes
 through SDPA exactly as diffusers' ``AttnProcessor2_0`` would. The trainer installs it only on the plain UNet
-copies that sample (``sampling.merge_lora``, ``sampling.chunked_attention``): the policy and the reference it
-trains against keep one attention, so their log-ratio is exactly 0 where their weights agree.
+copies that sample the sample grid and the end-of-run evaluation (``sampling.merge_lora``,
+``sampling.chunked_attention``), where it moved a trained LoRA's evaluation by 0.008 (4.132 -> 4.124). Not on the
+SPO rollout: there, its different rounding sent the training on another course, and the result came out worse
+in 3 of 3 paired runs (docs/speed.md). Not on the policy or the
+reference it trains against: they keep one attention, so their log-ratio is exactly 0 where their weights agree.
 """
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ For a copy that only ever runs under autocast (``weight_dtype``), the weights an
 ``nn.Conv2d`` layers are stored in the autocast dtype: autocast casts them to that dtype at every call anyway (a
 frozen weight's cast is not cached), so the result is bit-identical and the per-call casts are gone (the toy UNet's
 bf16 forward at batch 64: 7% less time, interleaved runs on a 2-core CPU). Norm layers keep fp32, as autocast
-runs them. ``chunked_attention`` installs ``spo_fast.diffusion.cpu_attention.ChunkedAttnProcessor`` on the copy.
+runs them. ``chunked_attention`` installs ``spo_fast.diffusion.cpu_attention.ChunkedAttnProcessor`` on the copy (the
+evaluation's copies; not the rollout's, see that module).
 ``adapter=None`` gives a plain copy of the base model (the evaluation's base).
 
 Costs: a second UNet in memory (the toy UNet: 4 MB; SD1.5: 1.7 GB in bf16, which is why it is off by default outside
