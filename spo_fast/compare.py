@@ -177,7 +177,10 @@ def protocol(cfg) -> dict:
             "eval_batch_size": e.batch_size, "num_steps": s.num_steps, "eta": s.eta,
             "guidance_scale": s.guidance_scale, "negative_prompt": s.negative_prompt,
             "sampling_dtype": s.dtype if s.dtype != "auto" else cfg.train.mixed_precision,
-            "kernels": kernel_backend(cfg)}
+            "kernels": kernel_backend(cfg),
+            # how the UNets sample (trainer.sampling_unet): plain copies, with the chunked CPU attention or not
+            "sampling_unet": ("plain, chunked attention" if s.chunked_attention else "plain") if s.merge_lora
+            else "adapters"}
 
 
 def preflight(specs: list[RunSpec]) -> None:
@@ -273,7 +276,7 @@ class PointEvaluator:
         """base (cached) vs the trained model on the evaluation prompts and seeds: ``evaluation.compare``'s dict."""
         import torch
 
-        from spo_fast.core.trainer import eval_prompts, kernel_backend, reference_unet
+        from spo_fast.core.trainer import eval_prompts, kernel_backend, sampling_unet
         from spo_fast.diffusion.sampling import DDIMSchedule
         from spo_fast.evaluation.heldout import compare, generate, ground_truth_reward, scorer_reward
 
@@ -293,10 +296,11 @@ class PointEvaluator:
             with torch.no_grad(), _autocast(cfg, device):
                 if key not in self.base.images:
                     tb = time.perf_counter()
-                    with reference_unet(s) as unet:
+                    with sampling_unet(cfg, s, "base") as unet:  # as the end-of-run evaluation samples
                         self.base.images[key] = generate(s.comp, unet, schedule, *args, **kw)
                     self.base.seconds += time.perf_counter() - tb
-                trained = generate(s.comp, s.raw_unet, schedule, *args, **kw)
+                with sampling_unet(cfg, s, "trained") as unet:
+                    trained = generate(s.comp, unet, schedule, *args, **kw)
                 # evaluation.rewards scores in fp32 (autocast off) whatever the sampling autocast, as the end-of-run
                 # evaluation does, so the numbers match eval.json
                 stats = compare(self.base.images[key], trained, prompts, reward)

@@ -407,9 +407,10 @@ def _adapters_disabled(unet):
         unet.enable_adapters()
 
 
-def _run_sampling_dtype(weights: Path) -> str:
-    """``bf16`` or ``fp32``: the sampling dtype of the run that wrote ``weights`` (its output dir's config.yaml),
-    fp32 when there is none."""
+def _run_sampling(weights: Path) -> tuple[str, bool, bool]:
+    """How the run that wrote ``weights`` (its output dir's config.yaml) sampled its own evaluation: the sampling
+    dtype (``bf16`` or ``fp32``), ``sampling.merge_lora`` and ``sampling.chunked_attention``; (fp32, False, False)
+    when there is no config."""
     import yaml
 
     for cfg_file in (weights / "config.yaml", weights.resolve().parent / "config.yaml"):
@@ -417,15 +418,15 @@ def _run_sampling_dtype(weights: Path) -> str:
             try:
                 run = yaml.safe_load(cfg_file.read_text())
             except (yaml.YAMLError, OSError, UnicodeDecodeError):
-                return "fp32"
+                return "fp32", False, False
             run = run if isinstance(run, dict) else {}
             sampling, train = run.get("sampling"), run.get("train")
             sampling, train = (x if isinstance(x, dict) else {} for x in (sampling, train))
             dtype = sampling.get("dtype", "auto")
             if dtype == "auto":
-                return "bf16" if train.get("mixed_precision") == "bf16" else "fp32"
-            return dtype
-    return "fp32"
+                dtype = "bf16" if train.get("mixed_precision") == "bf16" else "fp32"
+            return dtype, sampling.get("merge_lora") is True, sampling.get("chunked_attention", True) is True
+    return "fp32", False, False
 
 
 RESULT_FILES = ("eval.json", "eval_grid.png", "eval.md")  # what an evaluation writes into its --out
@@ -487,7 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                         help="autocast dtype of the sampling; auto (default) = the run's (sampling.dtype in the "
-                             "config.yaml next to --lora, as the end-of-run evaluation used), else fp32")
+                             "config.yaml next to --lora, as the end-of-run evaluation used), else fp32. A LoRA "
+                             "whose run set sampling.merge_lora samples as that run's evaluation did: plain UNet "
+                             "copies, LoRA merged in, sampling.chunked_attention")
     parser.add_argument("--out", type=Path, default=None,
                         help="output dir, which must not hold an earlier evaluation's files (default: a new "
                              "directory next to --lora, evaluate-1, evaluate-2, ...)")
@@ -522,22 +525,31 @@ def main(argv: list[str] | None = None) -> int:
         return report(e)
     for m in (comp.unet, trained_unet, *comp.text_encoders, *([comp.vae] if comp.vae is not None else [])):
         m.to(device)
+    run_dtype, merged, chunked = _run_sampling(args.lora.expanduser())
+    dtype = args.dtype if args.dtype != "auto" else run_dtype
     base_ctx = _adapters_disabled(comp.unet) if base_unet is not None else contextlib.nullcontext(comp.unet)
+    trained_ctx = contextlib.nullcontext(trained_unet)
+    if merged and base_unet is not None:  # as the run's own evaluation: plain copies (spo_fast.diffusion.merged)
+        from spo_fast.diffusion.merged import plain_unet
+
+        base_ctx = plain_unet(comp.unet, None, chunked)  # entered inside the autocast below: its dtype
+        trained_ctx = plain_unet(comp.unet, "trained", chunked)
     sampling = SimpleNamespace(num_steps=args.num_steps, eta=args.eta, guidance_scale=args.guidance_scale,
                                negative_prompt=args.negative_prompt)
-    dtype = args.dtype if args.dtype != "auto" else _run_sampling_dtype(args.lora.expanduser())
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     settings = (f"DDIM {args.num_steps} steps, eta {args.eta:g}, CFG {args.guidance_scale:g}, {dtype} sampling, "
                 f"base {args.model}, trained {args.lora}")
     markdown = {"names": (f"base ({Path(args.model).name or args.model})", f"trained ({args.lora.name})"),
                 "family": None if args.model.startswith("toyworld:") else args.family, "settings": settings}
     with autocast:
-        result = evaluate(comp, base_ctx, contextlib.nullcontext(trained_unet), prompts, args.seeds, reward, out,
+        result = evaluate(comp, base_ctx, trained_ctx, prompts, args.seeds, reward, out,
                           sampling, args.batch_size, device, grid_prompts=args.grid_prompts,
                           seed_offset=args.seed_offset, metrics=tuple(lazy),
                           markdown=markdown if args.metric else None)
     result["sampling_dtype"] = dtype  # recorded next to the statistics evaluate() wrote
-    result["sampling"] = {"num_steps": args.num_steps, "eta": args.eta, "guidance_scale": args.guidance_scale}
+    result["sampling"] = {"num_steps": args.num_steps, "eta": args.eta, "guidance_scale": args.guidance_scale,
+                          "plain_copies": merged and base_unet is not None,
+                          "chunked_attention": merged and base_unet is not None and chunked}
     (out / "eval.json").write_text(jsonio.dumps(result, indent=1) + "\n")
     print(f"[spo_fast.evaluate] {summary_line(result)}; wrote {out / 'eval.json'} and {out / 'eval_grid.png'}")
     for label, m in result.get("metrics", {}).items():

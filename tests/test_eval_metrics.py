@@ -74,7 +74,9 @@ def test_metrics_end_to_end(tmp_path, lora_dir, clip, aesthetic_head, prompt_tab
     md = (out / "eval.md").read_text()
     assert "| model | ground truth | CLIP score | Aesthetic |" in md and "paper" not in md
     assert "CLIP score: base" in stdout and "eval.md" in stdout
-    assert r["sampling"] == {"num_steps": 2, "eta": 1.0, "guidance_scale": 5.0}  # toy world: its runs' eta
+    # toy world: its runs' eta; a LoRA without a run config samples through peft
+    assert r["sampling"] == {"num_steps": 2, "eta": 1.0, "guidance_scale": 5.0, "plain_copies": False,
+                             "chunked_attention": False}
 
 
 def test_a_metric_can_lead_and_a_pipeline_dir_is_a_trained_model(tmp_path, clip, capsys):  # noqa: F811

@@ -106,18 +106,24 @@ def test_base_copy_and_sampling_unet():
     unet.enable_adapters()
     trained = _run(unet, x, t, e)
     assert (base - trained).abs().max() > 1e-3
-    s, acc = SimpleNamespace(raw_unet=unet, ref_unet=None), SimpleNamespace(device=torch.device("cpu"))
+    s = SimpleNamespace(raw_unet=unet, ref_unet=None)
     plain = load_config(None, ["sampling.merge_lora=true", "sampling.dtype=fp32"])
     for row, want in (("base", base), ("trained", trained)):
-        with sampling_unet(plain, s, acc, row) as copy:
+        with sampling_unet(plain, s, row) as copy:
             assert copy is not unet and not lora_layers(copy)
             torch.testing.assert_close(_run(copy, x, t, e), want, atol=1e-5, rtol=1e-5)
     bf16 = load_config(None, ["sampling.merge_lora=true", "sampling.dtype=bf16"])
-    with sampling_unet(bf16, s, acc, "trained") as copy:
+    with torch.autocast("cpu", dtype=torch.bfloat16), sampling_unet(bf16, s, "trained") as copy:
+        # made inside the autocast: weights in its dtype, the merge itself still in fp32
         assert copy.conv_in.weight.dtype == torch.bfloat16
         assert all(isinstance(p, ChunkedAttnProcessor) for p in copy.attn_processors.values())
+        torch.testing.assert_close(_bf16(copy, x, t, e).float(), _bf16(unet, x, t, e).float(), atol=5e-2, rtol=5e-2)
+        layer = copy.get_submodule(next(iter(lora_layers(unet))))
+    with sampling_unet(plain, s, "trained") as fp32_copy:
+        want = fp32_copy.get_submodule(next(iter(lora_layers(unet)))).weight.to(torch.bfloat16)
+    assert torch.equal(layer.weight, want)
     off = load_config(None, ["sampling.merge_lora=true", "sampling.dtype=bf16", "sampling.chunked_attention=false"])
-    with sampling_unet(off, s, acc, "trained") as copy:
+    with sampling_unet(off, s, "trained") as copy:
         assert not any(isinstance(p, ChunkedAttnProcessor) for p in copy.attn_processors.values())
-    with sampling_unet(load_config(None, ["sampling.merge_lora=false"]), s, acc, "trained") as same:
+    with sampling_unet(load_config(None, ["sampling.merge_lora=false"]), s, "trained") as same:
         assert same is unet

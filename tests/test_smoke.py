@@ -48,6 +48,15 @@ def test_every_recipe_has_a_smoke_run_of_seconds(recipe, tmp_path, capsys):
     for f in [*out.rglob("*.json"), *out.rglob("*.jsonl")]:  # strict JSON, latent-cache manifest included
         for line in f.read_text().splitlines() if f.suffix == ".jsonl" else [f.read_text()]:
             json.loads(line, parse_constant=_not_strict)
+    if recipe == "toy_spo":  # spo_fast.evaluate on the run's LoRA samples as the run's own evaluation did
+        from spo_fast import evaluate
+
+        assert evaluate.main(["--lora", str(weights), "--n-prompts", "4", "--seeds", "2", "--batch-size", "8",
+                              "--num-steps", "4", "--out", str(tmp_path / "again")]) == 0
+        cli = json.loads((tmp_path / "again" / "eval.json").read_text())
+        assert cli["sampling"]["plain_copies"] and cli["sampling"]["chunked_attention"]
+        assert cli["prompts"] == ev["prompts"]
+        assert (cli["reward_base"], cli["reward_trained"]) == (ev["reward_base"], ev["reward_trained"])
 
 
 def test_smoke_overrides_keep_the_recipe_and_the_users_word():

@@ -82,8 +82,9 @@ class SamplingConfig:
     merge_lora: bool = False
     """SPO: run the rollout on a plain copy of the UNet with the LoRA merged into its weights, refreshed before every
     rollout (``spo_fast.diffusion.merged``): no peft dispatch or rank-r matmuls in the rollout, at the price of a second UNet
-    in memory (on in the toy recipes; off by default, where a second SD UNet costs GBs). The end-of-run evaluation
-    then samples plain copies too (the base's, then the merged policy's, one at a time). With a bf16/fp16
+    in memory (on in the toy recipes; off by default, where a second SD UNet costs GBs). Both methods: the sample
+    grid and the end-of-run evaluation then sample plain copies too (the base's, then the merged policy's, one at a
+    time). With a bf16/fp16
     ``dtype`` the copies hold their Linear/Conv2d weights in that dtype (bit-identical under autocast, without its
     per-call weight casts). Needs ``lora.enabled``."""
     chunked_attention: bool = True

@@ -439,16 +439,16 @@ def sampling_weight_dtype(cfg: Config, accelerator) -> torch.dtype | None:
         return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
 
 
-def sampling_unet(cfg: Config, s: Setup, accelerator, row: str):
+def sampling_unet(cfg: Config, s: Setup, row: str):
     """A context that yields the UNet sampling ``row`` (``base`` or ``trained``) in a no-grad pass (sample grid,
-    evaluation): with ``sampling.merge_lora`` a plain copy (``spo_fast.diffusion.merged.plain_unet``: the base
-    weights, or the policy's LoRA merged in; weights in the sampling dtype, ``sampling.chunked_attention``), made on
-    entry and freed on exit; otherwise the UNet itself with its adapters off (base) or on (trained)."""
+    evaluation, ``spo_fast.compare``'s points); enter it inside the sampling autocast. With ``sampling.merge_lora`` a
+    plain copy (``spo_fast.diffusion.merged.plain_unet``: the base weights, or the policy's LoRA merged in; weights in
+    the autocast's dtype; ``sampling.chunked_attention``), made on entry and freed on exit; otherwise the UNet itself
+    with its adapters off (base) or on (trained)."""
     if cfg.sampling.merge_lora:
         from spo_fast.diffusion.merged import plain_unet
 
-        return plain_unet(s.raw_unet, None if row == "base" else "default", sampling_weight_dtype(cfg, accelerator),
-                          cfg.sampling.chunked_attention)
+        return plain_unet(s.raw_unet, None if row == "base" else "default", cfg.sampling.chunked_attention)
     return reference_unet(s) if row == "base" else contextlib.nullcontext(s.raw_unet)
 
 
@@ -539,7 +539,7 @@ def sample_grid(cfg: Config, s: Setup, accelerator, prompts: list[str], scorer, 
             bar.set_postfix_str(row, refresh=False)
             gen = torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed + 12345)
             x = torch.randn((n, *s.latent_shape), generator=gen, device=accelerator.device)
-            with sampling_unet(cfg, s, accelerator, row) as unet, sampling_autocast(cfg, accelerator):
+            with sampling_autocast(cfg, accelerator), sampling_unet(cfg, s, row) as unet:
                 img = decode(sample(unet, s.schedule, cond, uncond, x, cfg.sampling.guidance_scale, cfg.sampling.eta,
                                     gen, backend=kernel_backend(cfg)))
             if scorer is not None:
@@ -611,7 +611,7 @@ def run_eval(cfg: Config, s: Setup, accelerator, scorer, out: Path) -> dict:
         scorer, f"{scorer_name} at t = 0")
     s.raw_unet.eval()
     with sampling_autocast(cfg, accelerator):
-        return evaluate(s.comp, sampling_unet(cfg, s, accelerator, "base"), sampling_unet(cfg, s, accelerator, "trained"),
+        return evaluate(s.comp, sampling_unet(cfg, s, "base"), sampling_unet(cfg, s, "trained"),
                         eval_prompts(cfg),
                         cfg.eval.seeds, reward, out, cfg.sampling, cfg.eval.batch_size, accelerator.device,
                         latent_shape=s.latent_shape, backend=kernel_backend(cfg), progress=cfg.log.progress,

@@ -76,7 +76,13 @@ class MergedLoRA:
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Write W_base + scaling * B @ A (the policy's current adapter) into the copy's layers, in place."""
+        """Write W_base + scaling * B @ A (the policy's current adapter) into the copy's layers, in place (the merge in
+        fp32 even inside an autocast)."""
+        device_type = next(iter(self.layers.values())).base_layer.weight.device.type
+        with torch.autocast(device_type, enabled=False):
+            self._refresh()
+
+    def _refresh(self) -> None:
         for name, layer in self.layers.items():
             merged = layer.base_layer.weight.float()
             if self.adapter is not None and self.adapter in layer.lora_A:
@@ -85,9 +91,11 @@ class MergedLoRA:
 
 
 @contextlib.contextmanager
-def plain_unet(unet, adapter: str | None = "default", weight_dtype: torch.dtype | None = None,
-               chunked_attention: bool = False):
-    """A ``MergedLoRA`` copy of ``unet`` for the duration of the block (its module), freed on exit."""
+def plain_unet(unet, adapter: str | None = "default", chunked_attention: bool = False):
+    """A ``MergedLoRA`` copy of ``unet`` for the duration of the block (its module), freed on exit. Enter it inside
+    the autocast it will sample under: its Linear/Conv2d weights take that autocast's dtype (none: fp32)."""
+    dev = unet.device.type
+    weight_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
     merged = MergedLoRA(unet, adapter, weight_dtype, chunked_attention)
     try:
         yield merged.module
