@@ -16,9 +16,10 @@ a CPU tensor in bf16 (i.e. under bf16 autocast), gradients off, and one head's s
 budget (``L * S * 2`` bytes <= ``budget``; SD1.5's 4096 x 4096 does not fit and keeps SDPA). Anything else goes
 through SDPA exactly as diffusers' ``AttnProcessor2_0`` would. The trainer installs it only on the plain UNet
 copies that sample the sample grid and the end-of-run evaluation (``sampling.merge_lora``,
-``sampling.chunked_attention``), where it moved a trained LoRA's evaluation by 0.008 (4.132 -> 4.124). Not on the
-SPO rollout: there, its different rounding sent the training on another course, and the result came out worse
-in 3 of 3 paired runs (docs/speed.md). Not on the policy or the
+``sampling.chunked_attention``), where, with the bf16 weights, it moved the default run's six evaluations (three
+seeds, two splits) by at most 0.009 of margin. Not on the SPO rollout: there its different rounding flips ~5% of
+the SPM's picks, training takes another course, and the result came out worse than with SDPA on three of four
+seeds (docs/speed.md; the rollout keeps SDPA until that is understood). Not on the policy or the
 reference it trains against: they keep one attention, so their log-ratio is exactly 0 where their weights agree.
 """
 from __future__ import annotations
