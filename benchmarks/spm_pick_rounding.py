@@ -22,7 +22,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from spo_fast.diffusion.cpu_attention import ChunkedAttnProcessor
-from spo_fast.diffusion.models import decode_latents, encode_prompts, load_components, resolve_model_path
+from spo_fast.diffusion.models import decode_latents, load_components, resolve_model_path
 from spo_fast.reward.spm import SPMScorer
 from spo_fast.toyworld import world
 from spo_fast.toyworld.build import SAMPLER
@@ -36,18 +36,10 @@ Sampler = _agreement.Sampler
 @torch.no_grad()
 def pick_rounding(comp, scorer: SPMScorer, prompts: list[str], steps: list[int], k: int, seed: int,
                   threshold: float, sampler: Sampler) -> list[dict]:
-    n, res, T = len(prompts), world.RESOLUTION, len(sampler.ts)
-    cond, uncond = (encode_prompts(comp, q, "cpu", res) for q in (prompts, [""] * n))
-    cond_k, uncond_k = (encode_prompts(comp, q, "cpu", res) for q in ([p for p in prompts for _ in range(k)],
-                                                                        [""] * (n * k)))
-    state, index = scorer.prepare(prompts), torch.arange(n).repeat_interleave(k)
-    gen = torch.Generator().manual_seed(seed)
+    n = len(prompts)
     comp.unet.set_attn_processor(AttnProcessor2_0())
-    x = torch.randn((n, *comp.latent_shape), generator=gen)
-    trajectory = [x]
-    for i in range(T - 1):
-        x = sampler.step(x, i, cond, uncond, torch.randn(x.shape, generator=gen))
-        trajectory.append(x)
+    (cond, uncond, cond_k, uncond_k), state, index, gen, trajectory = _agreement.pools_setup(
+        comp, scorer, prompts, k, seed, sampler)
     rows = []
     for i in steps:
         xi = trajectory[i]
@@ -77,15 +69,8 @@ def pick_rounding(comp, scorer: SPMScorer, prompts: list[str], steps: list[int],
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="toyworld:base")
-    p.add_argument("--spm", default="toyworld:spm")
-    p.add_argument("--steps", default="4,8,12,15", help="step indices i (0-based, of --num-steps) to branch at")
-    p.add_argument("--k", type=int, default=4, help="candidates per pool (default 4, the toy recipe's)")
+    _agreement.add_pool_arguments(p, "4,8,12,15")
     p.add_argument("--threshold", type=float, default=0.1, help="the rollout's pair threshold (toy_spo: 0.1)")
-    p.add_argument("--prompts", type=int, default=64, help="validation prompts, one pool each (default 64)")
-    p.add_argument("--num-steps", type=int, default=SAMPLER["num_steps"])
-    p.add_argument("--seed", type=int, default=123)
-    p.add_argument("--out", type=Path, help="also write the JSON here")
     args = p.parse_args(argv)
     steps = [int(s) for s in args.steps.split(",") if s]
     bad = [s for s in steps if not 0 <= s < args.num_steps - 1]
@@ -100,11 +85,7 @@ def main(argv: list[str] | None = None) -> int:
               "threshold": args.threshold, "steps": rows,
               **{f"mean_{key}": sum(r[key] for r in rows) / len(rows)
                  for key in ("score_change", "pool_gap", "same_best", "same_worst", "same_valid")}}
-    text = json.dumps(report, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
-    return 0
+    return _agreement.emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -60,12 +60,11 @@ class Sampler:
         return mean + std * noise
 
 
-@torch.no_grad()
-def agreement(comp, scorer: SPMScorer, prompts: list[str], steps: list[int], k: int, seed: int,
-              sampler: Sampler) -> list[dict]:
-    n, res, T = len(prompts), world.RESOLUTION, len(sampler.ts)
-    attrs = [world.parse_prompt(p) for p in prompts]
-    pooled_attrs = [a for a in attrs for _ in range(k)]
+def pools_setup(comp, scorer: SPMScorer, prompts: list[str], k: int, seed: int, sampler: Sampler):
+    """What a pool measurement starts from: the prompts' conditioning for n samples and for the n*k candidates
+    (cond, uncond, cond_k, uncond_k), the SPM's prompt state and the candidates' prompt index, the generator, and a
+    base-model trajectory of the n prompts (x at every step index)."""
+    n, res = len(prompts), world.RESOLUTION
     cond, uncond = (encode_prompts(comp, q, "cpu", res) for q in (prompts, [""] * n))
     cond_k, uncond_k = (encode_prompts(comp, q, "cpu", res) for q in ([p for p in prompts for _ in range(k)],
                                                                         [""] * (n * k)))
@@ -73,9 +72,41 @@ def agreement(comp, scorer: SPMScorer, prompts: list[str], steps: list[int], k: 
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((n, *comp.latent_shape), generator=gen)
     trajectory = [x]
-    for i in range(T - 1):
+    for i in range(len(sampler.ts) - 1):
         x = sampler.step(x, i, cond, uncond, torch.randn(x.shape, generator=gen))
         trajectory.append(x)
+    return (cond, uncond, cond_k, uncond_k), state, index, gen, trajectory
+
+
+def emit(report: dict, out: Path | None) -> int:
+    """Print the report as JSON (and write it to ``out`` if given); the exit status 0."""
+    text = json.dumps(report, indent=1)
+    if out:
+        out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def add_pool_arguments(p: argparse.ArgumentParser, steps: str) -> None:
+    """The command-line options shared by the pool measurements (``steps``: the default --steps)."""
+    p.add_argument("--model", default="toyworld:base")
+    p.add_argument("--spm", default="toyworld:spm")
+    p.add_argument("--steps", default=steps, help="step indices i (0-based, of --num-steps) to branch at")
+    p.add_argument("--k", type=int, default=4, help="candidates per pool (default 4, the toy recipe's)")
+    p.add_argument("--prompts", type=int, default=64, help="validation prompts, one pool each (default 64)")
+    p.add_argument("--num-steps", type=int, default=SAMPLER["num_steps"])
+    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--out", type=Path, help="also write the JSON here")
+
+
+@torch.no_grad()
+def agreement(comp, scorer: SPMScorer, prompts: list[str], steps: list[int], k: int, seed: int,
+              sampler: Sampler) -> list[dict]:
+    n, T = len(prompts), len(sampler.ts)
+    attrs = [world.parse_prompt(p) for p in prompts]
+    pooled_attrs = [a for a in attrs for _ in range(k)]
+    (cond, uncond, cond_k, uncond_k), state, index, gen, trajectory = pools_setup(comp, scorer, prompts, k, seed,
+                                                                                  sampler)
     rows = []
     for i in steps:
         t0 = time.perf_counter()
@@ -112,15 +143,8 @@ def agreement(comp, scorer: SPMScorer, prompts: list[str], steps: list[int], k: 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="toyworld:base")
-    p.add_argument("--spm", default="toyworld:spm")
-    p.add_argument("--steps", default="4,6,8,10,12,15", help="step indices i (0-based, of --num-steps) to branch at")
-    p.add_argument("--k", type=int, default=4, help="candidates per pool (default 4, the toy recipe's)")
-    p.add_argument("--prompts", type=int, default=64, help="validation prompts, one pool each (default 64)")
-    p.add_argument("--num-steps", type=int, default=SAMPLER["num_steps"])
-    p.add_argument("--seed", type=int, default=123)
+    add_pool_arguments(p, "4,6,8,10,12,15")
     p.add_argument("--fp32", action="store_true", help="sample in fp32 (default: bf16, as the toy recipes' rollouts)")
-    p.add_argument("--out", type=Path, help="also write the JSON here")
     args = p.parse_args(argv)
     steps = [int(s) for s in args.steps.split(",") if s]
     bad = [s for s in steps if not 0 <= s < args.num_steps]
@@ -134,11 +158,7 @@ def main(argv: list[str] | None = None) -> int:
               "bf16": not args.fp32, "steps": rows,
               "mean_corr_spm": sum(r["corr_spm"] for r in rows) / len(rows),
               "mean_agree": sum(r["agree"] for r in rows) / len(rows)}
-    text = json.dumps(report, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
-    return 0
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

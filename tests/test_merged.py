@@ -64,14 +64,19 @@ def _bf16(unet, x, t, e):
         return unet(x, t, encoder_hidden_states=e).sample
 
 
-def test_weights_in_the_autocast_dtype_are_bit_identical_under_autocast():
-    """Linear/Conv2d weights stored in bf16 give exactly what autocast's per-call casts of fp32 weights give."""
+def _trained_policy():
+    """A policy whose LoRA is not the identity (lora_B moved off zero), and a batch of inputs."""
     unet = _policy()
     with torch.no_grad():
         for name, p in unet.named_parameters():
             if "lora_B" in name:
                 p.add_(torch.randn_like(p) * 0.05)
-    x, t, e = torch.randn(3, 3, 8, 8), torch.tensor([10, 500, 900]), torch.randn(3, 5, 16)
+    return unet, (torch.randn(3, 3, 8, 8), torch.tensor([10, 500, 900]), torch.randn(3, 5, 16))
+
+
+def test_weights_in_the_autocast_dtype_are_bit_identical_under_autocast():
+    """Linear/Conv2d weights stored in bf16 give exactly what autocast's per-call casts of fp32 weights give."""
+    unet, (x, t, e) = _trained_policy()
     fp32, bf16 = MergedLoRA(unet), MergedLoRA(unet, weight_dtype=torch.bfloat16)
     dtypes = {p.dtype for m in bf16.module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
               for p in m.parameters()}
@@ -95,12 +100,7 @@ def test_base_copy_and_sampling_unet():
     from spo_fast.core.trainer import sampling_unet
     from spo_fast.diffusion.cpu_attention import ChunkedAttnProcessor
 
-    unet = _policy()
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.add_(torch.randn_like(p) * 0.05)
-    x, t, e = torch.randn(3, 3, 8, 8), torch.tensor([10, 500, 900]), torch.randn(3, 5, 16)
+    unet, (x, t, e) = _trained_policy()
     unet.disable_adapters()
     base = _run(unet, x, t, e)
     unet.enable_adapters()
