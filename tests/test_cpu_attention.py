@@ -6,11 +6,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from test_merged import TINY
 
 from spo_fast.diffusion import cpu_attention
 from spo_fast.diffusion.cpu_attention import ChunkedAttnProcessor, chunked_attention
-
-from test_merged import TINY
 
 
 def _qkv(n=12, length=20, s=7, d=8, dtype=torch.bfloat16):

@@ -26,8 +26,16 @@ import torch
 
 from spo_fast.core.config import Config, ConfigError
 from spo_fast.core.profiling import stage
-from spo_fast.core.trainer import MicroBatch, Setup, Work, decoder, kernel_backend, reference_unet, sampling_autocast, \
-    sampling_weight_dtype
+from spo_fast.core.trainer import (
+    MicroBatch,
+    Setup,
+    Work,
+    decoder,
+    kernel_backend,
+    reference_unet,
+    sampling_autocast,
+    sampling_weight_dtype,
+)
 from spo_fast.data import PromptSampler, load_prompts
 from spo_fast.diffusion.merged import MergedLoRA
 from spo_fast.diffusion.models import Conditioning, encode_negative, encode_prompts
