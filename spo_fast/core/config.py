@@ -84,16 +84,15 @@ class SamplingConfig:
     rollout (``spo_fast.diffusion.merged``): no peft dispatch or rank-r matmuls in the rollout, at the price of a second UNet
     in memory (on in the toy recipes; off by default, where a second SD UNet costs GBs). Both methods: the sample
     grid and the end-of-run evaluation then sample plain copies too (the base's, then the merged policy's, one at a
-    time). With a bf16/fp16
-    ``dtype`` the copies hold their Linear/Conv2d weights in that dtype (bit-identical under autocast, without its
-    per-call weight casts). Needs ``lora.enabled``."""
+    time). Under a bf16/fp16 sampling autocast the copies hold their Linear/Conv2d weights in that dtype
+    (bit-identical under autocast, without its per-call weight casts). Needs ``lora.enabled``."""
     chunked_attention: bool = True
     """With ``merge_lora``: the attention of the copies that sample the sample grid and the end-of-run evaluation is
     ``spo_fast.diffusion.cpu_attention.ChunkedAttnProcessor`` (on a CPU in bf16 without gradients: batched matmuls
     and softmax in cache-sized chunks: the toy UNet's forward 1.2x faster than with SDPA's CPU flash kernel; SDPA
-    everywhere else). It moved the default run's evaluations by at most 0.009 of margin. The SPO rollout keeps SDPA: there, the
-    chunked kernel's different rounding sends training on another course, and the result came out worse than with
-    SDPA on three of four seeds (docs/speed.md). False: the copies keep ``train.attention``."""
+    everywhere else). It moved the default run's evaluations by at most 0.009 of margin. The SPO rollout keeps
+    SDPA: there, the chunked kernel's different rounding sends training on another course, and the result came out
+    worse than with SDPA on three of four seeds (docs/speed.md). False: the copies keep ``train.attention``."""
     dtype: str = "auto"
     """Autocast dtype of the no-grad sampling (the SPO rollout, the sample grid, the end-of-run evaluation):
     ``auto`` = the run's ``train.mixed_precision`` | ``bf16`` | ``fp32`` (autocast off). Training is unaffected.

@@ -7,9 +7,8 @@ tokens) it took 46% of a bf16 UNet forward (batch 64, 2-core AMD EPYC with AVX51
 matrices (~1 MB) stay in cache while the softmax reads and rewrites them, the same forward took 1.2-1.3x less time
 (interleaved runs: 286 ms against 354 and 169 against 216 with the bf16 weights of ``spo_fast.diffusion.merged``;
 OMP_WAIT_POLICY=PASSIVE, which wakes sleeping threads for each of its many small calls, takes most of that gain
-away: 246 against 264) and its output moved by nothing
-measurable (max |difference| from an fp32 forward 0.024 and mean 0.0029 with either attention: the rest of the
-bf16 forward dominates).
+away: 246 against 264) and its output moved by nothing measurable (max |difference| from an fp32 forward 0.024
+and mean 0.0029 with either attention: the rest of the bf16 forward dominates).
 
 ``ChunkedAttnProcessor`` is a diffusers attention processor that takes this path only where it pays and is safe:
 a CPU tensor in bf16 (i.e. under bf16 autocast), gradients off, and one head's score matrix within the chunk
