@@ -89,7 +89,7 @@ class SamplingConfig:
     chunked_attention: bool = True
     """With ``merge_lora``: the attention of the copies that sample the sample grid and the end-of-run evaluation is
     ``spo_fast.diffusion.cpu_attention.ChunkedAttnProcessor`` (on a CPU in bf16 without gradients: batched matmuls
-    and softmax in cache-sized chunks: the toy UNet's forward 1.2x faster than with SDPA's CPU flash kernel; SDPA
+    and softmax in cache-sized chunks: the toy UNet's forward 1.1-1.2x faster than with SDPA's CPU flash kernel; SDPA
     everywhere else). It moved the default run's evaluations by at most 0.009 of margin. The SPO rollout keeps
     SDPA: there, the chunked kernel's different rounding sends training on another course, and the result came out
     worse than with SDPA on four of six seeds (docs/speed.md). False: the copies keep ``train.attention``."""

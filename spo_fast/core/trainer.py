@@ -434,9 +434,10 @@ def sampling_autocast(cfg: Config, accelerator):
 def sampling_weight_dtype(cfg: Config, accelerator) -> torch.dtype | None:
     """The dtype ``sampling_autocast`` computes in (None: it does not autocast): the dtype the plain sampling copies
     of ``sampling.merge_lora`` hold their Linear/Conv2d weights in."""
-    dev = accelerator.device.type
+    from spo_fast.diffusion.merged import autocast_dtype
+
     with sampling_autocast(cfg, accelerator):
-        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        return autocast_dtype(accelerator.device.type)
 
 
 def sampling_unet(cfg: Config, s: Setup, row: str):

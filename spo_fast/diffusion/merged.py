@@ -9,8 +9,10 @@ always equals the current policy up to float rounding of the merge; the policy i
 
 For a copy that only ever runs under autocast (``weight_dtype``), the weights and biases of its ``nn.Linear`` and
 ``nn.Conv2d`` layers are stored in the autocast dtype: autocast casts them to that dtype at every call anyway (a
-frozen weight's cast is not cached), so the result is bit-identical and the per-call casts are gone (the toy UNet's
-bf16 forward at batch 64: 7% less time, interleaved runs on a 2-core CPU). Norm layers keep fp32, as autocast
+frozen weight's cast is not cached), so the result is bit-identical and the per-call casts are gone. On the toy UNet
+that saves little: its bf16 forward at batch 64 moved by -1% to +7% in interleaved runs on a 2-core CPU
+(``benchmarks/toy_unet_forward.py``: 269 -> 267 ms and 229 -> 232 ms with SDPA; 197 -> 182 ms with the chunked
+attention); a model with larger weights per activation saves more. Norm layers keep fp32, as autocast
 runs them. ``chunked_attention`` installs ``spo_fast.diffusion.cpu_attention.ChunkedAttnProcessor`` on the copy (the
 evaluation's copies; not the rollout's, see that module).
 ``adapter=None`` gives a plain copy of the base model (the evaluation's base).
@@ -90,13 +92,16 @@ class MergedLoRA:
             self.targets[name].weight.copy_(merged)  # copy_ casts to the copy's dtype
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype the current autocast of ``device_type`` computes in; None outside an autocast."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 @contextlib.contextmanager
 def plain_unet(unet, adapter: str | None = "default", chunked_attention: bool = False):
     """A ``MergedLoRA`` copy of ``unet`` for the duration of the block (its module), freed on exit. Enter it inside
     the autocast it will sample under: its Linear/Conv2d weights take that autocast's dtype (none: fp32)."""
-    dev = unet.device.type
-    weight_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-    merged = MergedLoRA(unet, adapter, weight_dtype, chunked_attention)
+    merged = MergedLoRA(unet, adapter, autocast_dtype(unet.device.type), chunked_attention)
     try:
         yield merged.module
     finally:

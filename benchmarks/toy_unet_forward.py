@@ -1,0 +1,79 @@
+"""The toy UNet's bf16 sampling forward, three ways, timed interleaved (docs/speed.md, "Sampling copies"):
+
+    python benchmarks/toy_unet_forward.py [--batch 64] [--rounds 5] [--calls 4]
+
+``fp32 weights, SDPA`` (autocast casts every weight at every call; the rollout before the sampling copies),
+``bf16 weights, SDPA`` (``MergedLoRA(weight_dtype=bf16)``: the rollout now) and ``bf16 weights, chunked``
+(``sampling.chunked_attention``: the evaluation's copies now). Rounds alternate the three (machines drift by 2x over
+minutes); prints the median ms per forward of each, the ratios to the first, and whether the bf16 weights gave a
+bit-identical output. Run it with nothing else on the machine, and note OMP_WAIT_POLICY (PASSIVE slows the chunked
+kernel's many small calls most).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import time
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from spo_fast.diffusion.cpu_attention import ChunkedAttnProcessor
+from spo_fast.diffusion.models import resolve_model_path
+
+
+def variants(unet) -> dict:
+    bf16 = copy.deepcopy(unet)
+    for m in bf16.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            m.to(torch.bfloat16)
+    chunked = copy.deepcopy(bf16)
+    chunked.set_attn_processor(ChunkedAttnProcessor())
+    return {"fp32 weights, SDPA": unet, "bf16 weights, SDPA": bf16, "bf16 weights, chunked": chunked}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=64, help="samples per forward (default 64: the rollout's pool, CFG)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--calls", type=int, default=4, help="timed forwards per variant per round")
+    args = p.parse_args(argv)
+    if min(args.batch, args.rounds, args.calls) < 1:
+        p.error("--batch, --rounds and --calls must be >= 1")
+    unet = UNet2DConditionModel.from_pretrained(resolve_model_path("toyworld:base") / "unet").eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, 24, 24, generator=g)
+    t = torch.full((args.batch,), 500)
+    e = torch.randn(args.batch, 16, unet.config.cross_attention_dim, generator=g)
+
+    def forward(m):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return m(x, t, e).sample
+
+    models = variants(unet)
+    outs = {name: forward(m) for name, m in models.items()}  # also the warm-up
+    ms = {name: [] for name in models}
+    for _ in range(args.rounds):
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            for _ in range(args.calls):
+                forward(m)
+            ms[name].append((time.perf_counter() - t0) / args.calls * 1000)
+    med = {name: statistics.median(v) for name, v in ms.items()}
+    first = next(iter(med.values()))
+    names = list(models)
+    print(json.dumps({"batch": args.batch, "threads": torch.get_num_threads(),
+                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+                      "median_ms": {k: round(v, 1) for k, v in med.items()},
+                      "speedup_vs_first": {k: round(first / v, 3) for k, v in med.items()},
+                      "bf16_weights_bit_identical": bool(torch.equal(outs[names[0]], outs[names[1]])),
+                      "chunked_max_abs_diff": (outs[names[2]].float() - outs[names[1]].float()).abs().max().item()},
+                     indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
