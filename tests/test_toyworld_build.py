@@ -270,3 +270,20 @@ def test_v_prediction_variant_smoke_build(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["build", "--variant", "v_prediction"])
     assert "--variant v_prediction needs --out" in capsys.readouterr().err
+
+
+def test_build_sampler_reproduces_the_shipped_pairs():
+    """The build's default sampler (``sample_noise="torch"``) remakes the shipped held-out pairs' last batch (64
+    prompts, both samples) byte for byte from the shipped base."""
+    cfg = build.BuildConfig()
+    comp = load_components("toyworld:base", build.FAMILY)
+    held = world.prompts("heldout")
+    start = cfg.sample_batch  # the second batch of the held-out prompts: 64, the smallest one
+    rows = pq.read_table(build.toyworld_assets() / "pairs_heldout.parquet").to_pylist()[start:]
+    assert [r["caption"] for r in rows] == held[start:] and len(rows) == 64
+    for j, key in enumerate(("jpg_0", "jpg_1")):  # make_pairs: the second sample's seed is the first's + 1
+        gen_seed = (cfg.seed + 200 + j) * 1_000_003 + start
+        images = build.sample_batch(comp, held[start:], gen_seed, dtype=cfg.sample_dtype, noise=cfg.sample_noise)
+        assert [build.jpeg_bytes(x) for x in images] == [r[key] for r in rows]
+    with pytest.raises(ValueError, match="sample_noise"):
+        build.BuildConfig(sample_noise="numpy")

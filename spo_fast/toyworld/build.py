@@ -52,7 +52,7 @@ from spo_fast.diffusion.models import (
     toyworld_assets,
     write_clip_tokenizer,
 )
-from spo_fast.diffusion.sampling import DDIMSchedule, sample
+from spo_fast.diffusion.sampling import DDIMSchedule, cfg_model_output, ddim_step_stats, sample
 from spo_fast.toyworld import world
 
 FAMILY = "sd15"
@@ -84,6 +84,8 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 SAMPLER = {"num_steps": 20, "eta": 1.0, "guidance_scale": 5.0, "dtype": "fp32"}
 NEGATIVE_KINDS = ("mismatched", "requality", "flooded", "empty", "speckled", "recoloured")
 VARIANTS = ("shipped", "v_prediction")
+# how the build's sampler draws each step's noise (BuildConfig.sample_noise, sample_batch)
+SAMPLE_NOISE = ("torch", "step_op")
 
 
 @dataclass
@@ -107,6 +109,10 @@ class BuildConfig:
     heldout_pair_prompts: int = 0  # 0 = every held-out prompt, one pair each
     sample_batch: int = 128
     sample_dtype: str = SAMPLER["dtype"]  # the pairs' and the SPM's noisy pairs' sampling precision (fp32 | bf16)
+    # the pairs' and the probes' step noise: "torch" (torch.randn from each batch's generator, in a plain DDIM loop:
+    # the sampler the shipped pairs were made with, so that a rebuild reproduces them byte for byte) or "step_op"
+    # (the rollouts' step op, spo_fast.kernels.ddim_step, with its own Philox noise: a different draw)
+    sample_noise: str = "torch"
     clip_steps: int = 1000
     clip_batch: int = 128
     clip_lr: float = 1e-3
@@ -120,7 +126,8 @@ class BuildConfig:
         for name, value, accepted in (("base_unet", self.base_unet, tuple(UNETS)),
                                       ("base_prediction", self.base_prediction, PREDICTION_TYPES),
                                       ("base_loss_weighting", self.base_loss_weighting, ("uniform", "min_snr")),
-                                      ("sample_dtype", self.sample_dtype, ("fp32", "bf16"))):
+                                      ("sample_dtype", self.sample_dtype, ("fp32", "bf16")),
+                                      ("sample_noise", self.sample_noise, SAMPLE_NOISE)):
             if value not in accepted:
                 raise ValueError(f"BuildConfig.{name}={value!r}; accepted: {', '.join(accepted)}")
         bad = [k for k in self.spm_negatives if k not in NEGATIVE_KINDS]
@@ -138,14 +145,15 @@ class BuildConfig:
     @staticmethod
     def variant(name: str) -> dict:
         """The settings of a build variant (``--variant``): ``shipped`` (the defaults) or ``v_prediction``: a base
-        predicting v with min-SNR-5 weights on the three-level UNet, trained 2,000 steps, pairs sampled in bf16, an
-        SPM trained 1,200 steps with all six kinds of negatives."""
+        predicting v with min-SNR-5 weights on the three-level UNet, trained 2,000 steps, pairs sampled in bf16 by
+        the rollouts' step op (as its build record was), an SPM trained 1,200 steps with all six kinds of
+        negatives."""
         if name not in VARIANTS:
             raise ValueError(f"unknown build variant {name!r}; accepted: {', '.join(VARIANTS)}")
         if name == "shipped":
             return {}
         return {"base_steps": 2000, "base_unet": "3level", "base_prediction": "v_prediction",
-                "base_loss_weighting": "min_snr", "sample_dtype": "bf16", "spm_steps": 1200,
+                "base_loss_weighting": "min_snr", "sample_dtype": "bf16", "sample_noise": "step_op", "spm_steps": 1200,
                 "spm_negatives": NEGATIVE_KINDS}
 
 
@@ -183,12 +191,13 @@ def write_base_configs(out: Path, cfg: BuildConfig | None = None) -> None:
 PROBE_PROMPTS = 64  # of world.validation_prompts()
 
 
-def probe_base(comp, unet, seed: int, n: int = PROBE_PROMPTS, dtype: str = SAMPLER["dtype"]) -> dict:
+def probe_base(comp, unet, seed: int, n: int = PROBE_PROMPTS, dtype: str = SAMPLER["dtype"],
+               noise: str = "step_op") -> dict:
     """Mean ground truth (and its components) of one sample per validation prompt: how good the base is so far."""
     prompts = world.validation_prompts()[:n]
     was_training = unet.training
     unet.eval()
-    images = sample_images(comp, prompts, seed, batch=len(prompts), unet=unet, dtype=dtype)
+    images = sample_images(comp, prompts, seed, batch=len(prompts), unet=unet, dtype=dtype, noise=noise)
     unet.train(was_training)
     comps = world.score_components(images, [world.parse_prompt(p) for p in prompts])
     result = {"score": world.score_prompts(images, prompts).mean().item()}
@@ -258,7 +267,7 @@ def train_base(out: Path, cfg: BuildConfig) -> dict:
         if cfg.base_probe_every and ((step + 1) % cfg.base_probe_every == 0 or step + 1 == cfg.base_steps):
             with torch.no_grad():  # its own generator: the training stream is unchanged by probing
                 probes.append({"step": step + 1, **probe_base(comp, unet, cfg.seed + 300, cfg.base_probe_prompts,
-                                                              cfg.sample_dtype)})
+                                                              cfg.sample_dtype, cfg.sample_noise)})
             _log(f"base probe: {jsonio.dumps({k: round(v, 3) for k, v in probes[-1].items()})}")
     bar.close()
     with quiet_loading():  # no "Writing model shards" bar
@@ -281,25 +290,46 @@ def jpeg_bytes(image: torch.Tensor, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
+def _ddim_torch_noise(unet, schedule: DDIMSchedule, cond, uncond, x: torch.Tensor, guidance_scale: float,
+                      eta: float, gen: torch.Generator) -> torch.Tensor:
+    """DDIM from x, each step's mean and std from ``ddim_step_stats`` (fp32) and its noise from torch.randn on
+    ``gen``: the sampler the shipped pairs were made with, before the step op drew its own noise."""
+    for t_scalar in schedule.timesteps:
+        t = t_scalar.expand(x.shape[0])
+        _, mean, std = ddim_step_stats(schedule, cfg_model_output(unet, x, t, cond, uncond, guidance_scale), x, t, eta)
+        z = torch.randn(mean.shape, generator=gen, dtype=mean.dtype)
+        x = mean + std.view(-1, *([1] * (mean.dim() - 1))) * z
+    return x
+
+
 @torch.no_grad()
-def sample_images(comp, prompts: list[str], seed: int, batch: int, num_steps: int = SAMPLER["num_steps"],
-                  eta: float = SAMPLER["eta"], guidance_scale: float = SAMPLER["guidance_scale"],
-                  unet=None, bar=None, dtype: str = SAMPLER["dtype"]) -> torch.Tensor:
-    """One sample per prompt, (N, 3, R, R) in [-1, 1]; the noise of prompt i depends on (seed, i // batch).
-    ``bar``: a progress bar advanced once per batch; ``dtype``: fp32, or bf16 autocast (the toy recipes' rollouts)."""
+def sample_batch(comp, prompts: list[str], gen_seed: int, num_steps: int = SAMPLER["num_steps"],
+                 eta: float = SAMPLER["eta"], guidance_scale: float = SAMPLER["guidance_scale"], unet=None,
+                 dtype: str = SAMPLER["dtype"], noise: str = "step_op") -> torch.Tensor:
+    """One sample per prompt of one batch, (N, 3, R, R) in [-1, 1], every draw from one generator seeded
+    ``gen_seed``. ``dtype``: fp32, or bf16 autocast (the toy recipes' rollouts); ``noise``: a SAMPLE_NOISE."""
     from spo_fast.diffusion.models import decode_latents
 
     unet = unet if unet is not None else comp.unet
     schedule = DDIMSchedule.from_scheduler(comp.scheduler, num_steps)
+    gen = torch.Generator().manual_seed(gen_seed)
+    cond = encode_prompts(comp, prompts, "cpu", world.RESOLUTION)
+    uncond = encode_prompts(comp, [""] * len(prompts), "cpu", world.RESOLUTION)
+    x = torch.randn((len(prompts), *comp.latent_shape), generator=gen)
+    run = _ddim_torch_noise if noise == "torch" else sample
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        return decode_latents(comp, run(unet, schedule, cond, uncond, x, guidance_scale, eta, gen)).float()
+
+
+def sample_images(comp, prompts: list[str], seed: int, batch: int, num_steps: int = SAMPLER["num_steps"],
+                  eta: float = SAMPLER["eta"], guidance_scale: float = SAMPLER["guidance_scale"],
+                  unet=None, bar=None, dtype: str = SAMPLER["dtype"], noise: str = "step_op") -> torch.Tensor:
+    """One sample per prompt, (N, 3, R, R) in [-1, 1]; prompts[i] is in batch i // batch, whose generator is seeded
+    seed * 1,000,003 + its first index. ``bar``: a progress bar advanced once per batch; the rest as sample_batch."""
     out = []
     for start in range(0, len(prompts), batch):
-        chunk = prompts[start:start + batch]
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + start)
-        cond = encode_prompts(comp, chunk, "cpu", world.RESOLUTION)
-        uncond = encode_prompts(comp, [""] * len(chunk), "cpu", world.RESOLUTION)
-        x = torch.randn((len(chunk), *comp.latent_shape), generator=gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            out.append(decode_latents(comp, sample(unet, schedule, cond, uncond, x, guidance_scale, eta, gen)).float())
+        out.append(sample_batch(comp, prompts[start:start + batch], seed * 1_000_003 + start, num_steps, eta,
+                                guidance_scale, unet, dtype, noise))
         if bar is not None:
             bar.update(1)
     return torch.cat(out)
@@ -317,10 +347,10 @@ TIE_MARGIN = 0.05  # ground-truth scores closer than this (on the 0-10 scale) ar
 
 
 def make_pairs(comp, prompts: list[str], seed: int, batch: int, split_name: str, bar=None,
-               dtype: str = SAMPLER["dtype"]) -> dict[str, list]:
+               dtype: str = SAMPLER["dtype"], noise: str = "step_op") -> dict[str, list]:
     """Two samples per prompt, labelled by the ground truth of their stored JPEGs (Pick-a-Pic schema)."""
-    imgs0 = sample_images(comp, prompts, seed, batch, bar=bar, dtype=dtype)
-    imgs1 = sample_images(comp, prompts, seed + 1, batch, bar=bar, dtype=dtype)
+    imgs0 = sample_images(comp, prompts, seed, batch, bar=bar, dtype=dtype, noise=noise)
+    imgs1 = sample_images(comp, prompts, seed + 1, batch, bar=bar, dtype=dtype, noise=noise)
     jpg0, jpg1 = [jpeg_bytes(x) for x in imgs0], [jpeg_bytes(x) for x in imgs1]
     s0 = world.score_prompts(torch.stack([decode_jpeg(b) for b in jpg0]), prompts)
     s1 = world.score_prompts(torch.stack([decode_jpeg(b) for b in jpg1]), prompts)
@@ -351,7 +381,8 @@ def build_pairs(out: Path, cfg: BuildConfig) -> dict:
         if not prompts:
             prompts = world.prompts(name)[:2]  # smoke mode: keep the file non-empty
         with _bar(2 * -(-len(prompts) // cfg.sample_batch), f"pairs {name}", "batch") as bar:
-            cols = make_pairs(comp, prompts, seed, cfg.sample_batch, name, bar=bar, dtype=cfg.sample_dtype)
+            cols = make_pairs(comp, prompts, seed, cfg.sample_batch, name, bar=bar, dtype=cfg.sample_dtype,
+                              noise=cfg.sample_noise)
         write_parquet(cols, out / f"pairs_{name}.parquet")
         s = torch.tensor(cols["score_0"] + cols["score_1"])
         lab = torch.tensor(cols["label_0"])
