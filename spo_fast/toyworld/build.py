@@ -9,8 +9,8 @@ Stages (each deterministic for a given seed, torch version and thread count; run
    stopped early on purpose: its samples are recognisable but often wrong in colour, place,
    size or shape, and inherit the mixed quality of its data, so preference optimisation has
    room to improve it.
-2. ``pairs``: two base-model samples per prompt (same sampler as the SPO rollouts: DDIM, 20
-   steps, eta 1, CFG 5), JPEG-encoded and labelled by the ground-truth score of the stored
+2. ``pairs``: two base-model samples per prompt (the SPO rollouts' sampler settings: DDIM, 20
+   steps, eta 1, CFG 5; in fp32 with torch.randn step noise, ``BuildConfig.sample_noise``), JPEG-encoded and labelled by the ground-truth score of the stored
    (decoded) JPEGs, written in the Pick-a-Pic schema (``caption, jpg_0, jpg_1, label_0,
    label_1``; ties 0.5/0.5, plus ``score_0``, ``score_1``, ``split``) as
    ``pairs_train.parquet`` (train-split prompts) and ``pairs_heldout.parquet`` (held-out split).
