@@ -10,10 +10,11 @@ Stages (each deterministic for a given seed, torch version and thread count; run
    size or shape, and inherit the mixed quality of its data, so preference optimisation has
    room to improve it.
 2. ``pairs``: two base-model samples per prompt (the SPO rollouts' sampler settings: DDIM, 20
-   steps, eta 1, CFG 5; in fp32 with torch.randn step noise, ``BuildConfig.sample_noise``), JPEG-encoded and labelled by the ground-truth score of the stored
-   (decoded) JPEGs, written in the Pick-a-Pic schema (``caption, jpg_0, jpg_1, label_0,
-   label_1``; ties 0.5/0.5, plus ``score_0``, ``score_1``, ``split``) as
-   ``pairs_train.parquet`` (train-split prompts) and ``pairs_heldout.parquet`` (held-out split).
+   steps, eta 1, CFG 5; in fp32 with torch.randn step noise, ``BuildConfig.sample_noise``),
+   JPEG-encoded and labelled by the ground-truth score of the stored (decoded) JPEGs, written in
+   the Pick-a-Pic schema (``caption, jpg_0, jpg_1, label_0, label_1``; ties 0.5/0.5, plus
+   ``score_0``, ``score_1``, ``split``) as ``pairs_train.parquet`` (train-split prompts) and
+   ``pairs_heldout.parquet`` (held-out split).
 3. ``spm``: a tiny CLIP (ViT on 24 px, 4 layers) pre-trained contrastively on rendered
    (image, caption) pairs -- the stand-in for PickScore's CLIP backbone -- then turned into a
    step-aware preference model and trained on the noisy train pairs by ``spo_fast.reward.spm_trainer``;
