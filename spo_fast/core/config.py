@@ -91,8 +91,9 @@ class SamplingConfig:
     ``spo_fast.diffusion.cpu_attention.ChunkedAttnProcessor`` (on a CPU in bf16 without gradients: batched matmuls
     and softmax in cache-sized chunks: the toy UNet's forward 1.1-1.2x faster than with SDPA's CPU flash kernel; SDPA
     everywhere else). It moved the default run's evaluations by at most 0.009 of margin. The SPO rollout keeps
-    SDPA: there, the chunked kernel's different rounding sends training on another course, and the result came out
-    worse than with SDPA on four of six seeds (docs/speed.md). False: the copies keep ``train.attention``."""
+    SDPA: there, the chunked kernel's different rounding sends training on another course (over nine paired seeds no
+    systematic effect on the result, and the shipped results were measured with SDPA: docs/speed.md). False: the
+    copies keep ``train.attention``."""
     dtype: str = "auto"
     """Autocast dtype of the no-grad sampling (the SPO rollout, the sample grid, the end-of-run evaluation):
     ``auto`` = the run's ``train.mixed_precision`` | ``bf16`` | ``fp32`` (autocast off). Training is unaffected.
