@@ -19,8 +19,8 @@ copies that sample the sample grid and the end-of-run evaluation (``sampling.mer
 seeds, two splits) by at most 0.009 of margin. Not on the SPO rollout: there its different rounding flips ~5% of
 the SPM's picks and training takes another course (over nine paired seeds no systematic effect on the result, a
 1.10x faster run; the rollout keeps SDPA, which every published toy result was measured with: docs/speed.md). Not
-on the policy or the
-reference it trains against: they keep one attention, so their log-ratio is exactly 0 where their weights agree.
+on the policy or the reference it trains against: they keep one attention, so their log-ratio is exactly 0 where
+their weights agree.
 """
 from __future__ import annotations
 
