@@ -4,11 +4,11 @@ On a CPU, PyTorch's SDPA runs a flash-attention kernel (``_scaled_dot_product_fl
 built for large head dims; at the toy UNet's head dim of 8 (8 heads of 64 channels, 144 image tokens, 16 text
 tokens) it took 46% of a bf16 UNet forward (batch 64, 2-core AMD EPYC with AVX512-BF16: 108 ms of 240). Written as
 ``softmax(q k^T) v`` with ``torch.bmm`` over (batch x heads), a few dozen heads at a time so that the chunk's score
-matrices (~1 MB) stay in cache while the softmax reads and rewrites them, the same forward took 1.1-1.3x less time
-(``benchmarks/toy_unet_forward.py``, interleaved: 228 ms against 267 and 204 against 232; earlier one-off runs 286
-against 354 and 169 against 216; OMP_WAIT_POLICY=PASSIVE, which wakes sleeping threads for each of its many small calls, takes most of that gain
-away: 246 against 264) and its output moved by nothing measurable (max |difference| from an fp32 forward 0.024
-and mean 0.0029 with either attention: the rest of the bf16 forward dominates).
+matrices (~1 MB) stay in cache while the softmax reads and rewrites them, the same forward took 1.1-1.2x less time
+(``benchmarks/toy_unet_forward.py``, interleaved: 228 ms against 267 and 204 against 232; earlier one-off runs: 286
+against 354 and 169 against 216; OMP_WAIT_POLICY=PASSIVE, which wakes sleeping threads for each of its many small
+calls, takes most of that gain away: 246 against 264) and its output moved by nothing measurable (max |difference|
+from an fp32 forward 0.024 and mean 0.0029 with either attention: the rest of the bf16 forward dominates).
 
 ``ChunkedAttnProcessor`` is a diffusers attention processor that takes this path only where it pays and is safe:
 a CPU tensor in bf16 (i.e. under bf16 autocast), gradients off, and one head's score matrix within the chunk

@@ -10,9 +10,9 @@ always equals the current policy up to float rounding of the merge; the policy i
 For a copy that only ever runs under autocast (``weight_dtype``), the weights and biases of its ``nn.Linear`` and
 ``nn.Conv2d`` layers are stored in the autocast dtype: autocast casts them to that dtype at every call anyway (a
 frozen weight's cast is not cached), so the result is bit-identical and the per-call casts are gone. On the toy UNet
-that saves little: its bf16 forward at batch 64 moved by -1% to +7% in interleaved runs on a 2-core CPU
-(``benchmarks/toy_unet_forward.py``: 269 -> 267 ms and 229 -> 232 ms with SDPA; 197 -> 182 ms with the chunked
-attention); a model with larger weights per activation saves more. Norm layers keep fp32, as autocast
+that saves little: its bf16 forward at batch 64 moved within noise on a 2-core CPU (``benchmarks/toy_unet_forward.py``,
+interleaved: 269 -> 267 ms and 229 -> 232 ms with SDPA; a one-off run with the chunked attention, outside the
+benchmark: 197 -> 182 ms); a model with larger weights per activation saves more. Norm layers keep fp32, as autocast
 runs them. ``chunked_attention`` installs ``spo_fast.diffusion.cpu_attention.ChunkedAttnProcessor`` on the copy (the
 evaluation's copies; not the rollout's, see that module).
 ``adapter=None`` gives a plain copy of the base model (the evaluation's base).
