@@ -127,3 +127,25 @@ def test_base_copy_and_sampling_unet():
         assert not any(isinstance(p, ChunkedAttnProcessor) for p in copy.attn_processors.values())
     with sampling_unet(load_config(None, ["sampling.merge_lora=false"]), s, "trained") as same:
         assert same is unet
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_the_spo_rollout_copy_follows_chunked_attention(tmp_path, chunked):
+    """The SPO rollout's merged copy takes sampling.chunked_attention, as the grid's and the evaluation's copies do."""
+    from accelerate import Accelerator
+
+    from spo_fast.core import trainer
+    from spo_fast.core.config import load_config
+    from spo_fast.diffusion.cpu_attention import ChunkedAttnProcessor
+    from spo_fast.methods.spo import SPO
+
+    cfg = load_config("toy_spo", [f"log.output_dir={tmp_path}", "log.report_to=none",
+                                  f"sampling.chunked_attention={str(chunked).lower()}"])
+    method = SPO()
+    method.preflight(cfg)
+    acc = Accelerator(cpu=True)
+    s = trainer.build(cfg, acc)
+    method.setup(cfg, s, acc)
+    kinds = {isinstance(p, ChunkedAttnProcessor) for p in method.merged.module.attn_processors.values()}
+    assert kinds == {chunked}
+    assert not any(isinstance(p, ChunkedAttnProcessor) for p in s.raw_unet.attn_processors.values())

@@ -87,13 +87,13 @@ class SamplingConfig:
     time). Under a bf16/fp16 sampling autocast the copies hold their Linear/Conv2d weights in that dtype
     (bit-identical under autocast, without its per-call weight casts). Needs ``lora.enabled``."""
     chunked_attention: bool = True
-    """With ``merge_lora``: the attention of the copies that sample the sample grid and the end-of-run evaluation is
-    ``spo_fast.diffusion.cpu_attention.ChunkedAttnProcessor`` (on a CPU in bf16 without gradients: batched matmuls
-    and softmax in cache-sized chunks: the toy UNet's forward 1.1-1.2x faster than with SDPA's CPU flash kernel; SDPA
-    everywhere else). It moved the default run's evaluations by at most 0.009 of margin. The SPO rollout keeps
-    SDPA: there, the chunked kernel's different rounding sends training on another course (over nine paired seeds no
-    systematic effect on the result, and the shipped results were measured with SDPA: docs/speed.md). False: the
-    copies keep ``train.attention``."""
+    """With ``merge_lora``: the attention of the copies that sample (the SPO rollout's, the sample grid's, the
+    end-of-run evaluation's) is ``spo_fast.diffusion.cpu_attention.ChunkedAttnProcessor`` (on a CPU in bf16 without
+    gradients: batched matmuls and softmax in cache-sized chunks: the toy UNet's forward 1.1-1.2x faster than with
+    SDPA's CPU flash kernel; SDPA everywhere else, so a GPU run is unchanged). It moved the default run's
+    evaluations by at most 0.009 of margin; in the rollout its other rounding sends training on another course than
+    SDPA's, with no systematic effect on the result over nine paired seeds, in a 1.10x faster default run
+    (docs/speed.md). False: the copies keep ``train.attention``."""
     dtype: str = "auto"
     """Autocast dtype of the no-grad sampling (the SPO rollout, the sample grid, the end-of-run evaluation):
     ``auto`` = the run's ``train.mixed_precision`` | ``bf16`` | ``fp32`` (autocast off). Training is unaffected.

@@ -13,8 +13,8 @@ frozen weight's cast is not cached), so the result is bit-identical and the per-
 that saves little: its bf16 forward at batch 64 moved within noise on a 2-core CPU (``benchmarks/toy_unet_forward.py``,
 interleaved: 269 -> 267 ms and 229 -> 232 ms with SDPA; a one-off run with the chunked attention, outside the
 benchmark: 197 -> 182 ms); a model with larger weights per activation saves more. Norm layers keep fp32, as autocast
-runs them. ``chunked_attention`` installs ``spo_fast.diffusion.cpu_attention.ChunkedAttnProcessor`` on the copy (the
-evaluation's copies; not the rollout's, see that module).
+runs them. ``chunked_attention`` installs ``spo_fast.diffusion.cpu_attention.ChunkedAttnProcessor`` on the copy
+(``sampling.chunked_attention``: the rollout's and the evaluation's copies; see that module).
 ``adapter=None`` gives a plain copy of the base model (the evaluation's base).
 
 Costs: a second UNet in memory (the toy UNet: 4 MB; SD1.5: 1.7 GB in bf16, which is why it is off by default outside

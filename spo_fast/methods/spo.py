@@ -185,11 +185,11 @@ class SPO:
         # made once: with sampling.graphs the rollout's calls are captured (or compiled) at the first rollout and
         # replayed at every later one
         # sampling.merge_lora: the rollout runs a plain copy of the UNet with the LoRA merged in (spo_fast.diffusion.merged)
-        # (weights in the sampling dtype: bit-identical under its autocast). Its attention stays the policy's (SDPA), not
-        # sampling.chunked_attention: the chunked kernel's rounding sends SPO on another course (no systematic effect
-        # over nine paired seeds, 1.10x faster runs), and the shipped results were measured with SDPA (docs/speed.md)
-        self.merged = MergedLoRA(s.raw_unet, weight_dtype=sampling_weight_dtype(cfg, accelerator)) \
-            if cfg.sampling.merge_lora else None
+        # (weights in the sampling dtype: bit-identical under its autocast), with sampling.chunked_attention like the
+        # evaluation's copies: its rounding sends SPO on another course than SDPA's, with no systematic effect on the
+        # result over nine paired seeds, and the default run is 1.10x faster (docs/speed.md)
+        self.merged = MergedLoRA(s.raw_unet, weight_dtype=sampling_weight_dtype(cfg, accelerator),
+                                 chunked_attention=cfg.sampling.chunked_attention) if cfg.sampling.merge_lora else None
         rollout_unet = self.merged.module if self.merged is not None else s.raw_unet
         self.calls = RolloutCalls(rollout_unet, self.decode, self.scorer, cfg.sampling.graphs, accelerator.device)
 
