@@ -5,7 +5,8 @@
 On the validation prompts, a base-model trajectory (the rollout's sampler: 20 DDIM steps, eta 1, CFG 5, bf16) runs
 to step i and k candidates are drawn there from one shared x_t, as in the SPO rollout. Each candidate's x0 estimate
 at its own step is computed twice, identical but for the attention kernel of the UNet (SDPA's CPU flash kernel, the
-rollout's; the chunked kernel of ``spo_fast.diffusion.cpu_attention``, the evaluation's; both under bf16 autocast),
+rollout's until it took the chunked one; the chunked kernel of ``spo_fast.diffusion.cpu_attention``, the rollout's and
+the evaluation's now; both under bf16 autocast),
 and scored by the SPM. Per step: the mean |difference| between the two scores of one candidate, against the mean
 score gap (max - min) of a pool; how often the best, the worst, and whether the pool passes the rollout's
 threshold (``tanh(gap / 2) > threshold``) agree. Where they disagree often, which pairs SPO trains on depends on
