@@ -5,9 +5,9 @@
 ``fp32 weights, SDPA`` (autocast casts every weight at every call; the rollout before the sampling copies),
 ``bf16 weights, SDPA`` (``MergedLoRA(weight_dtype=bf16)``: the rollout before the chunked attention) and ``bf16
 weights, chunked`` (``sampling.chunked_attention``: the rollout's and the evaluation's copies now). Rounds alternate
-the three (machines drift by 2x over minutes); prints the median ms per forward of each, the ratios to the first, and whether the bf16 weights gave a
-bit-identical output. Run it with nothing else on the machine, and note OMP_WAIT_POLICY (PASSIVE slows the chunked
-kernel's many small calls most).
+the three (machines drift by 2x over minutes); prints the median ms per forward of each, the ratios to the first,
+and whether the bf16 weights gave a bit-identical output. Run it with nothing else on the machine, and note
+OMP_WAIT_POLICY (PASSIVE slows the chunked kernel's many small calls most).
 """
 from __future__ import annotations
 
