@@ -149,3 +149,19 @@ def test_the_spo_rollout_copy_follows_chunked_attention(tmp_path, chunked):
     kinds = {isinstance(p, ChunkedAttnProcessor) for p in method.merged.module.attn_processors.values()}
     assert kinds == {chunked}
     assert not any(isinstance(p, ChunkedAttnProcessor) for p in s.raw_unet.attn_processors.values())
+
+
+def test_the_chunked_attention_is_installed_on_a_cpu_only(monkeypatch):
+    """Off a CPU (here the meta device stands in for a GPU) the copy keeps the policy's own attention processors
+    (train.attention: xformers or flash-attn there), which the chunked processor's SDPA fallback would replace."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from spo_fast.diffusion.cpu_attention import ChunkedAttnProcessor
+
+    unet = _policy()
+    unet.set_attn_processor(AttnProcessor())  # a processor other than SDPA's, as train.attention may install
+    on_cpu = MergedLoRA(unet, chunked_attention=True).module.attn_processors.values()
+    assert all(isinstance(p, ChunkedAttnProcessor) for p in on_cpu)
+    monkeypatch.setattr(MergedLoRA, "refresh", lambda self: None)  # the merge itself cannot run on meta tensors
+    off_cpu = MergedLoRA(unet.to("meta"), chunked_attention=True).module.attn_processors.values()
+    assert all(type(p) is AttnProcessor for p in off_cpu)

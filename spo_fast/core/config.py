@@ -90,7 +90,8 @@ class SamplingConfig:
     """With ``merge_lora``: the attention of the copies that sample (the SPO rollout's, the sample grid's, the
     end-of-run evaluation's) is ``spo_fast.diffusion.cpu_attention.ChunkedAttnProcessor`` (on a CPU in bf16 without
     gradients: batched matmuls and softmax in cache-sized chunks: the toy UNet's forward 1.1-1.2x faster than with
-    SDPA's CPU flash kernel; SDPA everywhere else, so a GPU run is unchanged). It moved the default run's
+    SDPA's CPU flash kernel; SDPA for other calls). Installed only on a CPU: on a GPU the copies keep
+    ``train.attention``, as with False (tests/test_merged.py; not run on a GPU). It moved the default run's
     evaluations by at most 0.009 of margin; in the rollout its other rounding sends training on another course than
     SDPA's, with no systematic effect on the result over nine paired seeds, in a 1.10x faster default run
     (docs/speed.md). False: the copies keep ``train.attention``."""

@@ -14,8 +14,8 @@ from an fp32 forward 0.024 and mean 0.0029 with either attention: the rest of th
 a CPU tensor in bf16 (i.e. under bf16 autocast), gradients off, and one head's score matrix within the chunk
 budget (``L * S * 2`` bytes <= ``budget``; SD1.5's 4096 x 4096 does not fit and keeps SDPA). Anything else goes
 through SDPA exactly as diffusers' ``AttnProcessor2_0`` would. The trainer installs it on the plain UNet
-copies that sample (``sampling.merge_lora``, ``sampling.chunked_attention``): the SPO rollout's, the sample grid's
-and the end-of-run evaluation's. In the evaluation, with the bf16 weights, it moved the default run's six
+copies that sample (``sampling.merge_lora``, ``sampling.chunked_attention``), on a CPU only (elsewhere they keep
+``train.attention``): the SPO rollout's, the sample grid's and the end-of-run evaluation's. In the evaluation, with the bf16 weights, it moved the default run's six
 evaluations (three seeds, two splits) by at most 0.009 of margin. In the rollout its different rounding flips ~5%
 of the SPM's picks, so training takes another course than with SDPA: over nine paired seeds with no systematic
 effect on the result, in a 1.10x faster run (docs/speed.md). Not on the policy or the reference it trains against:

@@ -54,7 +54,9 @@ class MergedLoRA:
             for m in self.module.modules():
                 if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
                     m.to(weight_dtype)
-        if chunked_attention:
+        # only on a CPU, the one device where it can take its chunked path: elsewhere the copy keeps the policy's
+        # processors (train.attention: SDPA, xformers or flash-attn), which its SDPA fallback would replace
+        if chunked_attention and next(unet.parameters()).device.type == "cpu":
             from spo_fast.diffusion.cpu_attention import ChunkedAttnProcessor
 
             self.module.set_attn_processor(ChunkedAttnProcessor())
