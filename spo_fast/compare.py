@@ -169,6 +169,9 @@ def make_spec(label: str, recipe: str, method: str, out: Path, split: str, extra
 
 def protocol(cfg) -> dict:
     """What must agree between two runs for their evaluations (and their cached base images) to be comparable."""
+    import torch
+
+    from spo_fast.core.config import sampling_dtype
     from spo_fast.core.trainer import kernel_backend
 
     s, e, m = cfg.sampling, cfg.eval, cfg.model
@@ -176,7 +179,7 @@ def protocol(cfg) -> dict:
             "prompts": e.prompts, "n_prompts": e.n_prompts, "seeds": e.seeds, "reward": e.reward,
             "eval_batch_size": e.batch_size, "num_steps": s.num_steps, "eta": s.eta,
             "guidance_scale": s.guidance_scale, "negative_prompt": s.negative_prompt,
-            "sampling_dtype": s.dtype if s.dtype != "auto" else cfg.train.mixed_precision,
+            "sampling_dtype": sampling_dtype(cfg, "cuda" if torch.cuda.is_available() else "cpu"),
             "kernels": kernel_backend(cfg),
             # how the UNets sample (trainer.sampling_unet): plain copies, with the chunked CPU attention or not
             "sampling_unet": ("plain, chunked attention" if s.chunked_attention else "plain") if s.merge_lora
@@ -221,9 +224,9 @@ def _autocast(cfg, device):
     """``trainer.sampling_autocast`` without the accelerator (the evaluation's autocast, ``sampling.dtype``)."""
     import torch
 
-    dtype = cfg.sampling.dtype
-    if dtype == "auto":
-        dtype = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[cfg.train.mixed_precision]
+    from spo_fast.core.config import sampling_dtype
+
+    dtype = sampling_dtype(cfg, device.type)
     if dtype == "fp32":
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=torch.float16 if dtype == "fp16" else torch.bfloat16)

@@ -425,6 +425,11 @@ def _run_sampling(weights: Path) -> tuple[str, bool, bool]:
             dtype = sampling.get("dtype", "auto")
             if dtype == "auto":
                 dtype = "bf16" if train.get("mixed_precision") == "bf16" else "fp32"
+            elif dtype == "bf16_if_native":  # resolved on this machine, as the run resolved it on its own
+                import torch
+
+                from spo_fast.core.config import native_bf16
+                dtype = "bf16" if native_bf16("cuda" if torch.cuda.is_available() else "cpu") else "fp32"
             return dtype, sampling.get("merge_lora") is True, sampling.get("chunked_attention", True) is True
     return "fp32", False, False
 

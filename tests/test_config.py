@@ -101,3 +101,30 @@ def test_method_keys_left_out_of_the_saved_config(tmp_path):
         text = (tmp_path / "c.yaml").read_text()
         assert f"\n{absent}:" not in text and f"method: {cfg.method}" in text
         assert load_config(str(tmp_path / "c.yaml")) == cfg
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_if_native_follows_the_cpu(monkeypatch, native):
+    """sampling.dtype=bf16_if_native samples in bf16 only where the CPU computes it natively (AVX512-BF16 or AMX);
+    elsewhere bf16 is emulated (16x slower than fp32 on the toy UNet), so it samples in fp32. The toy recipes use it."""
+    import torch
+
+    from spo_fast.core.config import native_bf16, sampling_dtype
+    from spo_fast.core.trainer import sampling_autocast
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert native_bf16("cpu") is native
+    for recipe in ("toy_spo", "toy_dpo"):
+        cfg = load_config(recipe)
+        assert cfg.sampling.dtype == "bf16_if_native"
+        assert sampling_dtype(cfg, "cpu") == ("bf16" if native else "fp32")
+    acc = type("Acc", (), {"device": torch.device("cpu")})()
+    with sampling_autocast(cfg, acc):
+        assert torch.is_autocast_enabled("cpu") is native
+    # the explicit values are kept whatever the CPU
+    assert sampling_dtype(load_config("toy_spo", ["sampling.dtype=bf16"]), "cpu") == "bf16"
+    assert sampling_dtype(load_config("toy_spo", ["sampling.dtype=fp32"]), "cpu") == "fp32"
+    assert sampling_dtype(load_config("toy_spo", ["sampling.dtype=auto", "train.mixed_precision=bf16"]), "cpu") == "bf16"
+    with pytest.raises(ConfigError, match="bf16_if_native"):
+        load_config("toy_spo", ["sampling.dtype=bf17"])

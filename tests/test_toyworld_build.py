@@ -274,7 +274,10 @@ def test_v_prediction_variant_smoke_build(tmp_path, capsys):
 
 def test_build_sampler_reproduces_the_shipped_pairs():
     """The build's default sampler (``sample_noise="torch"``) remakes the shipped held-out pairs' last batch (64
-    prompts, both samples) byte for byte from the shipped base."""
+    prompts, both samples) from the shipped base: byte for byte on the kind of CPU that built them (AVX512, as every earlier
+    run of this test found), and on others within fp32 rounding. Measured on an AVX2-only AMD EPYC: 54 and 55 of the 64 JPEGs byte-identical, the
+    rest within 6/255 of a pixel and 0.013 of ground-truth score (the pairs' tie margin is 0.05). A changed sampler
+    or noise stream moves every image by far more."""
     cfg = build.BuildConfig()
     comp = load_components("toyworld:base", build.FAMILY)
     held = world.prompts("heldout")
@@ -284,6 +287,14 @@ def test_build_sampler_reproduces_the_shipped_pairs():
     for j, key in enumerate(("jpg_0", "jpg_1")):  # make_pairs: the second sample's seed is the first's + 1
         gen_seed = (cfg.seed + 200 + j) * 1_000_003 + start
         images = build.sample_batch(comp, held[start:], gen_seed, dtype=cfg.sample_dtype, noise=cfg.sample_noise)
-        assert [build.jpeg_bytes(x) for x in images] == [r[key] for r in rows]
+        made = [build.jpeg_bytes(x) for x in images]
+        if made == [r[key] for r in rows]:
+            continue
+        assert sum(m == r[key] for m, r in zip(made, rows)) >= 48  # measured 54 and 55 of 64
+        shipped = torch.stack([build.decode_jpeg(r[key]) for r in rows])
+        remade = torch.stack([build.decode_jpeg(m) for m in made])
+        assert (shipped - remade).abs().max() <= 8 / 127.5  # measured 6/255 of the [0, 255] range
+        gt = world.score_prompts(shipped, held[start:]) - world.score_prompts(remade, held[start:])
+        assert gt.abs().max() < build.TIE_MARGIN / 2  # measured 0.013
     with pytest.raises(ValueError, match="sample_noise"):
         build.BuildConfig(sample_noise="numpy")

@@ -48,7 +48,16 @@ from spo_fast.core.checkpoint import (
     save_checkpoint,
     trainable_state,
 )
-from spo_fast.core.config import Config, ConfigError, flatten, report_to_names, save_config, to_dict
+from spo_fast.core.config import (
+    Config,
+    ConfigError,
+    flatten,
+    native_bf16,
+    report_to_names,
+    sampling_dtype,
+    save_config,
+    to_dict,
+)
 from spo_fast.core.errors import DivergedError
 from spo_fast.core.model_card import write_model_card
 from spo_fast.core.profiling import stage
@@ -422,11 +431,11 @@ def decoder(comp: Components, clamp: bool = True):
 
 def sampling_autocast(cfg: Config, accelerator):
     """The autocast of no-grad sampling (rollout, sample grid, evaluation): ``sampling.dtype`` (``auto`` = the run's
-    mixed precision)."""
+    mixed precision; ``bf16_if_native``: ``config.sampling_dtype``)."""
     if cfg.sampling.dtype == "auto":
         return accelerator.autocast()
     dev = accelerator.device.type
-    if cfg.sampling.dtype == "fp32":
+    if sampling_dtype(cfg, dev) == "fp32":
         return torch.autocast(dev, enabled=False)
     return torch.autocast(dev, dtype=torch.bfloat16)
 
@@ -829,6 +838,14 @@ def run(cfg: Config, method: Method, hook=None) -> tuple[dict, Setup]:
         why = ": tensorboard is not installed" if cfg.log.report_to == "auto" else ""
         where = f"; no tracker (log.report_to={cfg.log.report_to}{why})"
     say(f"metrics: {out / 'metrics.jsonl'}{where}")
+    dev = accelerator.device.type
+    if cfg.sampling.dtype == "bf16_if_native":
+        say(f"sampling in {sampling_dtype(cfg, dev)} (sampling.dtype=bf16_if_native: this {dev} "
+            f"{'computes bf16 natively' if native_bf16(dev) else 'has no native bf16 (AVX512-BF16 or AMX)'})")
+    elif sampling_dtype(cfg, dev) == "bf16" and not native_bf16(dev):
+        say(f"warning: sampling.dtype={cfg.sampling.dtype} samples in bf16, which this {dev} does not compute "
+            "natively (no AVX512-BF16 or AMX): emulated, it can be many times slower than fp32 (the toy UNet's "
+            "forward: 16x); sampling.dtype=bf16_if_native or fp32 avoid it")
     if main:
         save_config(cfg, out / "config.yaml")
 
