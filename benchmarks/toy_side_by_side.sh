@@ -13,7 +13,10 @@
 # Nothing else should run meanwhile. Both runs get the caller's environment, as `python -m spo_fast.train` does:
 # OMP_WAIT_POLICY is not set here (PASSIVE made the toy UNet's bf16 forward 1.2x slower on the 2-core machine,
 # 216 -> 264 ms at batch 64; set it yourself on a shared machine and compare only runs made with the same setting).
-# Writes OUTDIR/side_by_side.json: both wall times, the ratio, both eval.json summaries.
+# The new run starts with an empty base-evaluation cache (spo_fast.evaluation.base_cache; SPO_FAST_CACHE=OUTDIR/cache):
+# it is timed as a machine's first run, which samples the base's half of the evaluation itself.
+# Writes OUTDIR/side_by_side.json: both wall times, the ratio, both eval.json summaries, the CPU's vector
+# capability and whether it computes bf16 natively (the toy recipes sample in bf16 only then).
 set -euo pipefail
 case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 OLD=${1:-a5b6ee8}
@@ -36,10 +39,10 @@ mkdir "$WT.path" && ln -s "$WT/spo_fast" "$WT.path/spo_fast"
 
 run() {  # name dir pythonpath
   local name=$1 dir=$2 pp=$3 t0 t1
-  rm -rf "$OUT/$name"
+  rm -rf "$OUT/$name" "$OUT/cache"
   t0=$(date +%s.%N)
-  (cd "$dir" && PYTHONPATH="$pp" python -m spo_fast.train log.output_dir="$OUT/$name" log.progress=false \
-     > "$OUT/$name.log" 2>&1)
+  (cd "$dir" && PYTHONPATH="$pp" SPO_FAST_CACHE="$OUT/cache" python -m spo_fast.train log.output_dir="$OUT/$name" \
+     log.progress=false > "$OUT/$name.log" 2>&1)
   t1=$(date +%s.%N)
   python -c "print(round($t1 - $t0, 1))"
 }
@@ -57,10 +60,14 @@ def summary(name):
     if not f.is_file():
         return None
     e = json.loads(f.read_text())
-    return {k: e.get(k) for k in ("reward_base", "reward_trained", "margin", "win_rate", "reward_base_seed_spread")}
+    return {k: e.get(k) for k in ("reward_base", "reward_trained", "margin", "win_rate", "reward_base_seed_spread",
+                                  "base_cache") if k in e}
+import torch
+from spo_fast.core.config import native_bf16
 res = {"old_commit": old, "new_commit": new, "old_wall_s": t_old, "new_wall_s": t_new,
        "speedup": round(t_old / t_new, 3), "machine": platform.processor() or platform.machine(),
        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+       "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16("cpu"),
        "old_eval": summary("old"), "new_eval": summary("new")}
 (out / "side_by_side.json").write_text(json.dumps(res, indent=1) + "\n")
 print(json.dumps(res, indent=1))

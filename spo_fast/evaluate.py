@@ -44,6 +44,7 @@ from spo_fast.diffusion.models import (
     quiet_loading,
     resolve_model_path,
 )
+from spo_fast.evaluation.base_cache import BaseEvalCache
 from spo_fast.evaluation.heldout import (
     GRID_PROMPTS,
     all_toy_prompts,
@@ -496,6 +497,10 @@ def main(argv: list[str] | None = None) -> int:
                              "config.yaml next to --lora, as the end-of-run evaluation used), else fp32. A LoRA "
                              "whose run set sampling.merge_lora samples as that run's evaluation did: plain UNet "
                              "copies, LoRA merged in, sampling.chunked_attention")
+    parser.add_argument("--no-base-cache", action="store_true",
+                        help="sample the base model's half every time; by default an exact earlier result of the same "
+                             "base, protocol and kind of machine is reused and a new one stored (ground-truth reward "
+                             "only; spo_fast.evaluation.base_cache, $SPO_FAST_CACHE)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output dir, which must not hold an earlier evaluation's files (default: a new "
                              "directory next to --lora, evaluate-1, evaluate-2, ...)")
@@ -550,7 +555,9 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate(comp, base_ctx, trained_ctx, prompts, args.seeds, reward, out,
                           sampling, args.batch_size, device, grid_prompts=args.grid_prompts,
                           seed_offset=args.seed_offset, metrics=tuple(lazy),
-                          markdown=markdown if args.metric else None)
+                          markdown=markdown if args.metric else None,
+                          base_cache=None if args.no_base_cache else BaseEvalCache(
+                              log=lambda msg: print(f"[spo_fast.evaluate] {msg}", flush=True)))
     result["sampling_dtype"] = dtype  # recorded next to the statistics evaluate() wrote
     result["sampling"] = {"num_steps": args.num_steps, "eta": args.eta, "guidance_scale": args.guidance_scale,
                           "plain_copies": merged and base_unet is not None,

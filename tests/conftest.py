@@ -2,6 +2,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the base-evaluation cache (spo_fast.evaluation.base_cache) of the test session: never the user's ~/.cache
+if "SPO_FAST_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["SPO_FAST_CACHE"] = tempfile.mkdtemp(prefix="spo_fast_test_cache_")
 # Triton kernels are tested under the interpreter on CPU; it must be set before triton is first imported
 # (diffusers imports it through torch). With it, `auto` runs every CPU kernel call through the interpreter.
 # On a GPU machine the GPU tests need the compiled kernels: benchmarks/gpu_suite.sh sets SPO_FAST_TEST_GPU=1

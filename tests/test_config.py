@@ -106,7 +106,7 @@ def test_method_keys_left_out_of_the_saved_config(tmp_path):
 @pytest.mark.parametrize("native", [True, False])
 def test_bf16_if_native_follows_the_cpu(monkeypatch, native):
     """sampling.dtype=bf16_if_native samples in bf16 only where the CPU computes it natively (AVX512-BF16 or AMX);
-    elsewhere bf16 is emulated (16x slower than fp32 on the toy UNet), so it samples in fp32. The toy recipes use it."""
+    elsewhere bf16 is emulated (17x slower than fp32 on the toy UNet), so it samples in fp32. The toy recipes use it."""
     import torch
 
     from spo_fast.core.config import native_bf16, sampling_dtype

@@ -167,3 +167,18 @@ def test_eval_grid_columns_are_the_covering_prompts(tmp_path, monkeypatch):
     idx = grids.covering(prompts, 4)
     assert seen["columns"] == [float(i) for i in idx] and seen["captions"] == [prompts[i] for i in idx]
     assert seen["notes"][0] == [f"base {float(i):.2f}" for i in idx]
+
+
+def test_covering_is_the_same_in_every_process():
+    """The picks do not depend on Python's per-process string hashing (set order): two processes with different
+    PYTHONHASHSEEDs pick the same prompts, and ties go to the earlier prompt exactly."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from spo_fast.evaluation import grids; from spo_fast.toyworld import world; "
+            "print(grids.covering(world.prompts('heldout')[:64], 8))")
+    picks = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3", "4")}
+    assert len(picks) == 1 and picks == {str(grids.covering(world.prompts("heldout")[:64], 8)) + "\n"}
+    assert grids.covering(["red circle", "blue square", "red square", "blue circle"], 4)[:2] == [0, 1]

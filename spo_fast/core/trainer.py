@@ -620,12 +620,17 @@ def run_eval(cfg: Config, s: Setup, accelerator, scorer, out: Path) -> dict:
     reward = ground_truth_reward if cfg.eval.reward == "ground_truth" else scorer_reward(
         scorer, f"{scorer_name} at t = 0")
     s.raw_unet.eval()
+    base_cache = None
+    if cfg.eval.base_cache:
+        from spo_fast.evaluation.base_cache import BaseEvalCache
+
+        base_cache = BaseEvalCache(log=lambda msg: print(f"[spo_fast] {msg}", flush=True))
     with sampling_autocast(cfg, accelerator):
         return evaluate(s.comp, sampling_unet(cfg, s, "base"), sampling_unet(cfg, s, "trained"),
                         eval_prompts(cfg),
                         cfg.eval.seeds, reward, out, cfg.sampling, cfg.eval.batch_size, accelerator.device,
                         latent_shape=s.latent_shape, backend=kernel_backend(cfg), progress=cfg.log.progress,
-                        grid_prompts=cfg.eval.grid_prompts)
+                        grid_prompts=cfg.eval.grid_prompts, base_cache=base_cache)
 
 
 # ----------------------------------------------------------------------------- training
@@ -845,7 +850,7 @@ def run(cfg: Config, method: Method, hook=None) -> tuple[dict, Setup]:
     elif sampling_dtype(cfg, dev) == "bf16" and not native_bf16(dev):
         say(f"warning: sampling.dtype={cfg.sampling.dtype} samples in bf16, which this {dev} does not compute "
             "natively (no AVX512-BF16 or AMX): emulated, it can be many times slower than fp32 (the toy UNet's "
-            "forward: 16x); sampling.dtype=bf16_if_native or fp32 avoid it")
+            "forward: 17x); sampling.dtype=bf16_if_native or fp32 avoid it")
     if main:
         save_config(cfg, out / "config.yaml")
 

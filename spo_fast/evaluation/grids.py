@@ -20,6 +20,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -28,14 +29,16 @@ def covering(prompts: Sequence[str], n: int) -> list[int]:
     """Indices of ``n`` of ``prompts`` (in the order picked) that together show as many of their words as possible,
     so a grid of a prompt set's first columns does not show one colour and one shape ``n`` times: each pick is the
     prompt whose words have been shown least (the sum of ``1 / (1 + times shown)`` over its words), ties to the
-    earlier prompt. Deterministic; for the toy world's held-out prompts 8 picks show every shape, position, size and
-    background of the first 64 (``tests/test_grids.py``)."""
+    earlier prompt. Deterministic: the sums are exact fractions, so neither float rounding nor the order of a set
+    (which varies from process to process with Python's string hashing) can break a tie another way; for the toy
+    world's held-out prompts 8 picks show every shape, position, size and background of the first 64
+    (``tests/test_grids.py``)."""
     words = [set(re.findall(r"[a-z0-9]+", p.lower())) for p in prompts]
     chosen: list[int] = []
     shown: Counter = Counter()
     left = set(range(len(prompts)))
     for _ in range(min(n, len(prompts))):
-        best = max(left, key=lambda i: (sum(1 / (1 + shown[w]) for w in words[i]), -i))
+        best = max(left, key=lambda i: (sum(Fraction(1, 1 + shown[w]) for w in words[i]), -i))
         chosen.append(best)
         left.discard(best)
         shown.update(words[best])

@@ -79,7 +79,16 @@ def ground_truth_reward(images: torch.Tensor, prompts: list[str]) -> tuple[torch
         images, [world.parse_prompt(p) for p in prompts])
 
 
+def _source_digest(module: str) -> str:
+    import hashlib
+    import importlib.util
+
+    return hashlib.sha256(Path(importlib.util.find_spec(module).origin).read_bytes()).hexdigest()[:16]
+
+
 ground_truth_reward.label = "ground truth"  # how the grid's header names the reward
+# what the base-evaluation cache (spo_fast.evaluation.base_cache) keys the reward by: the scoring code itself
+ground_truth_reward.cache_id = f"ground truth {_source_digest('spo_fast.toyworld.world')}"
 
 
 def all_toy_prompts(prompts: list[str]) -> bool:
@@ -104,16 +113,21 @@ def scorer_reward(scorer, label: str = "scorer at t = 0") -> Callable:
     return reward
 
 
+def score(images: torch.Tensor, prompts: list[str], reward: Callable) -> tuple[torch.Tensor, dict]:
+    """Rewards of (S, P, ...) images of one model: (S, P) float64 and the reward's components (a dict of flat
+    tensors; empty without)."""
+    seeds = images.shape[0]
+    # scored in fp32 whatever autocast the sampling ran under (sampling.dtype=bf16): the reward is the measurement
+    with torch.autocast(images.device.type, enabled=False):
+        r, components = reward(images.flatten(0, 1).float(), prompts * seeds)
+    return r.view(seeds, -1).double(), components
+
+
 def rewards(base: torch.Tensor, trained: torch.Tensor, prompts: list[str], reward: Callable):
     """Rewards of (S, P, ...) images from both models: (S, P) float64 base and trained rewards and the reward's
     components (dicts of flat tensors; empty without)."""
-    seeds = base.shape[0]
-    flat_prompts = prompts * seeds
-    # scored in fp32 whatever autocast the sampling ran under (sampling.dtype=bf16): the reward is the measurement
-    with torch.autocast(base.device.type, enabled=False):
-        rb, comp_b = reward(base.flatten(0, 1).float(), flat_prompts)
-        rt, comp_t = reward(trained.flatten(0, 1).float(), flat_prompts)
-    return rb.view(seeds, -1).double(), rt.view(seeds, -1).double(), comp_b, comp_t
+    (rb, comp_b), (rt, comp_t) = score(base, prompts, reward), score(trained, prompts, reward)
+    return rb, rt, comp_b, comp_t
 
 
 def compare(base: torch.Tensor, trained: torch.Tensor, prompts: list[str], reward: Callable) -> dict:
@@ -224,7 +238,7 @@ def grid_header(r: dict, label: str, n: int) -> str:
 def evaluate(comp: Components, base_ctx, trained_ctx, prompts: list[str], seeds: int, reward: Callable,
              out: Path, sampling, batch_size: int, device, latent_shape=None, backend: str | None = None,
              progress: bool = True, grid_prompts: int = GRID_PROMPTS, seed_offset: int = 0,
-             metrics: tuple = (), markdown: dict | None = None) -> dict:
+             metrics: tuple = (), markdown: dict | None = None, base_cache=None) -> dict:
     """Run both models on the same noise (noise seeds ``seed_offset`` .. ``seed_offset + seeds - 1``), score, write
     eval.json and eval_grid.png (``grid_prompts`` prompts that cover the set's words, at the first of those seeds)
     into ``out`` (a
@@ -232,25 +246,50 @@ def evaluate(comp: Components, base_ctx, trained_ctx, prompts: list[str], seeds:
     ``label``) scored on the same images, one after the other (a metric with a ``release()`` has it called after
     its scoring: a reward model loaded on first use is freed before the next one loads); with them or with
     ``markdown`` (keyword arguments of ``eval_markdown``), eval.json's ``metrics`` (the main reward first) and
-    ``eval.md``."""
+    ``eval.md``. ``base_cache`` (a ``spo_fast.evaluation.base_cache.BaseEvalCache``): the base's rewards and grid
+    images are read from an earlier run's exact entry when there is one, and stored otherwise (not with
+    ``metrics``, nor for a reward without a ``cache_id``); eval.json's ``base_cache`` says which happened."""
     from tqdm.auto import tqdm
+
+    from spo_fast.evaluation.grids import covering
 
     t0 = time.perf_counter()
     schedule = DDIMSchedule.from_scheduler(comp.scheduler, sampling.num_steps, device=device)
-    images = {}
+    gen_args = (seeds, sampling.guidance_scale, sampling.eta, batch_size, device)
+    gen_kw = {"latent_shape": latent_shape, "backend": backend, "seed_offset": seed_offset,
+              "negative_prompt": getattr(sampling, "negative_prompt", "")}
+    n = min(grid_prompts, len(prompts))
+    grid_idx = covering(prompts, n)
+    cacheable = base_cache is not None and not metrics and getattr(reward, "cache_id", None) is not None
+    images, cached = {}, None
     chunks = -(-len(prompts) // batch_size)
     with tqdm(total=2 * seeds * chunks, desc="evaluating base vs trained", unit="batch", disable=not progress,
               mininterval=1.0) as bar:
         for name, ctx in (("base", base_ctx), ("trained", trained_ctx)):
             bar.set_postfix_str(name, refresh=False)
             with ctx as unet:
-                images[name] = generate(comp, unet, schedule, prompts, seeds, sampling.guidance_scale, sampling.eta,
-                                        batch_size, device, latent_shape=latent_shape, backend=backend,
-                                        negative_prompt=getattr(sampling, "negative_prompt", ""), bar=bar,
-                                        seed_offset=seed_offset)
-    rb, rt, comp_b, comp_t = rewards(images["base"], images["trained"], prompts, reward)
+                if name == "base" and cacheable:
+                    cached = _lookup_base(base_cache, comp, unet, schedule, prompts, gen_args, gen_kw, reward,
+                                          grid_idx)
+                    if cached is not None:
+                        bar.update(seeds * chunks)
+                        continue
+                images[name] = generate(comp, unet, schedule, prompts, *gen_args, bar=bar, **gen_kw)
+    if cached is None:
+        rb, comp_b = score(images["base"], prompts, reward)
+        if cacheable:
+            from spo_fast.evaluation.base_cache import Entry, to_pixels
+
+            base_cache.store(Entry(rb, comp_b, grid_idx, to_pixels(images["base"][0, grid_idx])))
+        base_first = images["base"]
+    else:
+        rb, comp_b = cached.rewards, cached.components
+        base_first = images["trained"][:1].clone()  # the grid reads the base's first seed at grid_idx only
+        base_first[0, grid_idx] = cached.grid_images()
+    rt, comp_t = score(images["trained"], prompts, reward)
     result = statistics(rb, rt, comp_b, comp_t, prompts)
     result["seed_offset"] = seed_offset
+    result["base_cache"] = "off" if not cacheable else "hit" if cached is not None else "stored"
     getattr(reward, "release", lambda: None)()
     if metrics or markdown is not None:
         result["metrics"] = {getattr(reward, "label", "reward"): metric_statistics(rb, rt)}
@@ -264,10 +303,36 @@ def evaluate(comp: Components, base_ctx, trained_ctx, prompts: list[str], seeds:
     (out / "eval.json").write_text(jsonio.dumps(result, indent=1) + "\n")
     if "metrics" in result:
         (out / "eval.md").write_text(eval_markdown(result, **(markdown or {})))
-    n = min(grid_prompts, len(prompts))
-    save_grid(images["base"], images["trained"], out / "eval_grid.png", prompts, rb[0].tolist(), rt[0].tolist(),
+    save_grid(base_first, images["trained"], out / "eval_grid.png", prompts, rb[0].tolist(), rt[0].tolist(),
               grid_header(result, getattr(reward, "label", "reward"), n), n)
     return result
+
+
+def _lookup_base(cache, comp: Components, unet, schedule: DDIMSchedule, prompts: list[str], gen_args: tuple,
+                 gen_kw: dict, reward: Callable, grid_idx: list[int]):
+    """``cache``'s entry for this base and protocol on this machine (``spo_fast.evaluation.base_cache``), or None."""
+    import dataclasses
+
+    from spo_fast.evaluation.base_cache import protocol_digest
+
+    seeds, guidance, eta, batch_size, device = gen_args
+    latent_shape = gen_kw["latent_shape"] or comp.latent_shape
+    res = latent_shape[1] * comp.vae_scale_factor
+    cond = []
+    for start in range(0, len(prompts), batch_size):
+        c = encode_prompts(comp, prompts[start:start + batch_size], device, res)
+        cond += [v for v in (c.embeds, c.pooled, c.time_ids) if v is not None]
+    u = encode_negative(comp, gen_kw["negative_prompt"], 1, device, res)
+    cond += [v for v in (u.embeds, u.pooled, u.time_ids) if v is not None]
+    dev = torch.device(device).type
+    settings = {"prompts": prompts, "seeds": seeds, "guidance": guidance, "eta": eta, "batch_size": batch_size,
+                "latent_shape": list(latent_shape), "num_steps": len(schedule.timesteps), "grid_idx": grid_idx,
+                "autocast": str(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else None,
+                **{k: v for k, v in gen_kw.items() if k != "latent_shape"}}
+    key = protocol_digest(comp, unet, schedule, cond, settings, reward.cache_id)
+    first_step = dataclasses.replace(schedule, timesteps=schedule.timesteps[:1])
+    return cache.lookup(lambda: generate(comp, unet, first_step, prompts[:batch_size], 1, guidance, eta, batch_size,
+                                         device, **gen_kw), key)
 
 
 def summary_line(r: dict) -> str:
