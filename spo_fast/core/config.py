@@ -544,7 +544,8 @@ def load_config(recipe: str | None = None, overrides: list[str] | None = None) -
 def native_bf16(device_type: str) -> bool:
     """Whether ``device_type`` (``cuda`` or ``cpu``) computes bf16 natively: a CUDA GPU that supports bf16, a CPU
     with AVX512-BF16 or AMX tiles (torch.cpu's feature probes). On other CPUs bf16 matmuls and convolutions are
-    emulated: the toy UNet's sampling forward (batch 64) took 5.8 s in bf16 against 0.34 s in fp32 on an AVX2-only AMD EPYC."""
+    emulated: the toy UNet's sampling forward (batch 64) took 5.8 s in bf16 against 0.34 s in fp32 on an AVX2-only
+    AMD EPYC (benchmarks/results/cpu-2core-epyc-avx2-toy-default-fp32.json)."""
     import torch
 
     if device_type == "cuda":
@@ -556,7 +557,7 @@ def native_bf16(device_type: str) -> bool:
 
 
 def sampling_dtype(cfg: Config, device_type: str) -> str:
-    """``sampling.dtype`` resolved on ``device_type``: ``bf16`` or ``fp32`` (``auto`` follows
+    """``sampling.dtype`` resolved on ``device_type``: ``bf16``, ``fp32``, or ``fp16`` (``auto`` follows
     ``train.mixed_precision``; ``bf16_if_native`` follows ``native_bf16``)."""
     dtype = cfg.sampling.dtype
     if dtype == "auto":

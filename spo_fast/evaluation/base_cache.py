@@ -80,11 +80,11 @@ class Digest:
 @dataclasses.dataclass
 class Entry:
     """What the evaluation needs of the base's images: (S, P) float64 rewards, their components (flat (S * P,)
-    tensors), and the first seed's images of the grid prompts ``grid_idx`` as uint8 (n, 3, H, W)."""
+    tensors), and the first seed's images of the grid's prompts as uint8 (n, 3, H, W), in the grid's order (which
+    prompts those are is part of the key)."""
 
     rewards: torch.Tensor
     components: dict
-    grid_idx: list
     grid_pixels: torch.Tensor
 
     def grid_images(self) -> torch.Tensor:
@@ -122,7 +122,7 @@ class BaseEvalCache:
             data = torch.load(path, map_location="cpu", weights_only=True)
             if data.get("format") != FORMAT:
                 return None
-            return Entry(data["rewards"], data["components"], list(data["grid_idx"]), data["grid_pixels"])
+            return Entry(data["rewards"], data["components"], data["grid_pixels"])
         except Exception as e:  # noqa: BLE001 - a damaged entry is a miss, never a failed evaluation
             self.log(f"base evaluation cache: ignoring {path} ({type(e).__name__}: {e})")
             return None
@@ -133,7 +133,7 @@ class BaseEvalCache:
             raise RuntimeError("store() before lookup()")
         path = self.dir / self.name
         data = {"format": FORMAT, "rewards": entry.rewards, "components": entry.components,
-                "grid_idx": entry.grid_idx, "grid_pixels": entry.grid_pixels, "torch": str(torch.__version__)}
+                "grid_pixels": entry.grid_pixels, "torch": str(torch.__version__)}
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             buf = io.BytesIO()

@@ -280,7 +280,7 @@ def evaluate(comp: Components, base_ctx, trained_ctx, prompts: list[str], seeds:
         if cacheable:
             from spo_fast.evaluation.base_cache import Entry, to_pixels
 
-            base_cache.store(Entry(rb, comp_b, grid_idx, to_pixels(images["base"][0, grid_idx])))
+            base_cache.store(Entry(rb, comp_b, to_pixels(images["base"][0, grid_idx])))
         base_first = images["base"]
     else:
         rb, comp_b = cached.rewards, cached.components
