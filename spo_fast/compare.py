@@ -29,9 +29,10 @@ share of prompt/seed pairs where the trained model scores higher, ties counting 
 at iterations ceil(j * total / points), j = 1..points, from a trainer hook between iterations (training is not
 perturbed: its noise is a pure function of the iteration). The prompts are ``toyworld:test`` (the first 64
 held-out prompts) or, with ``--split validation``, ``toyworld:validation`` (64 others, for choosing settings).
-The base model's images are the same at every point and for both methods (same noise, same sampler), so they
-are generated once and cached: a point costs only the trained model's samples. The base model is point 0 (cost
-0) of both curves.
+The base model's images are the same at every point and for both methods (same noise, same sampler), so their
+rewards are computed once per process, or read from the disk cache that the end-of-run evaluation also uses
+(``spo_fast.evaluation.base_cache``: exact, keyed by the base, the protocol and this machine's arithmetic): a point
+costs only the trained model's samples. The base model is point 0 (cost 0) of both curves.
 
 **DPO gets a fair chance.** ``tune-dpo`` trains DPO on a grid of lr x beta and evaluates each on the validation
 split only, writing ``tune_dpo.json`` with the chosen setting (highest validation reward); ``--dpo-from
@@ -168,7 +169,7 @@ def make_spec(label: str, recipe: str, method: str, out: Path, split: str, extra
 
 
 def protocol(cfg) -> dict:
-    """What must agree between two runs for their evaluations (and their cached base images) to be comparable."""
+    """What must agree between two runs for their evaluations (and their shared base rewards) to be comparable."""
     import torch
 
     from spo_fast.core.config import sampling_dtype
@@ -233,21 +234,25 @@ def _autocast(cfg, device):
 
 
 @dataclass
-class BaseImages:
-    """The base model's evaluation images, per protocol (the same at every point and for both methods)."""
+class BaseRewards:
+    """The base model's evaluation rewards, per protocol (the same at every point and for both methods): sampled
+    once per process, or read from the disk's base-evaluation cache (``spo_fast.evaluation.base_cache``; ``use_cache``
+    is false when a run sets ``eval.base_cache=false``)."""
 
-    images: dict = field(default_factory=dict)  # json(protocol) -> (seeds, P, 3, H, W) on the host
+    use_cache: bool = True
+    scores: dict = field(default_factory=dict)  # json(protocol) -> ((S, P) rewards, their components)
+    cache: dict = field(default_factory=dict)  # json(protocol) -> "hit" / "stored" / "off"
     seconds: float = 0.0
 
 
 @dataclass
 class PointEvaluator:
     """The trainer hook: adds up each iteration's costs and seconds, and at the evaluation iterations scores the
-    trained LoRA against the cached base images (``spo_fast.evaluation.heldout.generate`` and ``compare``)."""
+    trained LoRA against the base model's rewards (``BaseRewards``; ``spo_fast.evaluation.heldout``)."""
 
     spec: RunSpec
     points: int
-    base: BaseImages
+    base: BaseRewards
     bar: object = None
     rows: list = field(default_factory=list)  # one dict per evaluated point
     base_stats: dict | None = None
@@ -276,44 +281,60 @@ class PointEvaluator:
             self.bar.update(1)
 
     def evaluate(self, s) -> dict:
-        """base (cached) vs the trained model on the evaluation prompts and seeds: ``evaluation.compare``'s dict."""
+        """base (cached) vs the trained model on the evaluation prompts and seeds: ``evaluation.statistics``' dict."""
         import torch
 
         from spo_fast.core.trainer import eval_prompts, kernel_backend, sampling_unet
         from spo_fast.diffusion.sampling import DDIMSchedule
-        from spo_fast.evaluation.heldout import compare, generate, ground_truth_reward, scorer_reward
+        from spo_fast.evaluation.heldout import (
+            base_scores,
+            generate,
+            ground_truth_reward,
+            score,
+            scorer_reward,
+            statistics,
+        )
 
         t0 = time.perf_counter()
         cfg = self.spec.cfg
         device = next(s.raw_unet.parameters()).device
         prompts = eval_prompts(cfg)
         schedule = DDIMSchedule.from_scheduler(s.comp.scheduler, cfg.sampling.num_steps, device=device)
-        kw = {"latent_shape": s.latent_shape, "backend": kernel_backend(cfg),
+        kw = {"latent_shape": s.latent_shape, "backend": kernel_backend(cfg), "seed_offset": 0,
               "negative_prompt": cfg.sampling.negative_prompt}
-        args = (prompts, cfg.eval.seeds, cfg.sampling.guidance_scale, cfg.sampling.eta, cfg.eval.batch_size, device)
+        args = (cfg.eval.seeds, cfg.sampling.guidance_scale, cfg.sampling.eta, cfg.eval.batch_size, device)
         key = jsonio.dumps(protocol(cfg), sort_keys=True)
         reward = ground_truth_reward if cfg.eval.reward == "ground_truth" else scorer_reward(self.spec.method.scorer)
         was_training = s.raw_unet.training
         s.raw_unet.eval()
         try:
             with torch.no_grad(), _autocast(cfg, device):
-                if key not in self.base.images:
+                if key not in self.base.scores:
                     tb = time.perf_counter()
+                    cache = None
+                    if self.base.use_cache and getattr(reward, "cache_id", None) is not None:
+                        from spo_fast.evaluation.base_cache import BaseEvalCache
+
+                        cache = BaseEvalCache(log=print)  # the trainer's stdout: compare.log
                     with sampling_unet(cfg, s, "base") as unet:  # as the end-of-run evaluation samples
-                        self.base.images[key] = generate(s.comp, unet, schedule, *args, **kw)
+                        rb, comp_b, status = base_scores(s.comp, unet, schedule, prompts, args, kw, reward, cache,
+                                                         cfg.eval.grid_prompts)
+                    self.base.scores[key], self.base.cache[key] = (rb, comp_b), status
                     self.base.seconds += time.perf_counter() - tb
                 with sampling_unet(cfg, s, "trained") as unet:
-                    trained = generate(s.comp, unet, schedule, *args, **kw)
-                # evaluation.rewards scores in fp32 (autocast off) whatever the sampling autocast, as the end-of-run
-                # evaluation does, so the numbers match eval.json
-                stats = compare(self.base.images[key], trained, prompts, reward)
+                    trained = generate(s.comp, unet, schedule, prompts, *args, **kw)
+                # scored in fp32 (autocast off) whatever the sampling autocast, as the end-of-run evaluation does, so
+                # the numbers match eval.json
+                rt, comp_t = score(trained, prompts, reward)
+                rb, comp_b = self.base.scores[key]
+                stats = statistics(rb, rt, comp_b, comp_t, prompts)
         finally:
             s.raw_unet.train(was_training)
         stats["seconds"] = time.perf_counter() - t0
         self.eval_seconds += stats["seconds"]
         if self.base_stats is None:
             self.base_stats = {"reward": stats["reward_base"], "reward_seed_spread": stats["reward_base_seed_spread"],
-                               "reward_per_seed": stats["reward_base_per_seed"]}
+                               "reward_per_seed": stats["reward_base_per_seed"], "base_cache": self.base.cache[key]}
         return stats
 
 
@@ -366,7 +387,7 @@ def pair_production(spec: RunSpec) -> dict:
 
 
 # ----------------------------------------------------------------------------- running
-def train_and_evaluate(spec: RunSpec, points: int, base: BaseImages, log, phase: str, progress: bool) -> dict:
+def train_and_evaluate(spec: RunSpec, points: int, base: BaseRewards, log, phase: str, progress: bool) -> dict:
     """Train one run with the evaluation hook (its own progress bar, ``phase`` like "[1/2]"); its points (point 0 =
     the base model) and settings. The trainer's own lines go to ``log``."""
     from spo_fast.core.trainer import run
@@ -427,7 +448,7 @@ def _open_log(out: Path):
 
 
 def run_compare(args, spo: RunSpec, dpo: RunSpec, out: Path) -> dict:
-    base = BaseImages()
+    base = BaseRewards(use_cache=spo.cfg.eval.base_cache and dpo.cfg.eval.base_cache)
     results = {}
     t0 = time.perf_counter()
     with _quiet_libraries(), _open_log(out) as log:
@@ -506,7 +527,7 @@ def plot(report: dict, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- tune-dpo
 def run_tune(args, specs: list[RunSpec], grid: list[tuple[float, float]], out: Path) -> dict:
-    base = BaseImages()
+    base = BaseRewards(use_cache=all(spec.cfg.eval.base_cache for spec in specs))
     rows = []
     with _quiet_libraries(), _open_log(out) as log:
         for i, (spec, (lr, beta)) in enumerate(zip(specs, grid)):

@@ -99,8 +99,9 @@ def _counted_run(monkeypatch, cfg, method, evaluator=None):
 def test_spo_cost_counts_match_real_calls_and_points_match_the_end_of_run_eval(tmp_path, monkeypatch):
     cfg = load_config("toy_spo", TOY_SPO + [f"log.output_dir={tmp_path}", "eval.enabled=true",
                                             "eval.prompts=toyworld:test", "eval.n_prompts=2", "eval.seeds=2"])
+    monkeypatch.setenv("SPO_FAST_CACHE", str(tmp_path / "cache"))  # an empty base-evaluation cache
     spec = cmp.RunSpec("SPO", "toy_spo", [], cfg, SPO())
-    evaluator = cmp.PointEvaluator(spec, 1, cmp.BaseImages())
+    evaluator = cmp.PointEvaluator(spec, 1, cmp.BaseRewards())
     seen, _ = _counted_run(monkeypatch, cfg, spec.method, evaluator)
     assert len(seen) == 2 and any(row["valid_pairs"] > 0 for row, _ in seen)  # training ran, not only rollouts
     for row, got in seen:
@@ -112,6 +113,8 @@ def test_spo_cost_counts_match_real_calls_and_points_match_the_end_of_run_eval(t
     assert point["reward"] == pytest.approx(ev["reward_trained"], abs=1e-9)
     assert point["win_rate"] == ev["win_rate"] and point["ties"] == ev["ties"]
     assert evaluator.base_stats["reward"] == pytest.approx(ev["reward_base"], abs=1e-9)
+    # the point's base rewards went to the disk cache under the end-of-run evaluation's key: that one found them
+    assert evaluator.base_stats["base_cache"] == "stored" and ev["base_cache"] == "hit"
 
 
 def test_spo_cost_counts_sdxl_inner_steps(tmp_path, monkeypatch):
@@ -167,7 +170,8 @@ def test_summary_text_gives_the_caveat_not_a_meaningless_ratio():
 
 
 # ----------------------------------------------------------------------------- the command
-def test_quick_compare_writes_json_and_png(tmp_path, capsys):
+def test_quick_compare_writes_json_and_png(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SPO_FAST_CACHE", str(tmp_path / "cache"))  # an empty base-evaluation cache
     out = tmp_path / "cmp"
     assert cmp.main(["--quick", "--points", "2", "--no-progress", "--out", str(out)]) == 0
     report = json.loads((out / "compare.json").read_text())
@@ -197,6 +201,18 @@ def test_quick_compare_writes_json_and_png(tmp_path, capsys):
     assert (s["ratio_unet_fwd_eq"] is None) == (s["reason"] is not None and "stays below" in s["reason"])
     assert (out / "compare.png").stat().st_size > 10_000
     assert "wrote" in capsys.readouterr().out
+    assert report["base"]["base_cache"] == "stored"
+    # a second comparison reads the base model's rewards from the disk cache: the same base statistics
+    assert cmp.main(["--quick", "--points", "1", "--no-progress", "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "compare.json").read_text())
+    assert again["base"]["base_cache"] == "hit"
+    assert {k: again["base"][k] for k in ("reward", "reward_per_seed")} == {
+        k: report["base"][k] for k in ("reward", "reward_per_seed")}
+    # and none with the cache off (either side's eval.base_cache=false)
+    assert cmp.main(["--quick", "--points", "1", "--no-progress", "--out", str(tmp_path / "off"),
+                     "--dpo", "eval.base_cache=false"]) == 0
+    off = json.loads((tmp_path / "off" / "compare.json").read_text())
+    assert off["base"]["base_cache"] == "off" and off["base"]["reward"] == report["base"]["reward"]
 
 
 def test_tune_dpo_then_compare_reads_the_choice(tmp_path, monkeypatch):

@@ -308,6 +308,29 @@ def evaluate(comp: Components, base_ctx, trained_ctx, prompts: list[str], seeds:
     return result
 
 
+def base_scores(comp: Components, unet, schedule: DDIMSchedule, prompts: list[str], gen_args: tuple, gen_kw: dict,
+                reward: Callable, cache=None, grid_prompts: int = GRID_PROMPTS):
+    """The base model's (S, P) rewards and their components without its images: from ``cache``'s entry (a
+    ``BaseEvalCache``, or None for none) when it has this base and protocol, else sampled, scored and stored there.
+    The entry is the one ``evaluate`` with the same arguments reads and writes. Returns (rewards, components,
+    "hit" / "stored" / "off")."""
+    from spo_fast.evaluation.grids import covering
+
+    grid_idx = covering(prompts, min(grid_prompts, len(prompts)))
+    if cache is not None:
+        cached = _lookup_base(cache, comp, unet, schedule, prompts, gen_args, gen_kw, reward, grid_idx)
+        if cached is not None:
+            return cached.rewards, cached.components, "hit"
+    images = generate(comp, unet, schedule, prompts, *gen_args, **gen_kw)
+    rb, comp_b = score(images, prompts, reward)
+    if cache is None:
+        return rb, comp_b, "off"
+    from spo_fast.evaluation.base_cache import Entry, to_pixels
+
+    cache.store(Entry(rb, comp_b, to_pixels(images[0, grid_idx])))
+    return rb, comp_b, "stored"
+
+
 def _lookup_base(cache, comp: Components, unet, schedule: DDIMSchedule, prompts: list[str], gen_args: tuple,
                  gen_kw: dict, reward: Callable, grid_idx: list[int]):
     """``cache``'s entry for this base and protocol on this machine (``spo_fast.evaluation.base_cache``), or None."""
