@@ -241,7 +241,7 @@ class BaseRewards:
 
     use_cache: bool = True
     scores: dict = field(default_factory=dict)  # json(protocol) -> ((S, P) rewards, their components)
-    cache: dict = field(default_factory=dict)  # json(protocol) -> "hit" / "stored" / "off"
+    cache_status: dict = field(default_factory=dict)  # json(protocol) -> "hit" / "stored" / "off"
     seconds: float = 0.0
 
 
@@ -319,7 +319,7 @@ class PointEvaluator:
                     with sampling_unet(cfg, s, "base") as unet:  # as the end-of-run evaluation samples
                         rb, comp_b, status = base_scores(s.comp, unet, schedule, prompts, args, kw, reward, cache,
                                                          cfg.eval.grid_prompts)
-                    self.base.scores[key], self.base.cache[key] = (rb, comp_b), status
+                    self.base.scores[key], self.base.cache_status[key] = (rb, comp_b), status
                     self.base.seconds += time.perf_counter() - tb
                 with sampling_unet(cfg, s, "trained") as unet:
                     trained = generate(s.comp, unet, schedule, prompts, *args, **kw)
@@ -334,7 +334,7 @@ class PointEvaluator:
         self.eval_seconds += stats["seconds"]
         if self.base_stats is None:
             self.base_stats = {"reward": stats["reward_base"], "reward_seed_spread": stats["reward_base_seed_spread"],
-                               "reward_per_seed": stats["reward_base_per_seed"], "base_cache": self.base.cache[key]}
+                               "reward_per_seed": stats["reward_base_per_seed"], "base_cache": self.base.cache_status[key]}
         return stats
 
 
