@@ -526,26 +526,115 @@ def plot(report: dict, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- tune-dpo
-def run_tune(args, specs: list[RunSpec], grid: list[tuple[float, float]], out: Path) -> dict:
+TUNE_RULE = ("the (lr, beta, run length) whose lowest validation margin over the training seeds is the highest (ties: "
+             "the higher mean margin, then the shorter run); the run lengths are the evaluation points, each the same "
+             "model as a run stopped there (constant lr after warmup, batches a function of the iteration)")
+
+
+def choose(rows: list[dict]) -> tuple[dict, list[dict]]:
+    """DPO's setting from tune-dpo's runs (``rows``: one per lr x beta x seed, each with its ``points``). Every
+    evaluation point of a run is a candidate run length; a candidate is scored on every seed of the grid by its
+    validation margin, and the chosen one has the highest lowest margin (``TUNE_RULE``). Returns (chosen, every
+    candidate)."""
+    seeds = sorted({r["seed"] for r in rows})
+    by_candidate: dict[tuple, dict] = {}
+    for r in rows:
+        for p in r["points"][1:]:  # point 0 is the base model
+            by_candidate.setdefault((r["lr"], r["beta"], p["iteration"]), {})[r["seed"]] = p
+    table = []
+    for (lr, beta, iters), by_seed in sorted(by_candidate.items()):
+        if sorted(by_seed) != seeds:  # a run length that not every seed evaluated (runs of different lengths)
+            continue
+        pts = [by_seed[s] for s in seeds]
+        margins = [p["margin"] if p["margin"] is not None else -math.inf for p in pts]  # None: a diverged run
+        table.append({"lr": lr, "beta": beta, "max_iterations": iters, "seeds": seeds, "margins": margins,
+                      "min_margin": min(margins), "mean_margin": sum(margins) / len(margins),
+                      "rewards": [p["reward"] for p in pts], "win_rates": [p["win_rate"] for p in pts],
+                      "unet_fwd_eq": pts[0]["unet_fwd_eq"]})
+    if not table:
+        raise CompareError("tune-dpo: no run length was evaluated on every seed (give the runs one length)")
+    best = max(table, key=lambda c: (c["min_margin"], c["mean_margin"], -c["max_iterations"]))
+    chosen = {**{k: best[k] for k in ("lr", "beta", "max_iterations", "seeds", "margins", "min_margin",
+                                      "mean_margin")},
+              "reward": _mean([x for x in best["rewards"] if x is not None]),
+              "win_rate": _mean([w for w in best["win_rates"] if w is not None]), "rule": TUNE_RULE}
+    return chosen, table
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def tune_report(rows: list[dict], proto: dict, base: dict, recipe: str, overrides: list[str], sources=None) -> dict:
+    chosen, candidates = choose(rows)
+    report = {"split": "validation", "protocol": proto, "base": base, "recipe": recipe, "overrides": overrides,
+              "grid": rows, "candidates": candidates, "chosen": chosen}
+    if sources:
+        report["from_records"] = sources
+    return _nan_to_none(report)
+
+
+def run_tune(args, specs: list[RunSpec], grid: list[tuple[float, float, int]], out: Path) -> dict:
     base = BaseRewards(use_cache=all(spec.cfg.eval.base_cache for spec in specs))
     rows = []
     with _quiet_libraries(), _open_log(out) as log:
-        for i, (spec, (lr, beta)) in enumerate(zip(specs, grid)):
+        for i, (spec, (lr, beta, seed)) in enumerate(zip(specs, grid)):
             res = train_and_evaluate(spec, args.points, base, log, f"[{i + 1}/{len(specs)}]", args.progress)
             fin = res["final"]
-            rows.append({"lr": lr, "beta": beta, "reward": fin["reward"], "win_rate": fin["win_rate"],
+            rows.append({"lr": lr, "beta": beta, "seed": seed, "reward": fin["reward"], "win_rate": fin["win_rate"],
                          "margin": fin["margin"], "ties": fin["ties"], "iterations": spec.total,
                          "unet_fwd_eq": fin["unet_fwd_eq"], "train_seconds": fin["train_seconds"],
                          "points": res["points"], "output_dir": spec.cfg.log.output_dir})
             log.flush()
             base_stats = res["base"]
-    best = max(rows, key=lambda r: r["reward"])
-    report = _nan_to_none({
-        "split": "validation", "protocol": protocol(specs[0].cfg), "base": base_stats,
-        "recipe": args.dpo_recipe, "overrides": args.dpo or [], "grid": rows,
-        "chosen": {"lr": best["lr"], "beta": best["beta"], "reward": best["reward"], "win_rate": best["win_rate"],
-                   "rule": "highest validation reward at the end of the run"},
-    })
+    report = tune_report(rows, protocol(specs[0].cfg), base_stats, args.dpo_recipe, args.dpo or [])
+    (out / "tune_dpo.json").write_text(jsonio.dumps(report, indent=1) + "\n")
+    return report
+
+
+def _record_seed(row: dict, record: dict, path: Path) -> int:
+    """A grid row's training seed: its own ``seed``, or (records of one seed each) the record's train.seed
+    override."""
+    if row.get("seed") is not None:
+        return int(row["seed"])
+    seeds = [o.split("=", 1)[1] for o in record.get("overrides") or [] if o.replace(" ", "").startswith("train.seed=")]
+    if not seeds:
+        raise CompareError(f"--from-records {path}: its runs name no training seed (neither a grid row's 'seed' "
+                           "nor a train.seed=S override)")
+    return int(seeds[-1])
+
+
+def tune_from_records(paths: list[Path], out: Path) -> dict:
+    """tune-dpo's choice over runs already made (e.g. one seed per machine): the grids of several tune_dpo.json
+    files, which must share the validation protocol and base, chosen again with ``choose``."""
+    rows, first = [], None
+    for path in paths:
+        if not path.is_file():
+            raise CompareError(f"--from-records {path}: no such file (tune-dpo writes OUT/tune_dpo.json)")
+        try:
+            record = json.loads(path.read_text())
+            grid, base, _ = record["grid"], record["base"], record["protocol"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CompareError(f"--from-records {path}: not a tune_dpo.json ({_one_line(e)})") from e
+        if first is None:
+            first = (path, record)
+        ref = first[1]
+        for key, what in (("protocol", "evaluation protocol"), ("recipe", "DPO recipe")):
+            if record.get(key) != ref.get(key):
+                raise CompareError(f"--from-records {path}: another {what} than {first[0]} ({key} differs); "
+                                   "only runs evaluated alike can be chosen between")
+        if base.get("reward") != ref["base"].get("reward"):
+            raise CompareError(f"--from-records {path}: base reward {base.get('reward')} differs from {first[0]}'s "
+                               f"{ref['base'].get('reward')} (another base model or machine arithmetic)")
+        rows += [{**row, "seed": _record_seed(row, record, path)} for row in grid]
+    keys = [(r["lr"], r["beta"], r["seed"]) for r in rows]
+    if len(set(keys)) != len(keys):
+        raise CompareError("--from-records: the same lr, beta and seed appear twice (give each run once)")
+    ref = first[1]
+    overrides = [o for o in ref.get("overrides") or [] if not o.replace(" ", "").startswith("train.seed=")]
+    report = tune_report(rows, ref["protocol"], ref["base"], ref.get("recipe"), overrides,
+                         sources=[str(p) for p in paths])
+    out.mkdir(parents=True, exist_ok=True)
     (out / "tune_dpo.json").write_text(jsonio.dumps(report, indent=1) + "\n")
     return report
 
@@ -561,13 +650,25 @@ def _floats(text: str) -> list[float]:
     return vals
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
+    if not vals or len(set(vals)) != len(vals):
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more distinct integers, e.g. 0,1,2")
+    return vals
+
+
 def _parser(tune: bool) -> argparse.ArgumentParser:
     if tune:
         p = _Parser(prog="python -m spo_fast.compare tune-dpo",
-                    description="Choose Diffusion-DPO's lr and beta on the toy world's VALIDATION prompts: train DPO "
-                                "for every lr x beta of the grid, evaluate each at the end (ground truth, the "
-                                "comparison's protocol), write tune_dpo.json with every setting and the chosen one "
-                                "(highest validation reward). Then: python -m spo_fast.compare --dpo-from "
+                    description="Choose Diffusion-DPO's lr, beta and run length on the toy world's VALIDATION "
+                                "prompts: train DPO for every lr x beta (x training seed) of the grid, evaluate each "
+                                "at --points regular points of its run (ground truth, the comparison's protocol; "
+                                "each point is a candidate run length), write tune_dpo.json with every run, every "
+                                "candidate and the chosen one: the highest lowest validation margin over the seeds "
+                                "(one seed: the highest margin). Then: python -m spo_fast.compare --dpo-from "
                                 "OUT/tune_dpo.json.")
     else:
         p = _Parser(prog="python -m spo_fast.compare",
@@ -583,8 +684,8 @@ def _parser(tune: bool) -> argparse.ArgumentParser:
                    help=f"output directory (default: {DEFAULT_OUT}); each run trains in a subdirectory of it")
     p.add_argument("--points", type=int, default=1 if tune else 4,
                    help="evaluations per run, at regular iterations (the last at the end of the run)"
-                        + ("; the choice uses the last (default: 1)" if tune else "; the base model is point 0 "
-                                                                                    "(default: 4)"))
+                        + ("; each is a candidate run length (default: 1: the end only)" if tune
+                           else "; the base model is point 0 (default: 4)"))
     if not tune:
         p.add_argument("--split", choices=tuple(SPLITS), default="test",
                        help="evaluation prompts: test = toyworld:test, the first 64 held-out prompts (default; the "
@@ -602,11 +703,18 @@ def _parser(tune: bool) -> argparse.ArgumentParser:
         p.add_argument("--betas", type=_floats, default=list(TUNE_BETAS),
                        help="comma-separated dpo.beta values (default: " + ",".join(f"{b:g}" for b in TUNE_BETAS)
                             + ")")
+        p.add_argument("--seeds", type=_ints, default=None,
+                       help="comma-separated train.seed values: every setting is trained on each, and the choice "
+                            "maximizes its lowest margin over them (default: the recipe's train.seed)")
+        p.add_argument("--from-records", type=Path, nargs="+", default=None, metavar="FILE",
+                       help="train nothing: choose again over the runs of these tune_dpo.json files (e.g. one seed "
+                            "per machine; they must share the protocol, recipe and base) and write OUT/tune_dpo.json")
     else:
         p.add_argument("--dpo-lr", type=float, default=None, help="DPO's learning rate (wins over --dpo-from)")
         p.add_argument("--dpo-beta", type=float, default=None, help="DPO's dpo.beta (wins over --dpo-from)")
         p.add_argument("--dpo-from", type=Path, default=None, metavar="FILE",
-                       help="take DPO's lr and beta from the 'chosen' entry of a tune_dpo.json")
+                       help="take DPO's lr, beta and run length (train.max_iterations, where the file has one; "
+                            "a --dpo train.max_iterations=N wins) from the 'chosen' entry of a tune_dpo.json")
     p.add_argument("--quick", action="store_true",
                    help="a seconds-long smoke version: 2 iterations per run, 4 sampling steps, 2 prompts x 1 seed "
                         "(applied before --spo/--dpo overrides)")
@@ -634,16 +742,19 @@ def _check_overrides(items: list[str] | None, flag: str) -> list[str]:
     return items
 
 
-def _dpo_from(path: Path) -> tuple[float, float]:
+def _dpo_from(path: Path) -> tuple[float, float, int | None]:
+    """The chosen lr, beta and run length (None in files written before tune-dpo chose one) of a tune_dpo.json."""
     if not path.is_file():
         raise CompareError(f"--dpo-from {path}: no such file (write one with: python -m spo_fast.compare tune-dpo)")
     try:
         chosen = json.loads(path.read_text())["chosen"]
         lr, beta = float(chosen["lr"]), float(chosen["beta"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        iters = chosen.get("max_iterations")
+        iters = None if iters is None else int(iters)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CompareError(f"--dpo-from {path}: not a tune_dpo.json with a 'chosen' lr and beta ({_one_line(e)})"
                            ) from e
-    return lr, beta
+    return lr, beta, iters
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -655,19 +766,34 @@ def main(argv: list[str] | None = None) -> int:
             raise CompareError(f"--points={args.points}: must be >= 1")
         out = args.out.expanduser()
         quick = QUICK["common"] if args.quick else []
-        dpo_extra = quick + (QUICK["dpo"] if args.quick else []) + _check_overrides(args.dpo, "--dpo")
+        user_dpo = _check_overrides(args.dpo, "--dpo")
+        dpo_extra = quick + (QUICK["dpo"] if args.quick else []) + user_dpo
+        if tune and args.from_records:
+            report = tune_from_records([f.expanduser() for f in args.from_records], out)
+            _print_choice(report, out)
+            return 0
         if tune:
             args.split = "validation"
-            grid = [(lr, beta) for lr in args.lrs for beta in args.betas]
-            specs = [make_spec(f"DPO lr={lr:g} beta={beta:g}", args.dpo_recipe, "dpo",
-                               out / "tune_dpo" / f"lr{lr:g}_beta{beta:g}", "validation",
-                               dpo_extra + [f"train.lr={lr}", f"dpo.beta={beta}"]) for lr, beta in grid]
+            if args.seeds and any(o.replace(" ", "").startswith("train.seed=") for o in user_dpo):
+                raise CompareError("--seeds with --dpo train.seed=...: give the training seeds with --seeds only")
+            grid = [(lr, beta, seed) for lr in args.lrs for beta in args.betas for seed in (args.seeds or [None])]
+            specs = []
+            for lr, beta, seed in grid:
+                tag = "" if seed is None else f" seed={seed}"
+                specs.append(make_spec(f"DPO lr={lr:g} beta={beta:g}{tag}", args.dpo_recipe, "dpo",
+                                       out / "tune_dpo" / (f"lr{lr:g}_beta{beta:g}" + tag.replace(" seed=", "_seed")),
+                                       "validation", dpo_extra + [f"train.lr={lr}", f"dpo.beta={beta}"]
+                                       + ([] if seed is None else [f"train.seed={seed}"])))
+            grid = [(lr, beta, spec.cfg.train.seed) for (lr, beta, _), spec in zip(grid, specs)]
         else:
             spo_extra = quick + (QUICK["spo"] if args.quick else []) + _check_overrides(args.spo, "--spo")
             chosen, args.dpo_source = [], "the recipe and --dpo overrides"
             if args.dpo_from is not None:
-                lr, beta = _dpo_from(args.dpo_from.expanduser())
+                lr, beta, iters = _dpo_from(args.dpo_from.expanduser())
                 chosen += [f"train.lr={lr}", f"dpo.beta={beta}"]
+                if iters is not None:  # before the user's overrides: --dpo train.max_iterations=N wins
+                    dpo_extra = dpo_extra[:len(dpo_extra) - len(user_dpo)] + [f"train.max_iterations={iters}"] \
+                        + user_dpo
                 args.dpo_source = str(args.dpo_from)
             if args.dpo_lr is not None:
                 chosen.append(f"train.lr={args.dpo_lr}")
@@ -684,10 +810,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if tune:
-            report = run_tune(args, specs, grid, out)
-            c = report["chosen"]
-            print(f"[spo_fast.compare] chose lr={c['lr']:g} beta={c['beta']:g} (validation reward {c['reward']:.4f}, "
-                  f"base {report['base']['reward']:.4f}); wrote {out / 'tune_dpo.json'}")
+            _print_choice(run_tune(args, specs, grid, out), out)
         else:
             report = run_compare(args, *specs, out)
             print(summary_text(report))
@@ -702,6 +825,14 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _print_choice(report: dict, out: Path) -> None:
+    c = report["chosen"]
+    margins = " / ".join(f"{m:+.4f}" for m in c["margins"])
+    print(f"[spo_fast.compare] chose lr={c['lr']:g} beta={c['beta']:g} max_iterations={c['max_iterations']} "
+          f"(validation margin {margins} on train.seed {'/'.join(map(str, c['seeds']))}; base "
+          f"{report['base']['reward']:.4f}); wrote {out / 'tune_dpo.json'}")
 
 
 def summary_text(report: dict) -> str:

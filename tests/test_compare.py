@@ -234,6 +234,52 @@ def test_tune_dpo_then_compare_reads_the_choice(tmp_path, monkeypatch):
     monkeypatch.setattr(cmp, "run_compare", stop)
     assert cmp.main(["--quick", "--dpo-from", str(out / "tune_dpo.json"), "--out", str(tmp_path / "c")]) == 130
     assert seen == {"lr": best["lr"], "beta": best["beta"]}
+    assert report["chosen"]["max_iterations"] == 1
+
+
+def test_tune_dpo_chooses_a_run_length_over_seeds_and_from_records(tmp_path, monkeypatch):
+    """Every point is a candidate run length: the model at iteration 1 of a 2-iteration run is the model of a run
+    stopped at 1 (the same validation reward, bit for bit); the choice maximizes the lowest margin over the seeds,
+    and --from-records makes the same choice from runs made separately; --dpo-from hands on the run length."""
+    quick = ["tune-dpo", "--quick", "--no-progress", "--lrs", "1e-3", "--betas", "5000"]
+    both = tmp_path / "both"
+    assert cmp.main([*quick, "--points", "2", "--seeds", "0,1", "--out", str(both)]) == 0
+    rep = json.loads((both / "tune_dpo.json").read_text())
+    assert [(g["seed"], [p["iteration"] for p in g["points"]]) for g in rep["grid"]] == [(0, [0, 1, 2]), (1, [0, 1, 2])]
+    cands = {c["max_iterations"]: c for c in rep["candidates"]}
+    assert sorted(cands) == [1, 2]
+    for it, c in cands.items():
+        assert c["margins"] == [g["points"][it]["margin"] for g in rep["grid"]]
+        assert c["min_margin"] == min(c["margins"])
+    best = max(cands.values(), key=lambda c: (c["min_margin"], c["mean_margin"], -c["max_iterations"]))
+    assert {k: rep["chosen"][k] for k in ("max_iterations", "margins")} == {
+        k: best[k] for k in ("max_iterations", "margins")}
+    # seed 1 for 2 iterations and seed 0 stopped at 1, made separately: only run length 1 has both seeds
+    assert cmp.main([*quick, "--points", "2", "--dpo", "train.seed=1", "--out", str(tmp_path / "s1")]) == 0
+    assert cmp.main([*quick, "--dpo", "train.seed=0", "--dpo", "train.max_iterations=1",
+                     "--out", str(tmp_path / "s0")]) == 0
+    merged = tmp_path / "merged"
+    assert cmp.main(["tune-dpo", "--from-records", str(tmp_path / "s1" / "tune_dpo.json"),
+                     str(tmp_path / "s0" / "tune_dpo.json"), "--out", str(merged)]) == 0
+    rec = json.loads((merged / "tune_dpo.json").read_text())
+    assert [c["max_iterations"] for c in rec["candidates"]] == [1]
+    assert rec["chosen"]["margins"] == cands[1]["margins"]  # seed 0 stopped at 1 == seed 0's point at 1
+    seen = {}
+
+    def stop(args, spo, dpo, out_dir):
+        seen.update(iters=dpo.cfg.train.max_iterations)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cmp, "run_compare", stop)
+    dpo_from = ["--quick", "--dpo-from", str(merged / "tune_dpo.json"), "--out", str(tmp_path / "c")]
+    assert cmp.main(dpo_from) == 130 and seen == {"iters": 1}
+    assert cmp.main([*dpo_from, "--dpo", "train.max_iterations=3"]) == 130 and seen == {"iters": 3}
+    # runs that were evaluated on another base cannot be chosen between
+    other = json.loads((tmp_path / "s0" / "tune_dpo.json").read_text())
+    other["base"]["reward"] += 1.0
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert cmp.main(["tune-dpo", "--from-records", str(tmp_path / "s1" / "tune_dpo.json"),
+                     str(tmp_path / "other.json"), "--out", str(tmp_path / "x")]) == 2
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -247,6 +293,9 @@ def test_tune_dpo_then_compare_reads_the_choice(tmp_path, monkeypatch):
     (["--split", "train"], "invalid choice"),
     (["--points", "x"], "invalid int"),
     (["tune-dpo", "--lrs", "fast"], "comma-separated"),
+    (["tune-dpo", "--seeds", "0,0"], "distinct integers"),
+    (["tune-dpo", "--seeds", "0,1", "--dpo", "train.seed=3"], "--seeds only"),
+    (["tune-dpo", "--from-records", "/nonexistent/tune_dpo.json"], "no such file"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_any_model(tmp_path, monkeypatch, capsys, argv, needle):
     from spo_fast.core import trainer
