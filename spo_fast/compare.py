@@ -769,6 +769,13 @@ def main(argv: list[str] | None = None) -> int:
         user_dpo = _check_overrides(args.dpo, "--dpo")
         dpo_extra = quick + (QUICK["dpo"] if args.quick else []) + user_dpo
         if tune and args.from_records:
+            given = [flag for flag, on in (("--seeds", args.seeds is not None), ("--dpo", bool(args.dpo)),
+                                           ("--lrs", args.lrs != list(TUNE_LRS)),
+                                           ("--betas", args.betas != list(TUNE_BETAS)), ("--points", args.points != 1),
+                                           ("--quick", args.quick)) if on]
+            if given:
+                raise CompareError(f"--from-records trains nothing: {', '.join(given)} would not apply (the records "
+                                   "hold their runs' settings)")
             report = tune_from_records([f.expanduser() for f in args.from_records], out)
             _print_choice(report, out)
             return 0

@@ -296,6 +296,7 @@ def test_tune_dpo_chooses_a_run_length_over_seeds_and_from_records(tmp_path, mon
     (["tune-dpo", "--seeds", "0,0"], "distinct integers"),
     (["tune-dpo", "--seeds", "0,1", "--dpo", "train.seed=3"], "--seeds only"),
     (["tune-dpo", "--from-records", "/nonexistent/tune_dpo.json"], "no such file"),
+    (["tune-dpo", "--from-records", "a.json", "--lrs", "1e-3"], "would not apply"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_any_model(tmp_path, monkeypatch, capsys, argv, needle):
     from spo_fast.core import trainer
