@@ -272,7 +272,7 @@ class PointEvaluator:
                               "unet_fwd_eq": round(self.cum["unet_fwd_eq"]), "spm_fwd": round(self.cum["spm_fwd"]),
                               "train_seconds": self.cum["train_seconds"],
                               "reward": stats["reward_trained"], "win_rate": stats["win_rate"],
-                              "margin": stats["margin"], "ties": stats["ties"],
+                              "margin": stats["margin"], "margin_se": stats["margin_se"], "ties": stats["ties"],
                               "reward_per_seed": stats["reward_trained_per_seed"],
                               "eval_seconds": stats["seconds"]})
             if self.bar is not None:

@@ -187,7 +187,7 @@ def test_quick_compare_writes_json_and_png(tmp_path, capsys, monkeypatch):
             assert vals == sorted(vals), (name, key)
         assert pts[-1]["unet_fwd_eq"] > pts[1]["unet_fwd_eq"] > 0
         for p in pts[1:]:
-            assert {"reward", "win_rate", "margin", "ties", "train_seconds", "spm_fwd"} <= p.keys()
+            assert {"reward", "win_rate", "margin", "margin_se", "ties", "train_seconds", "spm_fwd"} <= p.keys()
             assert 0 <= p["win_rate"] <= 1
         # the logged costs are the trainer's own (metrics.jsonl)
         rows = [json.loads(x) for x in (Path(res["settings"]["output_dir"]) / "metrics.jsonl").read_text().splitlines()]

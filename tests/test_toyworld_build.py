@@ -135,6 +135,7 @@ def test_compare_statistics():
     assert r["reward_base_seed_spread"] == pytest.approx(per_seed.std().item())
     same = evaluation.compare(good, good, prompts, evaluation.ground_truth_reward)
     assert same["win_rate"] == 0 and same["ties"] == 12 and same["margin"] == 0
+    assert same["margin_se"] == 0 and r["margin_se"] > 0  # paired: identical images leave no error
 
 
 def test_main_job_reduced_end_to_end(tmp_path):
