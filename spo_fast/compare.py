@@ -34,9 +34,10 @@ rewards are computed once per process, or read from the disk cache that the end-
 (``spo_fast.evaluation.base_cache``: exact, keyed by the base, the protocol and this machine's arithmetic): a point
 costs only the trained model's samples. The base model is point 0 (cost 0) of both curves.
 
-**DPO gets a fair chance.** ``tune-dpo`` trains DPO on a grid of lr x beta and evaluates each on the validation
-split only, writing ``tune_dpo.json`` with the chosen setting (highest validation reward); ``--dpo-from
-tune_dpo.json`` (or ``--dpo-lr``/``--dpo-beta``) makes the comparison use it.
+**DPO gets a fair chance.** ``tune-dpo`` trains DPO on a grid of lr x beta (x ``--seeds``) and evaluates each at
+``--points`` points on the validation split only; every point is a candidate run length, and ``tune_dpo.json``'s
+chosen setting is the (lr, beta, run length) with the highest lowest validation margin over the seeds
+(``TUNE_RULE``); ``--dpo-from tune_dpo.json`` (or ``--dpo-lr``/``--dpo-beta``) makes the comparison use it.
 
 **Summary.** The smallest SPO cost (forward-equivalents, and separately seconds; linear interpolation between
 points) at which SPO's reward reaches DPO's final reward, and its ratio to DPO's final cost (and, for
