@@ -10,7 +10,8 @@ every other held-out prompt from the 65th on. The script adds three sets of 64 t
 prompts, evenly spaced, whose colour is / is not red, green or blue), and evaluates every LoRA on all five with the
 end-of-run protocol (``python -m spo_fast.evaluate``: 64 prompts x ``--seeds`` seeds, base and trained on the same
 noise, the ground truth; the base's half from the base-evaluation cache when it has it). Writes
-``OUT/split_shift.json``: per set its colour counts, and per LoRA and set the margin with its paired standard error,
+``OUT/split_shift.json``: per set its colour counts, the shipped training pairs per colour (rows, pairs without ties,
+mean ground-truth gap between winner and loser), and per LoRA and set the margin with its paired standard error,
 the win rate, the ties and each ground-truth component's change.
 """
 from __future__ import annotations
@@ -34,9 +35,31 @@ def prompt_sets() -> dict[str, list[world.Attributes]]:
     def spaced(attrs: list, n: int = 64) -> list:
         return attrs[::max(1, len(attrs) // n)][:n]
 
-    return {"test": held[:64], "validation": held[64:192:2], "heldout_other": held[65:192:2],
+    return {"test": [world.parse_prompt(t) for t in world.test_prompts()],
+            "validation": [world.parse_prompt(t) for t in world.validation_prompts()],
+            "heldout_other": held[65:192:2],
             "train_rgb": spaced([a for a in train if a.color in RGB]),
             "train_other": spaced([a for a in train if a.color not in RGB])}
+
+
+def pairs_by_colour() -> dict:
+    """The shipped training pairs per object colour: rows, ties, and the mean ground-truth gap between winner and
+    loser of the pairs without ties (pairs_train.parquet's score_0/score_1)."""
+    import pyarrow.parquet as pq
+
+    from spo_fast.diffusion.models import toyworld_assets
+
+    t = pq.read_table(toyworld_assets() / "pairs_train.parquet", columns=["caption", "label_0", "score_0", "score_1"])
+    out: dict[str, dict] = {}
+    for cap, lab, s0, s1 in zip(*(t.column(c).to_pylist() for c in t.column_names)):
+        row = out.setdefault(world.parse_prompt(cap).color, {"rows": 0, "ties": 0, "gap_sum": 0.0})
+        row["rows"] += 1
+        if lab == 0.5:
+            row["ties"] += 1
+        else:
+            row["gap_sum"] += abs(s0 - s1)
+    return {c: {"rows": r["rows"], "pairs_without_ties": r["rows"] - r["ties"],
+                "mean_gap": r["gap_sum"] / max(1, r["rows"] - r["ties"])} for c, r in out.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"sets": {name: {"colors": dict(Counter(a.color for a in attrs)),
                               "backgrounds": dict(Counter(a.background for a in attrs))}
                        for name, attrs in sets.items()},
-              "seeds": args.seeds, "loras": {}}
+              "pairs_by_colour": pairs_by_colour(), "seeds": args.seeds, "loras": {}}
     for name, attrs in sets.items():
         (args.out / f"{name}.txt").write_text("".join(a.prompt + "\n" for a in attrs))
     for i, lora in enumerate(args.lora):

@@ -575,14 +575,15 @@ def tune_report(rows: list[dict], proto: dict, base: dict, recipe: str, override
     return _nan_to_none(report)
 
 
-def run_tune(args, specs: list[RunSpec], grid: list[tuple[float, float, int]], out: Path) -> dict:
+def run_tune(args, specs: list[RunSpec], out: Path) -> dict:
     base = BaseRewards(use_cache=all(spec.cfg.eval.base_cache for spec in specs))
     rows = []
     with _quiet_libraries(), _open_log(out) as log:
-        for i, (spec, (lr, beta, seed)) in enumerate(zip(specs, grid)):
+        for i, spec in enumerate(specs):
             res = train_and_evaluate(spec, args.points, base, log, f"[{i + 1}/{len(specs)}]", args.progress)
-            fin = res["final"]
-            rows.append({"lr": lr, "beta": beta, "seed": seed, "reward": fin["reward"], "win_rate": fin["win_rate"],
+            fin, c = res["final"], spec.cfg
+            rows.append({"lr": c.train.lr, "beta": c.dpo.beta, "seed": c.train.seed, "reward": fin["reward"],
+                         "win_rate": fin["win_rate"],
                          "margin": fin["margin"], "ties": fin["ties"], "iterations": spec.total,
                          "unet_fwd_eq": fin["unet_fwd_eq"], "train_seconds": fin["train_seconds"],
                          "points": res["points"], "output_dir": spec.cfg.log.output_dir})
@@ -593,12 +594,16 @@ def run_tune(args, specs: list[RunSpec], grid: list[tuple[float, float, int]], o
     return report
 
 
+def _is_seed_override(item: str) -> bool:
+    return item.replace(" ", "").startswith("train.seed=")
+
+
 def _record_seed(row: dict, record: dict, path: Path) -> int:
     """A grid row's training seed: its own ``seed``, or (records of one seed each) the record's train.seed
     override."""
     if row.get("seed") is not None:
         return int(row["seed"])
-    seeds = [o.split("=", 1)[1] for o in record.get("overrides") or [] if o.replace(" ", "").startswith("train.seed=")]
+    seeds = [o.split("=", 1)[1] for o in record.get("overrides") or [] if _is_seed_override(o)]
     if not seeds:
         raise CompareError(f"--from-records {path}: its runs name no training seed (neither a grid row's 'seed' "
                            "nor a train.seed=S override)")
@@ -632,7 +637,7 @@ def tune_from_records(paths: list[Path], out: Path) -> dict:
     if len(set(keys)) != len(keys):
         raise CompareError("--from-records: the same lr, beta and seed appear twice (give each run once)")
     ref = first[1]
-    overrides = [o for o in ref.get("overrides") or [] if not o.replace(" ", "").startswith("train.seed=")]
+    overrides = [o for o in ref.get("overrides") or [] if not _is_seed_override(o)]
     report = tune_report(rows, ref["protocol"], ref["base"], ref.get("recipe"), overrides,
                          sources=[str(p) for p in paths])
     out.mkdir(parents=True, exist_ok=True)
@@ -768,7 +773,8 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out.expanduser()
         quick = QUICK["common"] if args.quick else []
         user_dpo = _check_overrides(args.dpo, "--dpo")
-        dpo_extra = quick + (QUICK["dpo"] if args.quick else []) + user_dpo
+        dpo_quick = quick + (QUICK["dpo"] if args.quick else [])
+        dpo_extra = dpo_quick + user_dpo
         if tune and args.from_records:
             given = [flag for flag, on in (("--seeds", args.seeds is not None), ("--dpo", bool(args.dpo)),
                                            ("--lrs", args.lrs != list(TUNE_LRS)),
@@ -782,17 +788,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if tune:
             args.split = "validation"
-            if args.seeds and any(o.replace(" ", "").startswith("train.seed=") for o in user_dpo):
+            if args.seeds and any(_is_seed_override(o) for o in user_dpo):
                 raise CompareError("--seeds with --dpo train.seed=...: give the training seeds with --seeds only")
-            grid = [(lr, beta, seed) for lr in args.lrs for beta in args.betas for seed in (args.seeds or [None])]
-            specs = []
-            for lr, beta, seed in grid:
-                tag = "" if seed is None else f" seed={seed}"
-                specs.append(make_spec(f"DPO lr={lr:g} beta={beta:g}{tag}", args.dpo_recipe, "dpo",
-                                       out / "tune_dpo" / (f"lr{lr:g}_beta{beta:g}" + tag.replace(" seed=", "_seed")),
-                                       "validation", dpo_extra + [f"train.lr={lr}", f"dpo.beta={beta}"]
-                                       + ([] if seed is None else [f"train.seed={seed}"])))
-            grid = [(lr, beta, spec.cfg.train.seed) for (lr, beta, _), spec in zip(grid, specs)]
+            specs = [make_spec(f"DPO lr={lr:g} beta={beta:g}" + ("" if seed is None else f" seed={seed}"),
+                               args.dpo_recipe, "dpo",
+                               out / "tune_dpo" / (f"lr{lr:g}_beta{beta:g}" + ("" if seed is None else f"_seed{seed}")),
+                               "validation", dpo_extra + [f"train.lr={lr}", f"dpo.beta={beta}"]
+                               + ([] if seed is None else [f"train.seed={seed}"]))
+                     for lr in args.lrs for beta in args.betas for seed in (args.seeds or [None])]
         else:
             spo_extra = quick + (QUICK["spo"] if args.quick else []) + _check_overrides(args.spo, "--spo")
             chosen, args.dpo_source = [], "the recipe and --dpo overrides"
@@ -800,8 +803,7 @@ def main(argv: list[str] | None = None) -> int:
                 lr, beta, iters = _dpo_from(args.dpo_from.expanduser())
                 chosen += [f"train.lr={lr}", f"dpo.beta={beta}"]
                 if iters is not None:  # before the user's overrides: --dpo train.max_iterations=N wins
-                    dpo_extra = dpo_extra[:len(dpo_extra) - len(user_dpo)] + [f"train.max_iterations={iters}"] \
-                        + user_dpo
+                    dpo_extra = dpo_quick + [f"train.max_iterations={iters}"] + user_dpo
                 args.dpo_source = str(args.dpo_from)
             if args.dpo_lr is not None:
                 chosen.append(f"train.lr={args.dpo_lr}")
@@ -818,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if tune:
-            _print_choice(run_tune(args, specs, grid, out), out)
+            _print_choice(run_tune(args, specs, out), out)
         else:
             report = run_compare(args, *specs, out)
             print(summary_text(report))

@@ -140,14 +140,12 @@ def statistics(rb: torch.Tensor, rt: torch.Tensor, comp_b: dict, comp_t: dict, p
     seeds = rb.shape[0]
     per_seed_base = rb.mean(1)
     spread = per_seed_base.std().item() if seeds > 1 else float("nan")
+    m = metric_statistics(rb, rt)
     result = {
-        "n_prompts": len(prompts), "n_seeds": seeds,
-        "reward_base": rb.mean().item(), "reward_trained": rt.mean().item(),
-        "margin": (rt - rb).mean().item(),
-        # the margin's standard error over the S * P paired images: how far the margin moves when the trained
-        # model's small changes re-draw individual images (the seed spread below is the base's own variation)
-        "margin_se": metric_statistics(rb, rt)["margin_se"],
-        "win_rate": (rt > rb).double().mean().item(), "ties": int((rt == rb).sum()),
+        "n_prompts": len(prompts), "n_seeds": seeds, "reward_base": m["base"], "reward_trained": m["trained"],
+        # margin_se: the margin's standard error over the S * P paired images, how far the margin moves when the
+        # trained model's small changes re-draw individual images (the seed spread is the base's own variation)
+        "margin": m["margin"], "margin_se": m["margin_se"], "win_rate": m["win_rate"], "ties": m["ties"],
         "reward_base_seed_spread": spread,
         "reward_base_per_seed": per_seed_base.tolist(), "reward_trained_per_seed": rt.mean(1).tolist(),
     }
