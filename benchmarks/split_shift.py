@@ -1,11 +1,12 @@
-"""Do the toy world's validation prompts stand for its test prompts? The colour make-up of each prompt set, and a
+"""Did the toy world's former validation prompts stand for its former test prompts? The colour make-up of each prompt set, and a
 trained LoRA's margin over the base on prompt sets that separate *colour* from *held-out-ness* (docs/toy_world.md,
 "DPO's run length chosen on whole validation curves, and why validation did not predict test").
 
     python benchmarks/split_shift.py --lora outputs/toy_dpo/lora [--lora DIR ...] [--out outputs/split_shift]
 
-The test prompts are the first 64 held-out prompts in the world's colour-major order; the validation prompts are
-every other held-out prompt from the 65th on. The script adds three sets of 64 that cross the two factors:
+The former splits (before ``toyworld:test``/``toyworld:validation`` were stratified by colour): ``test``, the first
+64 held-out prompts in the world's colour-major order (red, green, blue and 2 yellow); ``validation``, every other
+held-out prompt from the 65th on (``world.probe_prompts``; the five other colours). The script adds three sets of 64 that cross the two factors:
 ``heldout_other`` (the held-out prompts between the validation ones), ``train_rgb`` and ``train_other`` (training
 prompts, evenly spaced, whose colour is / is not red, green or blue), and evaluates every LoRA on all five with the
 end-of-run protocol (``python -m spo_fast.evaluate``: 64 prompts x ``--seeds`` seeds, base and trained on the same
@@ -35,8 +36,8 @@ def prompt_sets() -> dict[str, list[world.Attributes]]:
     def spaced(attrs: list, n: int = 64) -> list:
         return attrs[::max(1, len(attrs) // n)][:n]
 
-    return {"test": [world.parse_prompt(t) for t in world.test_prompts()],
-            "validation": [world.parse_prompt(t) for t in world.validation_prompts()],
+    return {"test": held[:64],
+            "validation": [world.parse_prompt(t) for t in world.probe_prompts()],
             "heldout_other": held[65:192:2],
             "train_rgb": spaced([a for a in train if a.color in RGB]),
             "train_other": spaced([a for a in train if a.color not in RGB])}

@@ -2,7 +2,8 @@
 
     python benchmarks/spm_pick_rounding.py [--steps 4,8,12,15] [--prompts 64] [--out FILE]
 
-On the validation prompts, a base-model trajectory (the rollout's sampler: 20 DDIM steps, eta 1, CFG 5, bf16) runs
+On the build's probe prompts (``world.probe_prompts``, where settings were chosen before the toy world's
+evaluation splits were stratified by colour), a base-model trajectory (the rollout's sampler: 20 DDIM steps, eta 1, CFG 5, bf16) runs
 to step i and k candidates are drawn there from one shared x_t, as in the SPO rollout. Each candidate's x0 estimate
 at its own step is computed twice, identical but for the attention kernel of the UNet (SDPA's CPU flash kernel, the
 rollout's until it took the chunked one; the chunked kernel of ``spo_fast.diffusion.cpu_attention``, the rollout's and
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     comp = load_components(str(resolve_model_path(args.model)), "sd15")
     scorer = SPMScorer.from_pretrained(resolve_model_path(args.spm))
     sampler = Sampler(comp, args.num_steps, SAMPLER["eta"], SAMPLER["guidance_scale"], True)
-    rows = pick_rounding(comp, scorer, world.validation_prompts()[:args.prompts], steps, args.k, args.seed,
+    rows = pick_rounding(comp, scorer, world.probe_prompts()[:args.prompts], steps, args.k, args.seed,
                          args.threshold, sampler)
     report = {"model": args.model, "spm": args.spm, "k": args.k, "prompts": args.prompts, "seed": args.seed,
               "threshold": args.threshold, "steps": rows,

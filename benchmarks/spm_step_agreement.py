@@ -4,7 +4,8 @@
 
 What SPO trains on is the SPM's best and worst of k candidates x_{t-1} drawn from one shared x_t, scored on their
 x0 estimate at t-1; the held-out pair accuracy (``spm_eval.json``) scores whole samples noised after the fact. This
-measures the first: on the 64 validation prompts, a base-model trajectory (the rollout's sampler: 20 DDIM steps, eta
+measures the first: on the 64 probe prompts (``world.probe_prompts``,
+the validation set of the time), a base-model trajectory (the rollout's sampler: 20 DDIM steps, eta
 1, CFG 5, bf16) runs to step i; k candidates are drawn there, each is scored by the SPM as a rollout scores it, and
 each is then sampled to the end with the *same* later noise as its pool-mates (common random numbers, so the final
 images differ only by the candidate), and the finals are scored by the ground truth. Per step i: the mean SPM score
@@ -93,7 +94,7 @@ def add_pool_arguments(p: argparse.ArgumentParser, steps: str) -> None:
     p.add_argument("--spm", default="toyworld:spm")
     p.add_argument("--steps", default=steps, help="step indices i (0-based, of --num-steps) to branch at")
     p.add_argument("--k", type=int, default=4, help="candidates per pool (default 4, the toy recipe's)")
-    p.add_argument("--prompts", type=int, default=64, help="validation prompts, one pool each (default 64)")
+    p.add_argument("--prompts", type=int, default=64, help="probe prompts, one pool each (default 64)")
     p.add_argument("--num-steps", type=int, default=SAMPLER["num_steps"])
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--out", type=Path, help="also write the JSON here")
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     comp = load_components(str(resolve_model_path(args.model)), "sd15")
     scorer = SPMScorer.from_pretrained(resolve_model_path(args.spm))
     sampler = Sampler(comp, args.num_steps, SAMPLER["eta"], SAMPLER["guidance_scale"], not args.fp32)
-    rows = agreement(comp, scorer, world.validation_prompts()[:args.prompts], steps, args.k, args.seed, sampler)
+    rows = agreement(comp, scorer, world.probe_prompts()[:args.prompts], steps, args.k, args.seed, sampler)
     report = {"model": args.model, "spm": args.spm, "k": args.k, "prompts": args.prompts, "seed": args.seed,
               "bf16": not args.fp32, "steps": rows,
               "mean_corr_spm": sum(r["corr_spm"] for r in rows) / len(rows),

@@ -3,7 +3,7 @@ ignores its prompts)
 
     python benchmarks/toy_base_diagnosis.py [--model toyworld:base] [--cfg 1,3,5,9] [--sampler 20,1;50,1;20,0]
 
-On the 64 validation prompts, one sample each (noise seed 300, the build's probe): the mean ground truth, each
+On the 64 probe prompts (``world.probe_prompts``), one sample each (noise seed 300, the build's probe): the mean ground truth, each
 component, the objectness and the share of empty frames (object contrast < 0.1) for each CFG scale (20 DDIM steps,
 eta 1) and each ``steps,eta`` sampler (CFG 5); then the model's denoising MSE on renders of the same prompts at
 t = 100, 400, 700, 900 with the right prompt, the empty prompt and another prompt (the list rotated by one): where
@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="toyworld:base")
     p.add_argument("--cfg", default="1,3,5,9", help="CFG scales at 20 steps, eta 1 (comma-separated)")
     p.add_argument("--sampler", default="20,1;50,1;20,0", help="steps,eta pairs at CFG 5 (semicolon-separated)")
-    p.add_argument("--prompts", type=int, default=64, help="validation prompts (default 64)")
+    p.add_argument("--prompts", type=int, default=64, help="probe prompts (default 64)")
     args = p.parse_args(argv)
     comp = load_components(str(resolve_model_path(args.model)), "sd15")
-    prompts = world.validation_prompts()[:args.prompts]
+    prompts = world.probe_prompts()[:args.prompts]
     runs = [(20, 1.0, float(g)) for g in args.cfg.split(",") if g]
     runs += [(int(n), float(e), 5.0) for n, e in (x.split(",") for x in args.sampler.split(";") if x)]
     report = {"samples": [sample_stats(comp, prompts, *r) for r in runs], "text_effect_mse": text_effect(comp, prompts)}

@@ -27,8 +27,9 @@ labels SPO's pools; the ground truth labelled DPO's pairs) is counted for neithe
 ``eval.seeds`` seeds, base and trained model from the same noise, the toy world's ground-truth reward, win rate =
 share of prompt/seed pairs where the trained model scores higher, ties counting as losses), run on the trained LoRA
 at iterations ceil(j * total / points), j = 1..points, from a trainer hook between iterations (training is not
-perturbed: its noise is a pure function of the iteration). The prompts are ``toyworld:test`` (the first 64
-held-out prompts) or, with ``--split validation``, ``toyworld:validation`` (64 others, for choosing settings).
+perturbed: its noise is a pure function of the iteration). The prompts are ``toyworld:test`` (64 held-out
+prompts, every colour in its share) or, with ``--split validation``, ``toyworld:validation`` (64 others with the same
+colours, for choosing settings; ``spo_fast.toyworld.world.test_prompts``).
 The base model's images are the same at every point and for both methods (same noise, same sampler), so their
 rewards are computed once per process, or read from the disk cache that the end-of-run evaluation also uses
 (``spo_fast.evaluation.base_cache``: exact, keyed by the base, the protocol and this machine's arithmetic): a point
@@ -694,8 +695,8 @@ def _parser(tune: bool) -> argparse.ArgumentParser:
                            else "; the base model is point 0 (default: 4)"))
     if not tune:
         p.add_argument("--split", choices=tuple(SPLITS), default="test",
-                       help="evaluation prompts: test = toyworld:test, the first 64 held-out prompts (default; the "
-                            "reported result); validation = toyworld:validation, 64 others (for tuning)")
+                       help="evaluation prompts: test = toyworld:test, 64 held-out prompts of all eight colours (default; the "
+                            "reported result); validation = toyworld:validation, 64 others, same colours (for tuning)")
         p.add_argument("--spo-recipe", default="toy_spo", help="SPO's recipe (default: toy_spo)")
         p.add_argument("--spo", action="append", metavar="KEY=VALUE", default=None,
                        help="a config override for the SPO run (repeatable), e.g. --spo train.max_iterations=40")

@@ -95,7 +95,7 @@ def check_args(args) -> None:
 
 
 def read_prompts(spec: str) -> list[str]:
-    """``--prompts``: a named set (``toyworld:heldout``, ...), a UTF-8 file with one prompt per line or a table
+    """``--prompts``: a named set (``toyworld:test``, ...), a UTF-8 file with one prompt per line or a table
     (``spo_fast.data.load_prompts``: Pick-a-Pic parquet, PartiPrompts tsv, HPSv2 json; ``FILE:COLUMN``)."""
     from spo_fast.data import load_prompts
 
@@ -466,7 +466,9 @@ def main(argv: list[str] | None = None) -> int:
                              "authors' released SPO checkpoints)")
     parser.add_argument("--model", default="toyworld:base", help="base model dir (default: toyworld:base)")
     parser.add_argument("--family", default="sd15", choices=("sd15", "sdxl"))
-    parser.add_argument("--prompts", default="toyworld:heldout", help="prompt file or toyworld:heldout")
+    parser.add_argument("--prompts", default="toyworld:test",
+                        help="prompt file, or a toy-world set: toyworld:test (default), toyworld:validation, "
+                             "toyworld:heldout, toyworld:train")
     parser.add_argument("--n-prompts", type=int, default=64)
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--seed-offset", type=int, default=0,

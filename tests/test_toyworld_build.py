@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
@@ -185,6 +186,31 @@ def test_rendered_pairs_are_labelled_by_ground_truth():
     assert set(caps) <= set(world.prompts("train"))
 
 
+def test_evaluation_splits_are_stratified_by_colour():
+    """toyworld:test and toyworld:validation: 64 held-out prompts each, disjoint, the same count of every colour in
+    both, each colour at its share of the held-out prompts (within one prompt), no probe prompt (where settings were
+    chosen before) in the test set, and a prefix of 8 shows most colours."""
+    held = world.prompts("heldout")
+    test, validation = world.test_prompts(), world.validation_prompts()
+    assert len(test) == len(set(test)) == len(validation) == len(set(validation)) == world.EVAL_PROMPTS == 64
+    assert set(test) <= set(held) and set(validation) <= set(held) and not set(test) & set(validation)
+    assert not set(test) & set(world.probe_prompts())
+
+    def colours(prompts):
+        return Counter(world.parse_prompt(p).color for p in prompts)
+
+    assert colours(test) == colours(validation) and set(colours(test)) == set(world.COLORS)
+    for colour, n in colours(held).items():
+        assert abs(colours(test)[colour] - 64 * n / len(held)) < 1, colour
+    assert len(colours(test[:8])) >= 6 and len(colours(validation[:8])) >= 6
+    for field in ("shape", "size", "position", "background"):
+        assert len({getattr(world.parse_prompt(p), field) for p in test}) == len(getattr(world, field.upper() + "S"))
+    assert world.test_prompts() == test  # deterministic
+    assert world._spread(list("abcdefghij"), 3) == ["b", "f", "i"] and world._spread(list("ab"), 2) == ["a", "b"]
+    quotas = world._colour_quotas([world.parse_prompt(p) for p in held], 64)
+    assert sum(quotas.values()) == 64 and quotas == dict(colours(test))
+
+
 def test_toy_prompts_scorer_and_config_checks(tmp_path):
     from spo_fast.core.config import ConfigError, load_config
     from spo_fast.data import load_prompts
@@ -192,9 +218,8 @@ def test_toy_prompts_scorer_and_config_checks(tmp_path):
     from spo_fast.reward.spm import SPMScorer
 
     assert load_prompts("toyworld:heldout") == world.prompts("heldout")
-    assert load_prompts("toyworld:test") == world.prompts("heldout")[:64]
-    validation = load_prompts("toyworld:validation")
-    assert len(validation) == 64 and not set(validation) & set(load_prompts("toyworld:test"))
+    assert load_prompts("toyworld:test") == world.test_prompts()
+    assert load_prompts("toyworld:validation") == world.validation_prompts()
     with pytest.raises(ConfigError, match="toyworld:validation"):
         load_prompts("toyworld:tset")
     cfg = load_config(None)

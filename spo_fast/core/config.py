@@ -280,7 +280,7 @@ class LogConfig:
 class EvalConfig:
     enabled: bool = False
     """After training: base vs trained on the same noise over held-out prompts -> eval.json + eval_grid.png."""
-    prompts: str = "toyworld:heldout"
+    prompts: str = "toyworld:test"
     """Evaluation prompts (same forms as data.prompts); the first n_prompts are used."""
     n_prompts: int = 64
     seeds: int = 4

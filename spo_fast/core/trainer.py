@@ -158,7 +158,7 @@ def eval_prompts(cfg: Config) -> list[str]:
             try:
                 world.parse_prompt(p)
             except ValueError as e:
-                raise ConfigError(f"eval.reward=ground_truth needs toy-world prompts (eval.prompts=toyworld:heldout); "
+                raise ConfigError(f"eval.reward=ground_truth needs toy-world prompts (eval.prompts=toyworld:test); "
                                   f"{e}; use eval.reward=scorer for other prompts") from e
     return prompts
 

@@ -26,8 +26,9 @@ def load_prompts(spec: str, key: str = "data.prompts") -> list[str]:
     line (blank lines ignored), or a table: ``.parquet`` (e.g. Pick-a-Pic's captions), ``.tsv``/``.csv`` with a header
     (e.g. PartiPrompts' ``Prompt`` column) or ``.json`` (a list of prompts, e.g. HPSv2's benchmark files, or of
     objects). A table's column is ``FILE:COLUMN``, by default the first of caption, prompt, Prompt, text it has; its
-    prompts are de-duplicated in order (Pick-a-Pic repeats a caption for every pair of it). ``test`` (the first 64
-    held-out prompts) and ``validation`` (64 others) are the toy world's evaluation splits. ``key`` is how the
+    prompts are de-duplicated in order (Pick-a-Pic repeats a caption for every pair of it). ``test`` and ``validation``
+    (64 held-out prompts each, the same count of every colour; ``world.test_prompts``) are the toy world's evaluation
+    splits. ``key`` is how the
     errors name the option (``data.prompts``, ``--prompts``)."""
     if spec == "builtin:toy":
         return builtin_toy_prompts()

@@ -97,8 +97,8 @@ class BuildConfig:
     seed: int = 0
     base_steps: int = 1500
     base_batch: int = 48
-    base_probe_every: int = 500  # ground truth of base samples on the validation prompts every this many steps
-    base_probe_prompts: int = 64  # validation prompts per probe (one sample each)
+    base_probe_every: int = 500  # ground truth of base samples on world.probe_prompts() every this many steps
+    base_probe_prompts: int = 64  # probe prompts per probe (one sample each)
     base_lr: float = 2e-3
     cond_dropout: float = 0.1
     base_unet: str = "2level"  # a key of UNETS
@@ -189,13 +189,13 @@ def write_base_configs(out: Path, cfg: BuildConfig | None = None) -> None:
     DDIMScheduler.from_config({**SCHEDULER_CONFIG, "prediction_type": cfg.base_prediction}).save_config(out / "scheduler")
 
 
-PROBE_PROMPTS = 64  # of world.validation_prompts()
+PROBE_PROMPTS = 64  # of world.probe_prompts()
 
 
 def probe_base(comp, unet, seed: int, n: int = PROBE_PROMPTS, dtype: str = SAMPLER["dtype"],
                noise: str = "step_op") -> dict:
-    """Mean ground truth (and its components) of one sample per validation prompt: how good the base is so far."""
-    prompts = world.validation_prompts()[:n]
+    """Mean ground truth (and its components) of one sample per probe prompt (``world.probe_prompts``): how good the base is so far."""
+    prompts = world.probe_prompts()[:n]
     was_training = unet.training
     unet.eval()
     images = sample_images(comp, prompts, seed, batch=len(prompts), unet=unet, dtype=dtype, noise=noise)

@@ -200,16 +200,73 @@ def prompts(name: str) -> list[str]:
     return [a.prompt for a in split(name)]
 
 
+EVAL_PROMPTS = 64  # prompts in each of the evaluation splits (test, validation)
+
+
+def probe_prompts() -> list[str]:
+    """The base build's probe prompts (``BuildConfig.base_probe_prompts`` of them are sampled while the base trains):
+    every other held-out prompt from the 65th on, 64 prompts of yellow, orange, purple, cyan and pink. Fixed, so a
+    rebuild reproduces the shipped assets; settings were chosen on them before the evaluation splits below existed,
+    so ``test_prompts`` holds none of them."""
+    return prompts("heldout")[64:192:2]
+
+
+def _spread(items: list[str], n: int) -> list[str]:
+    """``n`` of ``items`` evenly spaced through the list (the middle of each of n equal stretches)."""
+    return [items[(2 * i + 1) * len(items) // (2 * n)] for i in range(n)]
+
+
+def _colour_quotas(held: list[Attributes], n: int) -> dict[str, int]:
+    """Prompts per colour in an n-prompt split: n times the colour's share of the held-out prompts, rounded by largest
+    remainder (ties to the colour listed first in COLORS)."""
+    counts = {c: sum(a.color == c for a in held) for c in COLORS}
+    quotas = {c: n * k // len(held) for c, k in counts.items()}
+    by_remainder = sorted(COLORS, key=lambda c: (-(n * counts[c] % len(held)), COLORS.index(c)))
+    for c in by_remainder[:n - sum(quotas.values())]:
+        quotas[c] += 1
+    return quotas
+
+
+def _round_robin(groups: list[list[str]]) -> list[str]:
+    """The groups' items interleaved, each placed at its fraction through its own group (ties in group order): every
+    prefix of the result holds the groups in about their proportions."""
+    keyed = [((i + 0.5) / len(g), k, p) for k, g in enumerate(groups) for i, p in enumerate(g)]
+    return [p for *_, p in sorted(keyed)]
+
+
+def _evaluation_splits() -> tuple[list[str], list[str]]:
+    """(test, validation): EVAL_PROMPTS held-out prompts each, stratified by colour with the same count of every colour
+    in both (``_colour_quotas``). Per colour, the test takes its quota evenly spaced (``_spread``, which also spreads
+    the shapes, sizes and positions, listed after the colour) among the prompts that are not ``probe_prompts``; the
+    validation set takes its quota evenly spaced among the colour's probe prompts where there are enough of them
+    (every colour but red, green and blue), else among the colour's prompts the test did not take. Each list is
+    ordered colour by colour in turn (``_round_robin``), so any prefix (``eval.n_prompts``, the grid's columns) mixes
+    the colours."""
+    held = split("heldout")
+    probe = set(probe_prompts())
+    quotas = _colour_quotas(held, EVAL_PROMPTS)
+    test, validation = [], []
+    for colour in COLORS:
+        mine = [a.prompt for a in held if a.color == colour]
+        fresh = [p for p in mine if p not in probe]
+        chosen = _spread(fresh, quotas[colour])
+        test.append(chosen)
+        seen = [p for p in mine if p in probe]
+        rest = seen if len(seen) >= quotas[colour] else [p for p in mine if p not in chosen]
+        validation.append(_spread(rest, quotas[colour]))
+    return _round_robin(test), _round_robin(validation)
+
+
 def test_prompts() -> list[str]:
-    """The reported evaluation's prompts: the first 64 held-out prompts (``eval.prompts=toyworld:heldout``,
-    ``eval.n_prompts=64``)."""
-    return prompts("heldout")[:64]
+    """The reported evaluation's prompts (``toyworld:test``): 64 held-out prompts, every colour in its share of the
+    held-out prompts, none of them a probe prompt (``_evaluation_splits``)."""
+    return _evaluation_splits()[0]
 
 
 def validation_prompts() -> list[str]:
-    """Where settings are chosen: every other held-out prompt from the 65th on (64 prompts, disjoint from
-    ``test_prompts``); ``toyworld:validation`` as a prompt source."""
-    return prompts("heldout")[64:192:2]
+    """Where settings are chosen (``toyworld:validation``): 64 other held-out prompts, with the same count of every
+    colour as ``test_prompts`` (``_evaluation_splits``)."""
+    return _evaluation_splits()[1]
 
 
 def words() -> list[str]:
