@@ -3,8 +3,8 @@
     python benchmarks/toy_seeds.py [--seeds 0 1 2] [--out outputs/toy_seeds] [--tune | --evaluate-only] [key=value ...]
 
 For each ``train.seed``: ``python -m spo_fast.train`` (the ``toy_spo`` recipe plus the overrides) into
-OUT/seedS, whose end-of-run evaluation is the **test** split (the first 64 held-out prompts x 4 seeds), then
-``python -m spo_fast.evaluate`` of the same LoRA on the **validation** split (64 other held-out prompts,
+OUT/seedS, whose end-of-run evaluation is the **test** split (``toyworld:test``: 64 held-out prompts x 4 seeds), then
+``python -m spo_fast.evaluate`` of the same LoRA on the **validation** split (64 other held-out prompts, the same colours,
 ``toyworld:validation``) into OUT/seedS/validation. ``--tune`` is for choosing settings: the run evaluates on the
 validation split only and the test split is never generated. ``--evaluate-only`` trains nothing: it evaluates the
 LoRA already in OUT/seedS/lora (e.g. a link to ``python -m spo_fast.compare``'s ``spo/`` run of that seed, the same
