@@ -30,12 +30,12 @@ def evaluate(lora: Path, out: Path, seeds: int) -> dict:
     return json.loads((out / "eval.json").read_text())
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("records", nargs="+", type=Path, help="tune_dpo.json files whose runs' output dirs still exist")
     p.add_argument("--out", type=Path, default=Path("outputs/retune_dpo"))
     p.add_argument("--seeds", type=int, default=4, help="noise seeds per prompt (default 4, the protocol's)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     rows, base, first = [], None, None
     for path in args.records:
         record = json.loads(path.read_text())
