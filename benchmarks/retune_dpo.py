@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"lr": row["lr"], "beta": row["beta"], "seed": seed, "reward": point["reward"],
                          "win_rate": point["win_rate"], "margin": point["margin"], "ties": point["ties"],
                          "iterations": row["iterations"], "unet_fwd_eq": point["unet_fwd_eq"],
-                         "points": [{**row["points"][0], "reward": r["reward_base"]}, point], "output_dir": row["output_dir"]})
+                         "points": [{**row["points"][0], "reward": r["reward_base"]}, point],
+                         "output_dir": row["output_dir"]})
             print(f"lr {row['lr']:g} beta {row['beta']:g} seed {seed} at {last['iteration']} it: margin "
                   f"{r['margin']:+.3f} (se {r['margin_se']:.3f}), win rate {r['win_rate']:.3f}", flush=True)
     overrides = [o for o in first.get("overrides") or [] if not compare._is_seed_override(o)]

@@ -1,19 +1,19 @@
-"""Did the toy world's former validation prompts stand for its former test prompts? The colour make-up of each prompt set, and a
-trained LoRA's margin over the base on prompt sets that separate *colour* from *held-out-ness* (docs/toy_world.md,
-"DPO's run length chosen on whole validation curves, and why validation did not predict test").
+"""Did the toy world's former validation prompts stand for its former test prompts? The colour make-up of each
+prompt set, and a trained LoRA's margin over the base on prompt sets that separate *colour* from *held-out-ness*
+(docs/toy_world.md, "DPO's run length chosen on whole validation curves, and why validation did not predict test").
 
     python benchmarks/split_shift.py --lora outputs/toy_dpo/lora [--lora DIR ...] [--out outputs/split_shift]
 
 The former splits (before ``toyworld:test``/``toyworld:validation`` were stratified by colour): ``test``, the first
 64 held-out prompts in the world's colour-major order (red, green, blue and 2 yellow); ``validation``, every other
-held-out prompt from the 65th on (``world.probe_prompts``; the five other colours). The script adds three sets of 64 that cross the two factors:
-``heldout_other`` (the held-out prompts between the validation ones), ``train_rgb`` and ``train_other`` (training
-prompts, evenly spaced, whose colour is / is not red, green or blue), and evaluates every LoRA on all five with the
-end-of-run protocol (``python -m spo_fast.evaluate``: 64 prompts x ``--seeds`` seeds, base and trained on the same
-noise, the ground truth; the base's half from the base-evaluation cache when it has it). Writes
-``OUT/split_shift.json``: per set its colour counts, the shipped training pairs per colour (rows, pairs without ties,
-mean ground-truth gap between winner and loser), and per LoRA and set the margin with its paired standard error,
-the win rate, the ties and each ground-truth component's change.
+held-out prompt from the 65th on (``world.probe_prompts``; the five other colours). The script adds three sets of 64
+that cross the two factors: ``heldout_other`` (the held-out prompts between the validation ones), ``train_rgb`` and
+``train_other`` (training prompts, evenly spaced, whose colour is / is not red, green or blue), and evaluates every
+LoRA on all five with the end-of-run protocol (``python -m spo_fast.evaluate``: 64 prompts x ``--seeds`` seeds, base
+and trained on the same noise, the ground truth; the base's half from the base-evaluation cache when it has it).
+Writes ``OUT/split_shift.json``: per set its colour counts, the shipped training pairs per colour (rows, pairs
+without ties, mean ground-truth gap between winner and loser), and per LoRA and set the margin with its paired
+standard error, the win rate, the ties and each ground-truth component's change.
 """
 from __future__ import annotations
 
@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = {}
         for name in sets:
             out = args.out / f"lora{i}_{name}"
-            cmd = [sys.executable, "-m", "spo_fast.evaluate", "--lora", lora, "--prompts", str(args.out / f"{name}.txt"),
+            cmd = [sys.executable, "-m", "spo_fast.evaluate", "--lora", lora,
+                   "--prompts", str(args.out / f"{name}.txt"),
                    "--n-prompts", "64", "--seeds", str(args.seeds), "--grid-prompts", "8", "--out", str(out)]
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             r = json.loads((out / "eval.json").read_text())

@@ -2,16 +2,16 @@
 
     python benchmarks/spm_pick_rounding.py [--steps 4,8,12,15] [--prompts 64] [--out FILE]
 
-On the build's probe prompts (``world.probe_prompts``, where settings were chosen before the toy world's
-evaluation splits were stratified by colour), a base-model trajectory (the rollout's sampler: 20 DDIM steps, eta 1, CFG 5, bf16) runs
-to step i and k candidates are drawn there from one shared x_t, as in the SPO rollout. Each candidate's x0 estimate
-at its own step is computed twice, identical but for the attention kernel of the UNet (SDPA's CPU flash kernel, the
-rollout's until it took the chunked one; the chunked kernel of ``spo_fast.diffusion.cpu_attention``, the rollout's and
-the evaluation's now; both under bf16 autocast),
-and scored by the SPM. Per step: the mean |difference| between the two scores of one candidate, against the mean
-score gap (max - min) of a pool; how often the best, the worst, and whether the pool passes the rollout's
-threshold (``tanh(gap / 2) > threshold``) agree. Where they disagree often, which pairs SPO trains on depends on
-the rounding of the kernel, so any change of kernel sends training on another course. Prints JSON.
+On the build's probe prompts (``world.probe_prompts``, where settings were chosen before the toy world's evaluation
+splits were stratified by colour), a base-model trajectory (the rollout's sampler: 20 DDIM steps, eta 1, CFG 5,
+bf16) runs to step i and k candidates are drawn there from one shared x_t, as in the SPO rollout. Each candidate's
+x0 estimate at its own step is computed twice, identical but for the attention kernel of the UNet (SDPA's CPU flash
+kernel, the rollout's until it took the chunked one; the chunked kernel of ``spo_fast.diffusion.cpu_attention``, the
+rollout's and the evaluation's now; both under bf16 autocast), and scored by the SPM. Per step: the mean
+|difference| between the two scores of one candidate, against the mean score gap (max - min) of a pool; how often
+the best, the worst, and whether the pool passes the rollout's threshold (``tanh(gap / 2) > threshold``) agree.
+Where they disagree often, which pairs SPO trains on depends on the rounding of the kernel, so any change of kernel
+sends training on another course. Prints JSON.
 """
 from __future__ import annotations
 

@@ -3,11 +3,11 @@ ignores its prompts)
 
     python benchmarks/toy_base_diagnosis.py [--model toyworld:base] [--cfg 1,3,5,9] [--sampler 20,1;50,1;20,0]
 
-On the 64 probe prompts (``world.probe_prompts``), one sample each (noise seed 300, the build's probe): the mean ground truth, each
-component, the objectness and the share of empty frames (object contrast < 0.1) for each CFG scale (20 DDIM steps,
-eta 1) and each ``steps,eta`` sampler (CFG 5); then the model's denoising MSE on renders of the same prompts at
-t = 100, 400, 700, 900 with the right prompt, the empty prompt and another prompt (the list rotated by one): where
-the three agree, the text does not change the prediction. Prints JSON.
+On the 64 probe prompts (``world.probe_prompts``), one sample each (noise seed 300, the build's probe): the mean
+ground truth, each component, the objectness and the share of empty frames (object contrast < 0.1) for each CFG
+scale (20 DDIM steps, eta 1) and each ``steps,eta`` sampler (CFG 5); then the model's denoising MSE on renders of
+the same prompts at t = 100, 400, 700, 900 with the right prompt, the empty prompt and another prompt (the list
+rotated by one): where the three agree, the text does not change the prediction. Prints JSON.
 """
 from __future__ import annotations
 

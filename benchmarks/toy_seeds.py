@@ -2,16 +2,16 @@
 
     python benchmarks/toy_seeds.py [--seeds 0 1 2] [--out outputs/toy_seeds] [--tune | --evaluate-only] [key=value ...]
 
-For each ``train.seed``: ``python -m spo_fast.train`` (the ``toy_spo`` recipe plus the overrides) into
-OUT/seedS, whose end-of-run evaluation is the **test** split (``toyworld:test``: 64 held-out prompts x 4 seeds), then
-``python -m spo_fast.evaluate`` of the same LoRA on the **validation** split (64 other held-out prompts, the same colours,
+For each ``train.seed``: ``python -m spo_fast.train`` (the ``toy_spo`` recipe plus the overrides) into OUT/seedS,
+whose end-of-run evaluation is the **test** split (``toyworld:test``: 64 held-out prompts x 4 seeds), then ``python
+-m spo_fast.evaluate`` of the same LoRA on the **validation** split (64 other held-out prompts, the same colours,
 ``toyworld:validation``) into OUT/seedS/validation. ``--tune`` is for choosing settings: the run evaluates on the
 validation split only and the test split is never generated. ``--evaluate-only`` trains nothing: it evaluates the
 LoRA already in OUT/seedS/lora (e.g. a link to ``python -m spo_fast.compare``'s ``spo/`` run of that seed, the same
 training) on both splits, into OUT/seedS/test and OUT/seedS/validation. Writes OUT/seeds.json and prints a table:
-base (seed spread), trained, margin (in units of the base seed spread), win rate, ties, the largest weighted fall
-of a ground-truth component, and whether each (seed, split) meets the targets (win rate >= 0.75, margin > 3x the
-base seed spread, no component's weighted fall larger than the base seed spread: no reward hacking).
+base (seed spread), trained, margin (in units of the base seed spread), win rate, ties, the largest weighted fall of
+a ground-truth component, and whether each (seed, split) meets the targets (win rate >= 0.75, margin > 3x the base
+seed spread, no component's weighted fall larger than the base seed spread: no reward hacking).
 """
 from __future__ import annotations
 

@@ -695,8 +695,9 @@ def _parser(tune: bool) -> argparse.ArgumentParser:
                            else "; the base model is point 0 (default: 4)"))
     if not tune:
         p.add_argument("--split", choices=tuple(SPLITS), default="test",
-                       help="evaluation prompts: test = toyworld:test, 64 held-out prompts of all eight colours (default; the "
-                            "reported result); validation = toyworld:validation, 64 others, same colours (for tuning)")
+                       help="evaluation prompts: test = toyworld:test, 64 held-out prompts of all eight colours "
+                            "(default; the reported result); validation = toyworld:validation, 64 others, same "
+                            "colours (for tuning)")
         p.add_argument("--spo-recipe", default="toy_spo", help="SPO's recipe (default: toy_spo)")
         p.add_argument("--spo", action="append", metavar="KEY=VALUE", default=None,
                        help="a config override for the SPO run (repeatable), e.g. --spo train.max_iterations=40")

@@ -194,7 +194,8 @@ PROBE_PROMPTS = 64  # of world.probe_prompts()
 
 def probe_base(comp, unet, seed: int, n: int = PROBE_PROMPTS, dtype: str = SAMPLER["dtype"],
                noise: str = "step_op") -> dict:
-    """Mean ground truth (and its components) of one sample per probe prompt (``world.probe_prompts``): how good the base is so far."""
+    """Mean ground truth (and its components) of one sample per probe prompt (``world.probe_prompts``): how good the
+    base is so far."""
     prompts = world.probe_prompts()[:n]
     was_training = unet.training
     unet.eval()
