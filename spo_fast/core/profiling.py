@@ -28,8 +28,12 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # typing.Self is 3.11+; the package supports 3.10
+    from typing_extensions import Self
 
 STAGES = ("rollout/unet", "rollout/decode", "rollout/score", "rollout/step",
           "train/ref", "train/policy", "train/backward", "train/optimizer")
@@ -74,7 +78,7 @@ class StageTimer:
         if self.device is not None and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def __enter__(self) -> StageTimer:
+    def __enter__(self) -> Self:
         global _active
         if self.count_flops:
             from torch.utils.flop_counter import FlopCounterMode
