@@ -1,18 +1,23 @@
 """Does a toy base model follow its prompts, and where does the text act? (docs/toy_world.md, why the shipped base
 ignores its prompts)
 
-    python benchmarks/toy_base_diagnosis.py [--model toyworld:base] [--cfg 1,3,5,9] [--sampler 20,1;50,1;20,0]
+    python benchmarks/toy_base_diagnosis.py [--model toyworld:base] [--cfg 1,3,5,9] [--sampler 20,1;50,1;20,0] \\
+        [--parts samples,text_effect_mse,text_attention]
 
 On the 64 probe prompts (``world.probe_prompts``), one sample each (noise seed 300, the build's probe): the mean
 ground truth, each component, the objectness and the share of empty frames (object contrast < 0.1) for each CFG
 scale (20 DDIM steps, eta 1) and each ``steps,eta`` sampler (CFG 5); then the model's denoising MSE on renders of
 the same prompts at t = 100, 400, 700, 900 with the right prompt, the empty prompt and another prompt (the list
-rotated by one): where the three agree, the text does not change the prediction. Prints JSON.
+rotated by one): where the three agree, the text does not change the prediction; and, on the same noised renders
+with the right prompt, where the cross-attention looks: the share of its attention (mean over heads and pixels) on
+the start token, on each attribute's word(s), on the other words, and on the end token with its padding, per layer
+and t. Prints JSON.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import torch
 
@@ -50,18 +55,96 @@ def text_effect(comp, prompts, ts=(100, 400, 700, 900)) -> list[dict]:
     return rows
 
 
+PARTS = ("samples", "text_effect_mse", "text_attention")
+TOKEN_GROUPS = ("start", "size", "color", "shape", "position", "background", "other_words", "end_and_padding")
+
+
+def token_groups(tokenizer, prompt: str) -> list[str]:
+    """The group of every token position of ``prompt`` as ``encode_prompts`` tokenizes it (padded to the maximum
+    length): the prompt template's pieces, each tokenized alone, in order."""
+    a = world.parse_prompt(prompt)
+    pieces = [("other_words", "a"), ("size", a.size), ("color", a.color), ("shape", a.shape),
+              ("position", world.POSITION_PHRASES[a.position]), ("other_words", ","), ("background", a.background),
+              ("other_words", "background")]
+    groups = ["start"]
+    for group, text in pieces:
+        groups += [group] * len(tokenizer(text, add_special_tokens=False).input_ids)
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    if len(groups) >= len(ids) or ids[len(groups)] != tokenizer.eos_token_id:
+        raise ValueError(f"{prompt!r}: its tokens do not follow the prompt template's pieces")
+    return groups + ["end_and_padding"] * (len(ids) - len(groups))
+
+
+class _AttentionRecorder:
+    """Wraps a cross-attention's processor: stores the attention probabilities' mean over heads and queries, (B, L),
+    and their entropy over the L tokens in units of log L (1 = uniform: every pixel reads the same mean of the
+    tokens), mean over heads and queries, (B,); then lets the wrapped processor compute the output."""
+
+    def __init__(self, inner, store: dict, name: str):
+        self.inner, self.store, self.name = inner, store, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        b = hidden_states.shape[0]
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        probs = attn.get_attention_scores(q, k, None)  # (B * heads, pixels, L)
+        probs = probs.view(b, attn.heads, *probs.shape[1:])
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1) / math.log(probs.shape[-1])
+        self.store[self.name] = (probs.mean(dim=(1, 2)), entropy.mean(dim=(1, 2)))
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+
+@torch.no_grad()
+def text_attention(comp, prompts, ts=(100, 400, 700, 900)) -> list[dict]:
+    """Share of each cross-attention layer's attention on each token group (``TOKEN_GROUPS``), mean over prompts, and
+    its relative entropy (``_AttentionRecorder``), for the renders of ``prompts`` noised to each t (the same noise as
+    ``text_effect``); "all" is the layers' mean. Uniform attention would give each group its share of the tokens."""
+    x0 = world.render([world.parse_prompt(p) for p in prompts], torch.Generator().manual_seed(0))
+    embeds = encode_prompts(comp, prompts, "cpu", x0.shape[-1]).embeds
+    groups = [token_groups(comp.tokenizers[0], p) for p in prompts]
+    onehot = torch.tensor([[[g == name for name in TOKEN_GROUPS] for g in row] for row in groups]).float()  # B, L, G
+    layers = {n: m for n, m in comp.unet.named_modules() if n.endswith("attn2")}
+    store, inner = {}, {n: m.processor for n, m in layers.items()}
+    for n, m in layers.items():
+        m.set_processor(_AttentionRecorder(inner[n], store, n))
+    alphas = comp.scheduler.alphas_cumprod.float()
+    rows = []
+    try:
+        for t in ts:
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(t))
+            a = alphas[t]
+            comp.unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, torch.full((len(prompts),), t),
+                      encoder_hidden_states=embeds)
+            shares = {n: torch.einsum("bl,blg->g", store[n][0], onehot) / len(prompts) for n in layers}
+            shares["all"] = torch.stack(list(shares.values())).mean(0)
+            entropy = {n: store[n][1].mean() for n in layers}
+            entropy["all"] = torch.stack(list(entropy.values())).mean()
+            rows.append({"t": t, **{n: {**{g: round(v.item(), 4) for g, v in zip(TOKEN_GROUPS, s)},
+                                        "entropy": round(entropy[n].item(), 4)} for n, s in shares.items()}})
+    finally:
+        for n, m in layers.items():
+            m.set_processor(inner[n])
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="toyworld:base")
     p.add_argument("--cfg", default="1,3,5,9", help="CFG scales at 20 steps, eta 1 (comma-separated)")
     p.add_argument("--sampler", default="20,1;50,1;20,0", help="steps,eta pairs at CFG 5 (semicolon-separated)")
     p.add_argument("--prompts", type=int, default=64, help="probe prompts (default 64)")
+    p.add_argument("--parts", type=lambda v: v.split(","), default=list(PARTS),
+                   help=f"what to measure, comma-separated (default: all of {','.join(PARTS)})")
     args = p.parse_args(argv)
+    if not args.parts or set(args.parts) - set(PARTS):
+        p.error(f"--parts={','.join(args.parts)}: accepted: a comma-separated subset of {','.join(PARTS)}")
     comp = load_components(str(resolve_model_path(args.model)), "sd15")
     prompts = world.probe_prompts()[:args.prompts]
     runs = [(20, 1.0, float(g)) for g in args.cfg.split(",") if g]
     runs += [(int(n), float(e), 5.0) for n, e in (x.split(",") for x in args.sampler.split(";") if x)]
-    report = {"samples": [sample_stats(comp, prompts, *r) for r in runs], "text_effect_mse": text_effect(comp, prompts)}
+    parts = {"samples": lambda: [sample_stats(comp, prompts, *r) for r in runs],
+             "text_effect_mse": lambda: text_effect(comp, prompts), "text_attention": lambda: text_attention(comp, prompts)}
+    report = {name: run() for name, run in parts.items() if name in args.parts}
     print(json.dumps(report, indent=1))
     return 0
 

@@ -1,0 +1,85 @@
+"""benchmarks/toy_base_diagnosis.py: the cross-attention's share per token group, on the shipped toy base."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "toy_base_diagnosis.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("toy_base_diagnosis", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def comp():
+    from spo_fast.diffusion.models import load_components, resolve_model_path
+
+    return load_components(str(resolve_model_path("toyworld:base")), "sd15")
+
+
+def test_token_groups_follow_the_prompt_template(comp):
+    from spo_fast.toyworld import world
+
+    mod, tok = _module(), comp.tokenizers[0]
+    prompts = world.prompts("heldout")
+    for prompt in prompts[::7]:
+        groups = mod.token_groups(tok, prompt)
+        a = world.parse_prompt(prompt)
+        ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
+        assert len(groups) == len(ids) and groups[0] == "start" and groups[-1] == "end_and_padding"
+        for group, text in (("color", a.color), ("shape", a.shape), ("background", a.background)):
+            expected = tok(text, add_special_tokens=False).input_ids
+            assert [i for i, g in zip(ids, groups) if g == group] == expected, (prompt, group)
+        phrase = tok(world.POSITION_PHRASES[a.position], add_special_tokens=False).input_ids
+        assert [i for i, g in zip(ids, groups) if g == "position"] == phrase
+
+    class Merging:  # a tokenizer that tokenizes the whole prompt into one token more than its pieces
+        eos_token_id, model_max_length = tok.eos_token_id, tok.model_max_length
+
+        def __call__(self, text, **kw):
+            out = tok(text, **kw)
+            if "padding" in kw:
+                out["input_ids"] = out.input_ids[:1] + out.input_ids[:-1]
+            return out
+
+    with pytest.raises(ValueError, match="template"):
+        mod.token_groups(Merging(), prompts[0])
+
+
+def test_text_attention_shares_sum_to_one_and_leave_the_unet_unchanged(comp):
+    from spo_fast.toyworld import world
+
+    mod = _module()
+    prompts = world.probe_prompts()[:3]
+    x = torch.randn(3, comp.unet.config.in_channels, world.RESOLUTION, world.RESOLUTION,
+                    generator=torch.Generator().manual_seed(1))
+    embeds = mod.encode_prompts(comp, prompts, "cpu", world.RESOLUTION).embeds
+    t = torch.full((3,), 500)
+    with torch.no_grad():
+        before = comp.unet(x, t, encoder_hidden_states=embeds).sample
+    rows = mod.text_attention(comp, prompts, ts=(100, 900))
+    with torch.no_grad():
+        after = comp.unet(x, t, encoder_hidden_states=embeds).sample
+    torch.testing.assert_close(after, before, rtol=0, atol=0)  # processors restored
+    assert [r["t"] for r in rows] == [100, 900]
+    layers = [n for n, _ in comp.unet.named_modules() if n.endswith("attn2")]
+    for r in rows:
+        assert set(r) == {"t", "all", *layers}
+        for name in ("all", *layers):
+            shares = [r[name][g] for g in mod.TOKEN_GROUPS]
+            assert sum(shares) == pytest.approx(1.0, abs=1e-3) and min(shares) > 0
+            assert 0 < r[name]["entropy"] <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("parts", ["foo", "", "samples,attention"])
+def test_bad_parts_name_the_accepted_ones(parts, capsys):
+    with pytest.raises(SystemExit) as e:
+        _module().main(["--parts", parts])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--parts={parts}" in err and "samples,text_effect_mse,text_attention" in err
