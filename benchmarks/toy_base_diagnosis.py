@@ -10,8 +10,8 @@ scale (20 DDIM steps, eta 1) and each ``steps,eta`` sampler (CFG 5); then the mo
 the same prompts at t = 100, 400, 700, 900 with the right prompt, the empty prompt and another prompt (the list
 rotated by one): where the three agree, the text does not change the prediction; and, on the same noised renders
 with the right prompt, where the cross-attention looks: the share of its attention (mean over heads and pixels) on
-the start token, on each attribute's word(s), on the other words, and on the end token with its padding, per layer
-and t. Prints JSON.
+the start token, on each attribute's word(s), on the other words, and on the end token with its padding, how
+spread it is (entropy) and how much it differs between pixels (total variation), per layer and t. Prints JSON.
 """
 from __future__ import annotations
 
@@ -77,8 +77,10 @@ def token_groups(tokenizer, prompt: str) -> list[str]:
 
 class _AttentionRecorder:
     """Wraps a cross-attention's processor: stores the attention probabilities' mean over heads and queries, (B, L),
-    and their entropy over the L tokens in units of log L (1 = uniform: every pixel reads the same mean of the
-    tokens), mean over heads and queries, (B,); then lets the wrapped processor compute the output."""
+    their entropy over the L tokens in units of log L (1 = uniform over the tokens), and how far each pixel's
+    distribution is from the image's mean distribution (total variation, 0 = every pixel reads the same blend of the
+    tokens, as it would have to if the text could not say where), each a mean over heads and queries, (B,); then lets
+    the wrapped processor compute the output."""
 
     def __init__(self, inner, store: dict, name: str):
         self.inner, self.store, self.name = inner, store, name
@@ -90,14 +92,15 @@ class _AttentionRecorder:
         probs = attn.get_attention_scores(q, k, None)  # (B * heads, pixels, L)
         probs = probs.view(b, attn.heads, *probs.shape[1:])
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1) / math.log(probs.shape[-1])
-        self.store[self.name] = (probs.mean(dim=(1, 2)), entropy.mean(dim=(1, 2)))
+        spatial = 0.5 * (probs - probs.mean(dim=2, keepdim=True)).abs().sum(-1)  # (B, heads, pixels)
+        self.store[self.name] = (probs.mean(dim=(1, 2)), entropy.mean(dim=(1, 2)), spatial.mean(dim=(1, 2)))
         return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
 
 
 @torch.no_grad()
 def text_attention(comp, prompts, ts=(100, 400, 700, 900)) -> list[dict]:
-    """Share of each cross-attention layer's attention on each token group (``TOKEN_GROUPS``), mean over prompts, and
-    its relative entropy (``_AttentionRecorder``), for the renders of ``prompts`` noised to each t (the same noise as
+    """Share of each cross-attention layer's attention on each token group (``TOKEN_GROUPS``), mean over prompts, its
+    relative entropy and its spatial variation (``_AttentionRecorder``), for the renders of ``prompts`` noised to each t (the same noise as
     ``text_effect``); "all" is the layers' mean. Uniform attention would give each group its share of the tokens."""
     x0 = world.render([world.parse_prompt(p) for p in prompts], torch.Generator().manual_seed(0))
     embeds = encode_prompts(comp, prompts, "cpu", x0.shape[-1]).embeds
@@ -117,10 +120,12 @@ def text_attention(comp, prompts, ts=(100, 400, 700, 900)) -> list[dict]:
                       encoder_hidden_states=embeds)
             shares = {n: torch.einsum("bl,blg->g", store[n][0], onehot) / len(prompts) for n in layers}
             shares["all"] = torch.stack(list(shares.values())).mean(0)
-            entropy = {n: store[n][1].mean() for n in layers}
-            entropy["all"] = torch.stack(list(entropy.values())).mean()
+            stats = {k: {n: store[n][i].mean() for n in layers} for i, k in ((1, "entropy"), (2, "spatial_tv"))}
+            for v in stats.values():
+                v["all"] = torch.stack(list(v.values())).mean()
             rows.append({"t": t, **{n: {**{g: round(v.item(), 4) for g, v in zip(TOKEN_GROUPS, s)},
-                                        "entropy": round(entropy[n].item(), 4)} for n, s in shares.items()}})
+                                        **{k: round(v[n].item(), 4) for k, v in stats.items()}}
+                                    for n, s in shares.items()}})
     finally:
         for n, m in layers.items():
             m.set_processor(inner[n])

@@ -73,7 +73,7 @@ def test_text_attention_shares_sum_to_one_and_leave_the_unet_unchanged(comp):
         for name in ("all", *layers):
             shares = [r[name][g] for g in mod.TOKEN_GROUPS]
             assert sum(shares) == pytest.approx(1.0, abs=1e-3) and min(shares) > 0
-            assert 0 < r[name]["entropy"] <= 1.0 + 1e-6
+            assert 0 < r[name]["entropy"] <= 1.0 + 1e-6 and 0 < r[name]["spatial_tv"] < 1.0
 
 
 @pytest.mark.parametrize("parts", ["foo", "", "samples,attention"])
@@ -83,3 +83,27 @@ def test_bad_parts_name_the_accepted_ones(parts, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"--parts={parts}" in err and "samples,text_effect_mse,text_attention" in err
+
+
+@pytest.mark.parametrize("rows, entropy, spatial", [
+    ([[1.0, 0.0], [0.0, 1.0]], 0.0, 0.5),  # each pixel reads one token, a different one: all spatial
+    ([[0.5, 0.5], [0.5, 0.5]], 1.0, 0.0),  # uniform everywhere
+    ([[0.75, 0.25], [0.75, 0.25]], 0.8113, 0.0),  # peaked, but the same at every pixel
+])
+def test_attention_recorder_by_hand(rows, entropy, spatial):
+    mod = _module()
+    probs = torch.tensor([rows])  # (B * heads = 1, pixels = 2, L = 2)
+
+    class Attn:
+        heads = 1
+        to_q = to_k = staticmethod(lambda x: x)
+        head_to_batch_dim = staticmethod(lambda x: x)
+        get_attention_scores = staticmethod(lambda q, k, mask: probs)
+
+    store = {}
+    out = mod._AttentionRecorder(lambda attn, h, e, m, t: "inner output", store, "x")(Attn(), torch.zeros(1, 2, 4),
+                                                                                      torch.zeros(1, 2, 4))
+    assert out == "inner output"
+    mean, ent, tv = store["x"]
+    torch.testing.assert_close(mean, probs.mean(dim=1))
+    assert ent.item() == pytest.approx(entropy, abs=1e-4) and tv.item() == pytest.approx(spatial, abs=1e-6)
