@@ -14,8 +14,13 @@ if "SPO_FAST_CACHE" not in os.environ:
 if os.environ.get("SPO_FAST_TEST_GPU") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -25,6 +30,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def bench_script():
+    """``bench_script(name)``: benchmarks/NAME.py loaded as a module, each call a fresh one (benchmarks/ is no
+    package, so that it cannot shadow an installed module when a command runs from the root)."""
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(autouse=True)

@@ -1,18 +1,13 @@
 """benchmarks/retune_dpo.py: tune-dpo's choice again from trained runs' final LoRAs, with the evaluation faked."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "retune_dpo.py"
 
-
-def _module():
-    spec = importlib.util.spec_from_file_location("retune_dpo", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture
+def mod(bench_script):
+    return bench_script("retune_dpo")
 
 
 def _record(tmp_path, seed, lrs):
@@ -30,8 +25,7 @@ def _record(tmp_path, seed, lrs):
     return path
 
 
-def test_rechooses_on_new_evaluations(tmp_path, capsys):
-    mod = _module()
+def test_rechooses_on_new_evaluations(tmp_path, capsys, mod):
     # new validation margins by (lr, seed): 1e-3 wins on the mean, 3e-4 on the lowest seed (the rule)
     margins = {(3e-4, 0): 0.30, (3e-4, 1): 0.25, (1e-3, 0): 0.60, (1e-3, 1): 0.10}
 
@@ -53,8 +47,7 @@ def test_rechooses_on_new_evaluations(tmp_path, capsys):
     capsys.readouterr()
 
 
-def test_a_run_without_its_lora_is_named(tmp_path):
-    mod = _module()
+def test_a_run_without_its_lora_is_named(tmp_path, mod):
     record = _record(tmp_path, 0, [3e-4])
     (tmp_path / "s0" / "lr0.0003" / "lora" / "pytorch_lora_weights.safetensors").unlink()
     with pytest.raises(SystemExit, match="has no final LoRA"):

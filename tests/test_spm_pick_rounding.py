@@ -1,15 +1,9 @@
 """benchmarks/spm_pick_rounding.py: a tiny run on the packaged toy world."""
-import importlib.util
 import json
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "spm_pick_rounding.py"
 
 
-def test_tiny_run_reports_agreement_in_range(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("spm_pick_rounding", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_tiny_run_reports_agreement_in_range(tmp_path, capsys, bench_script):
+    mod = bench_script("spm_pick_rounding")
     out = tmp_path / "r.json"
     assert mod.main(["--prompts", "3", "--steps", "1,4", "--num-steps", "6", "--out", str(out)]) == 0
     rep = json.loads(out.read_text())

@@ -1,19 +1,11 @@
 """benchmarks/spm_step_agreement.py: the within-pool statistics and a tiny run on the packaged toy world."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "spm_step_agreement.py"
-
 
 @pytest.fixture(scope="module")
-def agreement_module():
-    spec = importlib.util.spec_from_file_location("spm_step_agreement", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def agreement_module(bench_script):
+    return bench_script("spm_step_agreement")
 
 
 def test_within_pool_corr_ignores_pool_means(agreement_module):

@@ -1,18 +1,11 @@
 """benchmarks/toy_base_diagnosis.py: the cross-attention's share per token group, on the shipped toy base."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "toy_base_diagnosis.py"
 
-
-def _module():
-    spec = importlib.util.spec_from_file_location("toy_base_diagnosis", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture
+def mod(bench_script):
+    return bench_script("toy_base_diagnosis")
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +15,10 @@ def comp():
     return load_components(str(resolve_model_path("toyworld:base")), "sd15")
 
 
-def test_token_groups_follow_the_prompt_template(comp):
+def test_token_groups_follow_the_prompt_template(comp, mod):
     from spo_fast.toyworld import world
 
-    mod, tok = _module(), comp.tokenizers[0]
+    tok = comp.tokenizers[0]
     prompts = world.prompts("heldout")
     for prompt in prompts[::7]:
         groups = mod.token_groups(tok, prompt)
@@ -51,10 +44,9 @@ def test_token_groups_follow_the_prompt_template(comp):
         mod.token_groups(Merging(), prompts[0])
 
 
-def test_text_attention_shares_sum_to_one_and_leave_the_unet_unchanged(comp):
+def test_text_attention_shares_sum_to_one_and_leave_the_unet_unchanged(comp, mod):
     from spo_fast.toyworld import world
 
-    mod = _module()
     prompts = world.probe_prompts()[:3]
     x = torch.randn(3, comp.unet.config.in_channels, world.RESOLUTION, world.RESOLUTION,
                     generator=torch.Generator().manual_seed(1))
@@ -77,9 +69,9 @@ def test_text_attention_shares_sum_to_one_and_leave_the_unet_unchanged(comp):
 
 
 @pytest.mark.parametrize("parts", ["foo", "", "samples,attention"])
-def test_bad_parts_name_the_accepted_ones(parts, capsys):
+def test_bad_parts_name_the_accepted_ones(parts, capsys, mod):
     with pytest.raises(SystemExit) as e:
-        _module().main(["--parts", parts])
+        mod.main(["--parts", parts])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"--parts={parts}" in err and "samples,text_effect_mse,text_attention" in err
@@ -90,8 +82,7 @@ def test_bad_parts_name_the_accepted_ones(parts, capsys):
     ([[0.5, 0.5], [0.5, 0.5]], 1.0, 0.0),  # uniform everywhere
     ([[0.75, 0.25], [0.75, 0.25]], 0.8113, 0.0),  # peaked, but the same at every pixel
 ])
-def test_attention_recorder_by_hand(rows, entropy, spatial):
-    mod = _module()
+def test_attention_recorder_by_hand(rows, entropy, spatial, mod):
     probs = torch.tensor([rows])  # (B * heads = 1, pixels = 2, L = 2)
 
     class Attn:
