@@ -11,7 +11,8 @@ the same prompts at t = 100, 400, 700, 900 with the right prompt, the empty prom
 rotated by one): where the three agree, the text does not change the prediction; and, on the same noised renders
 with the right prompt, where the cross-attention looks: the share of its attention (mean over heads and pixels) on
 the start token, on each attribute's word(s), on the other words, and on the end token with its padding, how
-spread it is (entropy) and how much it differs between pixels (total variation), per layer and t. Prints JSON.
+spread it is (entropy), how much it differs between pixels (total variation), and how much of that depends on the
+pixel's place alone, per layer and t. Prints JSON.
 """
 from __future__ import annotations
 
@@ -79,8 +80,10 @@ class _AttentionRecorder:
     """Wraps a cross-attention's processor: stores the attention probabilities' mean over heads and queries, (B, L),
     their entropy over the L tokens in units of log L (1 = uniform over the tokens), and how far each pixel's
     distribution is from the image's mean distribution (total variation, 0 = every pixel reads the same blend of the
-    tokens, as it would have to if the text could not say where), each a mean over heads and queries, (B,); then lets
-    the wrapped processor compute the output."""
+    tokens, as it would have to if the text could not say where), each a mean over heads and queries, (B,); and the
+    same distance for the batch's mean attention at each pixel (the part of the spatial variation that depends on the
+    pixel's place alone, the same for every prompt and noise: 0 when a query cannot tell where it is), (B,) copies of
+    one value; then lets the wrapped processor compute the output."""
 
     def __init__(self, inner, store: dict, name: str):
         self.inner, self.store, self.name = inner, store, name
@@ -93,7 +96,10 @@ class _AttentionRecorder:
         probs = probs.view(b, attn.heads, *probs.shape[1:])
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1) / math.log(probs.shape[-1])
         spatial = 0.5 * (probs - probs.mean(dim=2, keepdim=True)).abs().sum(-1)  # (B, heads, pixels)
-        self.store[self.name] = (probs.mean(dim=(1, 2)), entropy.mean(dim=(1, 2)), spatial.mean(dim=(1, 2)))
+        pattern = probs.mean(dim=0)  # (heads, pixels, L): what a pixel reads whatever the prompt and noise
+        location = 0.5 * (pattern - pattern.mean(dim=1, keepdim=True)).abs().sum(-1).mean()
+        self.store[self.name] = (probs.mean(dim=(1, 2)), entropy.mean(dim=(1, 2)), spatial.mean(dim=(1, 2)),
+                                 location.expand(b))
         return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
 
 
@@ -120,7 +126,8 @@ def text_attention(comp, prompts, ts=(100, 400, 700, 900)) -> list[dict]:
                       encoder_hidden_states=embeds)
             shares = {n: torch.einsum("bl,blg->g", store[n][0], onehot) / len(prompts) for n in layers}
             shares["all"] = torch.stack(list(shares.values())).mean(0)
-            stats = {k: {n: store[n][i].mean() for n in layers} for i, k in ((1, "entropy"), (2, "spatial_tv"))}
+            stats = {k: {n: store[n][i].mean() for n in layers}
+                     for i, k in ((1, "entropy"), (2, "spatial_tv"), (3, "location_tv"))}
             for v in stats.values():
                 v["all"] = torch.stack(list(v.values())).mean()
             rows.append({"t": t, **{n: {**{g: round(v.item(), 4) for g, v in zip(TOKEN_GROUPS, s)},

@@ -66,6 +66,7 @@ def test_text_attention_shares_sum_to_one_and_leave_the_unet_unchanged(comp, mod
             shares = [r[name][g] for g in mod.TOKEN_GROUPS]
             assert sum(shares) == pytest.approx(1.0, abs=1e-3) and min(shares) > 0
             assert 0 < r[name]["entropy"] <= 1.0 + 1e-6 and 0 < r[name]["spatial_tv"] < 1.0
+            assert 0 <= r[name]["location_tv"] <= r[name]["spatial_tv"] + 1e-6
 
 
 @pytest.mark.parametrize("parts", ["foo", "", "samples,attention"])
@@ -95,6 +96,24 @@ def test_attention_recorder_by_hand(rows, entropy, spatial, mod):
     out = mod._AttentionRecorder(lambda attn, h, e, m, t: "inner output", store, "x")(Attn(), torch.zeros(1, 2, 4),
                                                                                       torch.zeros(1, 2, 4))
     assert out == "inner output"
-    mean, ent, tv = store["x"]
+    mean, ent, tv, location = store["x"]
     torch.testing.assert_close(mean, probs.mean(dim=1))
     assert ent.item() == pytest.approx(entropy, abs=1e-4) and tv.item() == pytest.approx(spatial, abs=1e-6)
+    assert location.item() == pytest.approx(spatial, abs=1e-6)  # one sample: its pattern is the batch's
+
+
+def test_location_tv_keeps_what_every_sample_shares(mod):
+    """Two samples whose pixels read opposite tokens: each varies between pixels (0.5), their mean does not (0)."""
+    probs = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [1.0, 0.0]]])  # (B = 2, pixels, L), heads = 1
+
+    class Attn:
+        heads = 1
+        to_q = to_k = staticmethod(lambda x: x)
+        head_to_batch_dim = staticmethod(lambda x: x)
+        get_attention_scores = staticmethod(lambda q, k, mask: probs)
+
+    store = {}
+    mod._AttentionRecorder(lambda *a: None, store, "x")(Attn(), torch.zeros(2, 2, 4), torch.zeros(2, 2, 4))
+    _, _, tv, location = store["x"]
+    torch.testing.assert_close(tv, torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(location, torch.zeros(2))
