@@ -11,8 +11,9 @@ the same prompts at t = 100, 400, 700, 900 with the right prompt, the empty prom
 rotated by one): where the three agree, the text does not change the prediction; and, on the same noised renders
 with the right prompt, where the cross-attention looks: the share of its attention (mean over heads and pixels) on
 the start token, on each attribute's word(s), on the other words, and on the end token with its padding, how
-spread it is (entropy), how much it differs between pixels (total variation), and how much of that depends on the
-pixel's place alone, per layer and t. Prints JSON.
+spread it is (entropy), how much it differs between pixels (total variation), how much of that depends on the
+pixel's place alone (and that statistic's chance level, with each sample's pixels shuffled), and whether the position
+words' attention peaks at the places they name, per layer and t. Prints JSON.
 """
 from __future__ import annotations
 
@@ -77,13 +78,22 @@ def token_groups(tokenizer, prompt: str) -> list[str]:
 
 
 class _AttentionRecorder:
-    """Wraps a cross-attention's processor: stores the attention probabilities' mean over heads and queries, (B, L),
-    their entropy over the L tokens in units of log L (1 = uniform over the tokens), and how far each pixel's
-    distribution is from the image's mean distribution (total variation, 0 = every pixel reads the same blend of the
-    tokens, as it would have to if the text could not say where), each a mean over heads and queries, (B,); and the
-    same distance for the batch's mean attention at each pixel (the part of the spatial variation that depends on the
-    pixel's place alone, the same for every prompt and noise: 0 when a query cannot tell where it is), (B,) copies of
-    one value; then lets the wrapped processor compute the output."""
+    """Wraps a cross-attention's processor and stores, in this order:
+
+    - the attention probabilities' mean over heads and queries, (B, L);
+    - their entropy over the L tokens in units of log L (1 = uniform over the tokens), mean over heads and queries,
+      (B,);
+    - how far each pixel's distribution is from the image's mean distribution (total variation; 0 = every pixel reads
+      the same blend of the tokens, as it would have to if the text could not say where), mean over heads and
+      queries, (B,);
+    - the same distance for the batch's mean attention at each pixel: the part of that variation that depends on the
+      pixel's place alone, the same for every prompt and noise (0 when a query cannot tell where it is), (B,) copies
+      of one value;
+    - that statistic again with each sample's pixels shuffled (a fixed permutation per sample): its chance level for
+      this batch size, (B,) copies of one value;
+    - the attention's mean over heads at every pixel, (B, pixels, L).
+
+    Then it lets the wrapped processor compute the output."""
 
     def __init__(self, inner, store: dict, name: str):
         self.inner, self.store, self.name = inner, store, name
@@ -97,20 +107,59 @@ class _AttentionRecorder:
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1) / math.log(probs.shape[-1])
         spatial = 0.5 * (probs - probs.mean(dim=2, keepdim=True)).abs().sum(-1)  # (B, heads, pixels)
         pattern = probs.mean(dim=0)  # (heads, pixels, L): what a pixel reads whatever the prompt and noise
-        location = 0.5 * (pattern - pattern.mean(dim=1, keepdim=True)).abs().sum(-1).mean()
+        n = probs.shape[2]
+        perm = torch.argsort(torch.rand(b, n, generator=torch.Generator().manual_seed(0)), dim=1)
+        shuffled = probs.gather(2, perm[:, None, :, None].expand_as(probs)).mean(dim=0)
         self.store[self.name] = (probs.mean(dim=(1, 2)), entropy.mean(dim=(1, 2)), spatial.mean(dim=(1, 2)),
-                                 location.expand(b))
+                                 _location_tv(pattern).expand(b), _location_tv(shuffled).expand(b), probs.mean(dim=1))
         return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+
+def _location_tv(pattern: torch.Tensor) -> torch.Tensor:
+    """Mean total variation between each pixel's distribution and the pixels' mean, (heads, pixels, L) -> ()."""
+    return 0.5 * (pattern - pattern.mean(dim=1, keepdim=True)).abs().sum(-1).mean()
+
+
+def position_alignment(maps: torch.Tensor, positions: list[str]) -> float:
+    """Does a position word's attention point to its place? ``maps``: (B, pixels) attention on the position words per
+    pixel (pixels row-major over a square grid), ``positions``: each sample's position. For each position, the mean map
+    of its samples minus the mean of all positions' mean maps, correlated over the pixels with the closeness to that
+    position's anchor (``world.ANCHOR``, minus the distance); the mean over positions. Positive when the words'
+    attention peaks at their places (maps that equal each anchor's closeness give 0.80 on a 6 px grid: the maps' mean
+    takes some of each one's shape), 0 when it does not depend on the word, negative when it peaks away from them."""
+    side = math.isqrt(maps.shape[1])
+    if side * side != maps.shape[1]:
+        raise ValueError(f"{maps.shape[1]} pixels: not a square grid")
+    centres = (torch.arange(side, dtype=torch.float32) + 0.5) / side
+    y, x = torch.meshgrid(centres, centres, indexing="ij")
+    values = sorted(set(positions))
+    means = torch.stack([maps[[i for i, v in enumerate(positions) if v == value]].mean(0) for value in values])
+    corrs = []
+    for value, deviation in zip(values, means - means.mean(0)):
+        ax, ay = world.ANCHOR[value]
+        closeness = -((x - ax) ** 2 + (y - ay) ** 2).sqrt().flatten()
+        varies = deviation.abs().max() > 1e-6 * means.abs().max()  # else the word changes nothing but rounding
+        corrs.append(torch.corrcoef(torch.stack([deviation, closeness]))[0, 1] if varies else torch.tensor(0.0))
+    return torch.stack(corrs).mean().item()
 
 
 @torch.no_grad()
 def text_attention(comp, prompts, ts=(100, 400, 700, 900)) -> list[dict]:
     """Share of each cross-attention layer's attention on each token group (``TOKEN_GROUPS``), mean over prompts, its
-    relative entropy and its spatial variation (``_AttentionRecorder``), for the renders of ``prompts`` noised to each t (the same noise as
-    ``text_effect``); "all" is the layers' mean. Uniform attention would give each group its share of the tokens."""
+    relative entropy, its spatial variation and the part of it that depends on the place (with that part's chance
+    level; ``_AttentionRecorder``), and whether the position words' attention points to their places
+    (``position_alignment``, with its standard deviation over 20 shuffles of the prompts' positions), for the
+    renders of ``prompts`` noised to each t (the same noise as ``text_effect``);
+    "all" is the layers' mean. Uniform attention would give each group its share of the tokens. At low t the noised
+    render already shows the object in its place, so attention that follows the picture's content aligns too; at high
+    t the picture is mostly noise."""
     x0 = world.render([world.parse_prompt(p) for p in prompts], torch.Generator().manual_seed(0))
     embeds = encode_prompts(comp, prompts, "cpu", x0.shape[-1]).embeds
     groups = [token_groups(comp.tokenizers[0], p) for p in prompts]
+    positions = [world.parse_prompt(p).position for p in prompts]
+    position_tokens = torch.tensor([[g == "position" for g in row] for row in groups]).float()  # B, L
+    gen = torch.Generator().manual_seed(0)
+    shuffles = [torch.randperm(len(prompts), generator=gen).tolist() for _ in range(20)]
     onehot = torch.tensor([[[g == name for name in TOKEN_GROUPS] for g in row] for row in groups]).float()  # B, L, G
     layers = {n: m for n, m in comp.unet.named_modules() if n.endswith("attn2")}
     store, inner = {}, {n: m.processor for n, m in layers.items()}
@@ -127,7 +176,14 @@ def text_attention(comp, prompts, ts=(100, 400, 700, 900)) -> list[dict]:
             shares = {n: torch.einsum("bl,blg->g", store[n][0], onehot) / len(prompts) for n in layers}
             shares["all"] = torch.stack(list(shares.values())).mean(0)
             stats = {k: {n: store[n][i].mean() for n in layers}
-                     for i, k in ((1, "entropy"), (2, "spatial_tv"), (3, "location_tv"))}
+                     for i, k in ((1, "entropy"), (2, "spatial_tv"), (3, "location_tv"), (4, "location_tv_chance"))}
+            pos_maps = {n: torch.einsum("bnl,bl->bn", store[n][5], position_tokens) for n in layers}
+            stats["position_alignment"] = {n: torch.tensor(position_alignment(m, positions))
+                                           for n, m in pos_maps.items()}
+            # its spread by chance: the same maps under the prompts' positions shuffled (20 fixed shuffles)
+            stats["position_alignment_chance_sd"] = {
+                n: torch.tensor([position_alignment(m, [positions[i] for i in perm]) for perm in shuffles]).std()
+                for n, m in pos_maps.items()}
             for v in stats.values():
                 v["all"] = torch.stack(list(v.values())).mean()
             rows.append({"t": t, **{n: {**{g: round(v.item(), 4) for g, v in zip(TOKEN_GROUPS, s)},
@@ -155,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = [(20, 1.0, float(g)) for g in args.cfg.split(",") if g]
     runs += [(int(n), float(e), 5.0) for n, e in (x.split(",") for x in args.sampler.split(";") if x)]
     parts = {"samples": lambda: [sample_stats(comp, prompts, *r) for r in runs],
-             "text_effect_mse": lambda: text_effect(comp, prompts), "text_attention": lambda: text_attention(comp, prompts)}
+             "text_effect_mse": lambda: text_effect(comp, prompts),
+             "text_attention": lambda: text_attention(comp, prompts)}
     report = {name: run() for name, run in parts.items() if name in args.parts}
     print(json.dumps(report, indent=1))
     return 0

@@ -67,6 +67,8 @@ def test_text_attention_shares_sum_to_one_and_leave_the_unet_unchanged(comp, mod
             assert sum(shares) == pytest.approx(1.0, abs=1e-3) and min(shares) > 0
             assert 0 < r[name]["entropy"] <= 1.0 + 1e-6 and 0 < r[name]["spatial_tv"] < 1.0
             assert 0 <= r[name]["location_tv"] <= r[name]["spatial_tv"] + 1e-6
+            assert 0 <= r[name]["location_tv_chance"] <= r[name]["spatial_tv"] + 1e-6
+            assert -1.0 <= r[name]["position_alignment"] <= 1.0 and 0 < r[name]["position_alignment_chance_sd"] < 1.0
 
 
 @pytest.mark.parametrize("parts", ["foo", "", "samples,attention"])
@@ -96,7 +98,8 @@ def test_attention_recorder_by_hand(rows, entropy, spatial, mod):
     out = mod._AttentionRecorder(lambda attn, h, e, m, t: "inner output", store, "x")(Attn(), torch.zeros(1, 2, 4),
                                                                                       torch.zeros(1, 2, 4))
     assert out == "inner output"
-    mean, ent, tv, location = store["x"]
+    mean, ent, tv, location, _, maps = store["x"]
+    torch.testing.assert_close(maps, probs)
     torch.testing.assert_close(mean, probs.mean(dim=1))
     assert ent.item() == pytest.approx(entropy, abs=1e-4) and tv.item() == pytest.approx(spatial, abs=1e-6)
     assert location.item() == pytest.approx(spatial, abs=1e-6)  # one sample: its pattern is the batch's
@@ -114,6 +117,29 @@ def test_location_tv_keeps_what_every_sample_shares(mod):
 
     store = {}
     mod._AttentionRecorder(lambda *a: None, store, "x")(Attn(), torch.zeros(2, 2, 4), torch.zeros(2, 2, 4))
-    _, _, tv, location = store["x"]
+    _, _, tv, location, chance, _ = store["x"]
     torch.testing.assert_close(tv, torch.tensor([0.5, 0.5]))
     torch.testing.assert_close(location, torch.zeros(2))
+    assert 0 <= chance[0].item() <= 0.5
+
+
+def test_position_alignment_by_hand(mod):
+    """Maps that peak at each prompt's anchor align (0.80, not 1: subtracting the five maps' mean changes each one's
+    shape), maps that peak away from it anti-align as much, and maps that ignore the word give 0."""
+    from spo_fast.toyworld import world
+
+    side = 6
+    centres = (torch.arange(side) + 0.5) / side
+    y, x = torch.meshgrid(centres, centres, indexing="ij")
+    positions = [p for p in world.ANCHOR for _ in range(3)]
+    closeness = torch.stack([-((x - world.ANCHOR[p][0]) ** 2 + (y - world.ANCHOR[p][1]) ** 2).sqrt().flatten()
+                             for p in positions])
+    aligned = mod.position_alignment(closeness, positions)
+    assert 0.75 < aligned < 0.85
+    assert mod.position_alignment(-closeness, positions) == pytest.approx(-aligned, abs=1e-6)
+    shuffled = [positions[(i + 3) % len(positions)] for i in range(len(positions))]  # each map under another word
+    assert mod.position_alignment(closeness, shuffled) < 0.5 * aligned
+    same = closeness[:1].expand_as(closeness)  # every prompt's map the same: the word changes nothing
+    assert mod.position_alignment(same, positions) == 0.0
+    with pytest.raises(ValueError, match="square"):
+        mod.position_alignment(torch.zeros(2, 10), ["left", "right"])
