@@ -80,6 +80,21 @@ def test_bad_parts_name_the_accepted_ones(parts, capsys, mod):
     assert f"--parts={parts}" in err and "samples,text_effect_mse,text_attention" in err
 
 
+def _record(mod, probs):
+    """Run ``_AttentionRecorder`` on an attention module stand-in whose probabilities are ``probs`` (B, pixels, L),
+    one head; its store and the wrapped processor's output."""
+
+    class Attn:
+        heads = 1
+        to_q = to_k = staticmethod(lambda x: x)
+        head_to_batch_dim = staticmethod(lambda x: x)
+        get_attention_scores = staticmethod(lambda q, k, mask: probs)
+
+    store, hidden = {}, torch.zeros(probs.shape[0], probs.shape[1], 4)
+    out = mod._AttentionRecorder(lambda attn, h, e, m, t: "inner output", store, "x")(Attn(), hidden, hidden)
+    return store, out
+
+
 @pytest.mark.parametrize("rows, entropy, spatial", [
     ([[1.0, 0.0], [0.0, 1.0]], 0.0, 0.5),  # each pixel reads one token, a different one: all spatial
     ([[0.5, 0.5], [0.5, 0.5]], 1.0, 0.0),  # uniform everywhere
@@ -88,15 +103,7 @@ def test_bad_parts_name_the_accepted_ones(parts, capsys, mod):
 def test_attention_recorder_by_hand(rows, entropy, spatial, mod):
     probs = torch.tensor([rows])  # (B * heads = 1, pixels = 2, L = 2)
 
-    class Attn:
-        heads = 1
-        to_q = to_k = staticmethod(lambda x: x)
-        head_to_batch_dim = staticmethod(lambda x: x)
-        get_attention_scores = staticmethod(lambda q, k, mask: probs)
-
-    store = {}
-    out = mod._AttentionRecorder(lambda attn, h, e, m, t: "inner output", store, "x")(Attn(), torch.zeros(1, 2, 4),
-                                                                                      torch.zeros(1, 2, 4))
+    store, out = _record(mod, probs)
     assert out == "inner output"
     mean, ent, tv, location, _, maps = store["x"]
     torch.testing.assert_close(maps, probs)
@@ -109,14 +116,7 @@ def test_location_tv_keeps_what_every_sample_shares(mod):
     """Two samples whose pixels read opposite tokens: each varies between pixels (0.5), their mean does not (0)."""
     probs = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [1.0, 0.0]]])  # (B = 2, pixels, L), heads = 1
 
-    class Attn:
-        heads = 1
-        to_q = to_k = staticmethod(lambda x: x)
-        head_to_batch_dim = staticmethod(lambda x: x)
-        get_attention_scores = staticmethod(lambda q, k, mask: probs)
-
-    store = {}
-    mod._AttentionRecorder(lambda *a: None, store, "x")(Attn(), torch.zeros(2, 2, 4), torch.zeros(2, 2, 4))
+    store, _ = _record(mod, probs)
     _, _, tv, location, chance, _ = store["x"]
     torch.testing.assert_close(tv, torch.tensor([0.5, 0.5]))
     torch.testing.assert_close(location, torch.zeros(2))
