@@ -2,7 +2,7 @@
 ignores its prompts)
 
     python benchmarks/toy_base_diagnosis.py [--model toyworld:base] [--cfg 1,3,5,9] [--sampler 20,1;50,1;20,0] \\
-        [--parts samples,text_effect_mse,text_attention]
+        [--parts samples,text_effect_mse,text_attention] [--ts 100,400,700,900]
 
 On the 64 probe prompts (``world.probe_prompts``), one sample each (noise seed 300, the build's probe): the mean
 ground truth, each component, the objectness and the share of empty frames (object contrast < 0.1) for each CFG
@@ -201,18 +201,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg", default="1,3,5,9", help="CFG scales at 20 steps, eta 1 (comma-separated)")
     p.add_argument("--sampler", default="20,1;50,1;20,0", help="steps,eta pairs at CFG 5 (semicolon-separated)")
     p.add_argument("--prompts", type=int, default=64, help="probe prompts (default 64)")
+    p.add_argument("--ts", default="100,400,700,900",
+                   help="timesteps of the text effect and the attention (comma-separated, 0..999)")
     p.add_argument("--parts", type=lambda v: v.split(","), default=list(PARTS),
                    help=f"what to measure, comma-separated (default: all of {','.join(PARTS)})")
     args = p.parse_args(argv)
     if not args.parts or set(args.parts) - set(PARTS):
         p.error(f"--parts={','.join(args.parts)}: accepted: a comma-separated subset of {','.join(PARTS)}")
+    try:
+        ts = tuple(int(t) for t in args.ts.split(","))
+    except ValueError:
+        ts = ()
+    if not ts or not all(0 <= t <= 999 for t in ts):
+        p.error(f"--ts={args.ts}: accepted: comma-separated integer timesteps in 0..999")
     comp = load_components(str(resolve_model_path(args.model)), "sd15")
     prompts = world.probe_prompts()[:args.prompts]
     runs = [(20, 1.0, float(g)) for g in args.cfg.split(",") if g]
     runs += [(int(n), float(e), 5.0) for n, e in (x.split(",") for x in args.sampler.split(";") if x)]
     parts = {"samples": lambda: [sample_stats(comp, prompts, *r) for r in runs],
-             "text_effect_mse": lambda: text_effect(comp, prompts),
-             "text_attention": lambda: text_attention(comp, prompts)}
+             "text_effect_mse": lambda: text_effect(comp, prompts, ts),
+             "text_attention": lambda: text_attention(comp, prompts, ts)}
     report = {name: run() for name, run in parts.items() if name in args.parts}
     print(json.dumps(report, indent=1))
     return 0

@@ -71,6 +71,14 @@ def test_text_attention_shares_sum_to_one_and_leave_the_unet_unchanged(comp, mod
             assert -1.0 <= r[name]["position_alignment"] <= 1.0 and 0 < r[name]["position_alignment_chance_sd"] < 1.0
 
 
+@pytest.mark.parametrize("ts", ["", "100,x", "1000", "-1,5"])
+def test_bad_timesteps_name_the_accepted_ones(ts, capsys, mod):
+    with pytest.raises(SystemExit) as e:
+        mod.main([f"--ts={ts}"])
+    assert e.value.code == 2
+    assert f"--ts={ts}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("parts", ["foo", "", "samples,attention"])
 def test_bad_parts_name_the_accepted_ones(parts, capsys, mod):
     with pytest.raises(SystemExit) as e:
