@@ -153,10 +153,11 @@ def text_attention(comp, prompts, ts=(100, 400, 700, 900)) -> list[dict]:
     "all" is the layers' mean. Uniform attention would give each group its share of the tokens. At low t the noised
     render already shows the object in its place, so attention that follows the picture's content aligns too; at high
     t the picture is mostly noise."""
-    x0 = world.render([world.parse_prompt(p) for p in prompts], torch.Generator().manual_seed(0))
+    attrs = [world.parse_prompt(p) for p in prompts]
+    x0 = world.render(attrs, torch.Generator().manual_seed(0))
     embeds = encode_prompts(comp, prompts, "cpu", x0.shape[-1]).embeds
     groups = [token_groups(comp.tokenizers[0], p) for p in prompts]
-    positions = [world.parse_prompt(p).position for p in prompts]
+    positions = [a.position for a in attrs]
     position_tokens = torch.tensor([[g == "position" for g in row] for row in groups]).float()  # B, L
     gen = torch.Generator().manual_seed(0)
     shuffles = [torch.randperm(len(prompts), generator=gen).tolist() for _ in range(20)]
