@@ -2,7 +2,7 @@
 ignores its prompts)
 
     python benchmarks/toy_base_diagnosis.py [--model toyworld:base] [--cfg 1,3,5,9] [--sampler 20,1;50,1;20,0] \\
-        [--parts samples,text_effect_mse,text_attention] [--ts 100,400,700,900]
+        [--parts samples,text_effect_mse,text_attention,layout] [--ts 100,400,700,900]
 
 On the 64 probe prompts (``world.probe_prompts``), one sample each (noise seed 300, the build's probe): the mean
 ground truth, each component, the objectness and the share of empty frames (object contrast < 0.1) for each CFG
@@ -13,7 +13,9 @@ with the right prompt, where the cross-attention looks: the share of its attenti
 the start token, on each attribute's word(s), on the other words, and on the end token with its padding, how
 spread it is (entropy), how much it differs between pixels (total variation), how much of that depends on the
 pixel's place alone (and that statistic's chance level, with each sample's pixels shuffled), and whether the position
-words' attention peaks at the places they name, per layer and t. Prints JSON.
+words' attention peaks at the places they name, per layer and t; and, along the sampler's own trajectories (20
+DDIM steps, eta 1, CFG 5), where each step's estimate of the clean image puts the object: how far toward the place
+its prompt names (``position_lean``). Prints JSON.
 """
 from __future__ import annotations
 
@@ -57,7 +59,62 @@ def text_effect(comp, prompts, ts=(100, 400, 700, 900)) -> list[dict]:
     return rows
 
 
-PARTS = ("samples", "text_effect_mse", "text_attention")
+def position_lean(centroids: torch.Tensor, attrs: list, size: int) -> torch.Tensor:
+    """(N,) how far each measured centroid (N, 2) (x, y) px has moved from the image centre toward its prompt's
+    place: the projection of (centroid - centre) on (anchor - centre), over |anchor - centre|^2; 1 at the named
+    place, 0 anywhere on the line through the centre across that direction, negative on the other side. NaN for
+    ``center`` prompts (no direction)."""
+    centre = size / 2  # pixel i spans [i, i + 1) in the units of world.anchor and world.measure
+    d = world.anchor(attrs, size) - centre
+    norm2 = (d * d).sum(1)
+    lean = ((centroids - centre) * d).sum(1) / norm2.clamp(min=1e-6)
+    return torch.where(norm2 > 1e-6, lean, torch.full_like(lean, float("nan")))
+
+
+@torch.no_grad()
+def layout(comp, prompts, num_steps: int = 20, eta: float = 1.0, guidance: float = 5.0,
+           record=(0, 2, 4, 6, 8, 12, 19)) -> list[dict]:
+    """Where the sampler's estimate of the clean image puts the object, step by step: DDIM from seed-300 noise
+    (torch.randn step noise, fp32), and at each recorded step index i (t) the x0 estimate's measured centroid
+    (``world.measure``): its mean ``position_lean`` over the prompts that name a side (and its standard error),
+    its mean distance to the named anchor (px), its mean contrast (object against background; below 0.1 the frame
+    is empty and its centroid meaningless), and the mean centroid per position word; the last row is the final
+    sample."""
+    from spo_fast.diffusion.models import Conditioning
+    from spo_fast.diffusion.sampling import DDIMSchedule, cfg_model_output, ddim_step_stats
+
+    attrs = [world.parse_prompt(p) for p in prompts]
+    size = world.RESOLUTION
+    schedule = DDIMSchedule.from_scheduler(comp.scheduler, num_steps)
+    cond: Conditioning = encode_prompts(comp, prompts, "cpu", size)
+    uncond = encode_prompts(comp, [""] * len(prompts), "cpu", size)
+    gen = torch.Generator().manual_seed(300)
+    x = torch.randn((len(prompts), *comp.latent_shape), generator=gen)
+
+    def row(step, t, image: torch.Tensor) -> dict:
+        m = world.measure(image.clamp(-1, 1))
+        lean = position_lean(m["centroid"], attrs, size)
+        by_word = {}
+        for a, c in zip(attrs, m["centroid"]):
+            by_word.setdefault(a.position, []).append(c)
+        sided = lean[~lean.isnan()]
+        return {"step": step, "t": t, "lean": sided.mean().item(), "lean_se": (sided.std() / len(sided) ** 0.5).item(),
+                "anchor_distance": (m["centroid"] - world.anchor(attrs, size)).norm(dim=1).mean().item(),
+                "contrast": m["contrast"].mean().item(),
+                "centroid_by_word": {w: torch.stack(v).mean(0).tolist() for w, v in sorted(by_word.items())}}
+
+    rows = []
+    for i, t_scalar in enumerate(schedule.timesteps):
+        t = t_scalar.expand(x.shape[0])
+        x0, mean, std = ddim_step_stats(schedule, cfg_model_output(comp.unet, x, t, cond, uncond, guidance), x, t, eta)
+        if i in record:
+            rows.append(row(i, int(t_scalar), x0))
+        x = mean + std.view(-1, 1, 1, 1) * torch.randn(mean.shape, generator=gen)
+    rows.append(row("final", 0, x))
+    return rows
+
+
+PARTS = ("samples", "text_effect_mse", "text_attention", "layout")
 TOKEN_GROUPS = ("start", "size", "color", "shape", "position", "background", "other_words", "end_and_padding")
 
 
@@ -221,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     runs += [(int(n), float(e), 5.0) for n, e in (x.split(",") for x in args.sampler.split(";") if x)]
     parts = {"samples": lambda: [sample_stats(comp, prompts, *r) for r in runs],
              "text_effect_mse": lambda: text_effect(comp, prompts, ts),
-             "text_attention": lambda: text_attention(comp, prompts, ts)}
+             "text_attention": lambda: text_attention(comp, prompts, ts),
+             "layout": lambda: layout(comp, prompts)}
     report = {name: run() for name, run in parts.items() if name in args.parts}
     print(json.dumps(report, indent=1))
     return 0

@@ -151,3 +151,38 @@ def test_position_alignment_by_hand(mod):
     assert mod.position_alignment(same, positions) == 0.0
     with pytest.raises(ValueError, match="square"):
         mod.position_alignment(torch.zeros(2, 10), ["left", "right"])
+
+
+def test_position_lean_by_hand(mod):
+    from spo_fast.toyworld import world
+
+    attrs = [world.Attributes("red", "circle", "small", p, "black") for p in world.POSITIONS]
+    anchor = world.anchor(attrs)
+    centre = torch.full_like(anchor, world.RESOLUTION / 2)
+    sided = [a.position != "center" for a in attrs]
+    for centroids, expected in ((anchor, 1.0), (centre, 0.0), (2 * centre - anchor, -1.0),
+                                (centre + 0.5 * (anchor - centre), 0.5)):
+        lean = mod.position_lean(centroids, attrs, world.RESOLUTION)
+        assert torch.allclose(lean[sided], torch.full((4,), expected), atol=1e-5), (expected, lean)
+        assert lean[[not s for s in sided]].isnan().all()
+    # a move across the named direction does not count: left's direction is x, so a move in y leaves 1
+    left = [a for a in attrs if a.position == "left"]
+    moved = world.anchor(left) + torch.tensor([[0.0, 3.0]])
+    assert mod.position_lean(moved, left, world.RESOLUTION).item() == pytest.approx(1.0)
+
+
+def test_layout_ends_at_the_build_sampler_s_samples(comp, mod):
+    from spo_fast.toyworld import build, world
+
+    prompts = world.probe_prompts()[:6]
+    rows = mod.layout(comp, prompts, num_steps=3, record=(0, 2))
+    assert [r["step"] for r in rows] == [0, 2, "final"] and rows[0]["t"] > rows[1]["t"] > 0
+    images = build.sample_batch(comp, prompts, 300, num_steps=3, noise="torch")  # fp32, torch.randn step noise
+    m = world.measure(images)
+    attrs = [world.parse_prompt(p) for p in prompts]
+    final = rows[-1]
+    assert final["anchor_distance"] == pytest.approx((m["centroid"] - world.anchor(attrs)).norm(dim=1).mean().item(),
+                                                     rel=1e-5)
+    assert final["lean"] == pytest.approx(mod.position_lean(m["centroid"], attrs, world.RESOLUTION).nanmean().item(),
+                                          rel=1e-5, abs=1e-6)
+    assert set(final["centroid_by_word"]) == {a.position for a in attrs}
