@@ -2,7 +2,7 @@
 ignores its prompts)
 
     python benchmarks/toy_base_diagnosis.py [--model toyworld:base] [--cfg 1,3,5,9] [--sampler 20,1;50,1;20,0] \\
-        [--parts samples,text_effect_mse,text_attention,layout] [--ts 100,400,700,900]
+        [--parts samples,text_effect_mse,attribute_swap,text_attention,layout] [--ts 100,400,700,900]
 
 On the 64 probe prompts (``world.probe_prompts``), one sample each (noise seed 300, the build's probe): the mean
 ground truth, each component, the objectness and the share of empty frames (object contrast < 0.1) for each CFG
@@ -20,6 +20,7 @@ its prompt names (``position_lean``). Prints JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 
@@ -41,9 +42,12 @@ def sample_stats(comp, prompts, num_steps: int, eta: float, guidance: float) -> 
 
 
 @torch.no_grad()
-def text_effect(comp, prompts, ts=(100, 400, 700, 900)) -> list[dict]:
+def text_effect(comp, prompts, ts=(100, 400, 700, 900), conds: dict | None = None) -> list[dict]:
+    """The model's denoising MSE (of its own target: epsilon or v) on renders of ``prompts`` noised to each t, with
+    each of ``conds`` (name -> prompts); by default the right prompts, the empty prompt and other prompts (the list
+    rotated by one)."""
     x0 = world.render([world.parse_prompt(p) for p in prompts], torch.Generator().manual_seed(0))
-    conds = {"right": prompts, "empty": [""] * len(prompts), "other": prompts[1:] + prompts[:1]}
+    conds = conds or {"right": prompts, "empty": [""] * len(prompts), "other": prompts[1:] + prompts[:1]}
     embeds = {k: encode_prompts(comp, v, "cpu", x0.shape[-1]).embeds for k, v in conds.items()}
     alphas = comp.scheduler.alphas_cumprod.float()
     v_pred = comp.scheduler.config.prediction_type == "v_prediction"
@@ -57,6 +61,42 @@ def text_effect(comp, prompts, ts=(100, 400, 700, 900)) -> list[dict]:
         rows.append({"t": t, **{k: ((comp.unet(x_t, tt, encoder_hidden_states=e).sample - target) ** 2).mean().item()
                                  for k, e in embeds.items()}})
     return rows
+
+
+ATTRIBUTES = {"color": world.COLORS, "shape": world.SHAPES, "size": world.SIZES, "position": world.POSITIONS,
+              "background": world.BACKGROUNDS}
+
+
+def swapped(prompts: list[str], field: str) -> list[str]:
+    """``prompts`` with one attribute changed to the next word of its vocabulary (cyclically), the rest kept."""
+    vocab = ATTRIBUTES[field]
+    out = []
+    for p in prompts:
+        a = world.parse_prompt(p)
+        out.append(dataclasses.replace(a, **{field: vocab[(vocab.index(getattr(a, field)) + 1) % len(vocab)]}).prompt)
+    return out
+
+
+@torch.no_grad()
+def attribute_swap(comp, prompts, ts=(100, 400, 700, 900)) -> dict:
+    """Does each attribute's word reach the UNet? For each attribute, the prompts with that word swapped
+    (``swapped``): how far the text encoder's output moves (mean over prompts of the largest per-token L2 change,
+    and the change at the end token, relative to the mean norm of the hidden states), and the model's denoising MSE
+    at each t with the swapped prompts next to the right ones (``text_effect``): where the two are equal, the model
+    ignores that word."""
+    size = world.RESOLUTION
+    right = encode_prompts(comp, prompts, "cpu", size).embeds
+    eos = comp.tokenizers[0].eos_token_id
+    ids = comp.tokenizers[0](prompts, add_special_tokens=True).input_ids
+    end = torch.tensor([row.index(eos) for row in ids])  # the first end token of each prompt
+    scale = right.norm(dim=-1).mean()
+    encoder = {}
+    for field in ATTRIBUTES:
+        diff = (encode_prompts(comp, swapped(prompts, field), "cpu", size).embeds - right).norm(dim=-1)  # (B, L)
+        encoder[field] = {"max_token": (diff.amax(1).mean() / scale).item(),
+                          "end_token": (diff[torch.arange(len(prompts)), end].mean() / scale).item()}
+    conds = {"right": prompts, **{field: swapped(prompts, field) for field in ATTRIBUTES}}
+    return {"text_encoder_change": encoder, "denoising_mse": text_effect(comp, prompts, ts, conds)}
 
 
 def position_lean(centroids: torch.Tensor, attrs: list, size: int) -> torch.Tensor:
@@ -114,7 +154,7 @@ def layout(comp, prompts, num_steps: int = 20, eta: float = 1.0, guidance: float
     return rows
 
 
-PARTS = ("samples", "text_effect_mse", "text_attention", "layout")
+PARTS = ("samples", "text_effect_mse", "attribute_swap", "text_attention", "layout")
 TOKEN_GROUPS = ("start", "size", "color", "shape", "position", "background", "other_words", "end_and_padding")
 
 
@@ -278,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     runs += [(int(n), float(e), 5.0) for n, e in (x.split(",") for x in args.sampler.split(";") if x)]
     parts = {"samples": lambda: [sample_stats(comp, prompts, *r) for r in runs],
              "text_effect_mse": lambda: text_effect(comp, prompts, ts),
+             "attribute_swap": lambda: attribute_swap(comp, prompts, ts),
              "text_attention": lambda: text_attention(comp, prompts, ts),
              "layout": lambda: layout(comp, prompts)}
     report = {name: run() for name, run in parts.items() if name in args.parts}

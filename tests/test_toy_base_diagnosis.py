@@ -85,7 +85,7 @@ def test_bad_parts_name_the_accepted_ones(parts, capsys, mod):
         mod.main(["--parts", parts])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert f"--parts={parts}" in err and "samples,text_effect_mse,text_attention" in err
+    assert f"--parts={parts}" in err and ",".join(mod.PARTS) in err and "layout" in err
 
 
 def _record(mod, probs):
@@ -186,3 +186,27 @@ def test_layout_ends_at_the_build_sampler_s_samples(comp, mod):
     assert final["lean"] == pytest.approx(mod.position_lean(m["centroid"], attrs, world.RESOLUTION).nanmean().item(),
                                           rel=1e-5, abs=1e-6)
     assert set(final["centroid_by_word"]) == {a.position for a in attrs}
+
+
+def test_swapped_changes_one_attribute(mod):
+    from spo_fast.toyworld import world
+
+    prompts = world.probe_prompts()[:12]
+    for field in mod.ATTRIBUTES:
+        for before, after in zip(prompts, mod.swapped(prompts, field)):
+            a, b = world.parse_prompt(before), world.parse_prompt(after)
+            changed = [f for f in mod.ATTRIBUTES if getattr(a, f) != getattr(b, f)]
+            assert changed == [field], (before, after)
+
+
+def test_attribute_swap_sits_beside_the_right_prompt(comp, mod):
+    from spo_fast.toyworld import world
+
+    prompts = world.probe_prompts()[:4]
+    out = mod.attribute_swap(comp, prompts, ts=(400,))
+    right = mod.text_effect(comp, prompts, ts=(400,))[0]["right"]
+    row = out["denoising_mse"][0]
+    assert row["t"] == 400 and row["right"] == pytest.approx(right, rel=1e-6)
+    assert set(row) == {"t", "right", *mod.ATTRIBUTES} and set(out["text_encoder_change"]) == set(mod.ATTRIBUTES)
+    for field, change in out["text_encoder_change"].items():
+        assert change["max_token"] >= change["end_token"] > 0, field  # a changed word moves its own token most
