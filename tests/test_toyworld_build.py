@@ -281,6 +281,9 @@ def test_base_loss_weight_uniform_and_min_snr():
     assert torch.allclose(build.loss_weight(a, eps), torch.tensor([5 / 999, 5 / 9, 1.0, 1.0, 1.0]), atol=1e-4)
     with pytest.raises(ValueError, match="base_prediction"):
         build.BuildConfig(base_prediction="x0")
+    assert build.BuildConfig().base_text_encoder == "joint"  # the shipped base's, trained with its UNet
+    with pytest.raises(ValueError, match="base_text_encoder='t5'; accepted: joint, clip"):
+        build.BuildConfig(base_text_encoder="t5")
 
 
 def test_v_prediction_variant_smoke_build(tmp_path, capsys):
@@ -293,6 +296,15 @@ def test_v_prediction_variant_smoke_build(tmp_path, capsys):
     assert sched["prediction_type"] == "v_prediction" and unet["block_out_channels"] == [32, 64, 64]
     meta = json.loads((tmp_path / "build.json").read_text())
     assert meta["config"]["spm_negatives"] == list(build.NEGATIVE_KINDS) and "eval" in meta["spm"]
+    # its text encoder is the contrastive CLIP's text tower, pretrained as the spm stage does it and left frozen
+    assert meta["base"]["text_encoder"]["kind"] == "clip" and meta["base"]["text_encoder"]["clip_pretrain"]["steps"] == 3
+    comp = load_components(str(tmp_path / "base"), "sd15")
+    cfg = build.BuildConfig.smoke(**build.BuildConfig.variant("v_prediction"))
+    expected, _ = build.clip_text_encoder(comp.tokenizers[0], cfg)
+    got = comp.text_encoders[0].state_dict()
+    assert got.keys() == expected.state_dict().keys()
+    assert all(torch.equal(got[k], v) for k, v in expected.state_dict().items())
+    assert comp.text_encoders[0].config.num_hidden_layers == 4  # the CLIP's, not TEXT_CONFIG's 2
     with pytest.raises(SystemExit):
         main(["build", "--variant", "v_prediction"])
     assert "--variant v_prediction needs --out" in capsys.readouterr().err
