@@ -28,8 +28,8 @@ step counts into a scratch directory (the tests use it).
 ``--variant v_prediction`` (``BuildConfig.variant``) builds the world with a base that follows its prompts: it
 predicts v with min-SNR weights on a three-level UNet conditioned by the frozen text tower of the contrastive CLIP
 (pretrained first, in the base stage, as the spm stage pretrains it), its pairs are sampled in bf16, and its SPM
-learns two more kinds of negatives. It needs ``--out``: the packaged assets are the shipped variant's, because SPO reward-hacks the
-v-prediction world's SPM (docs/toy_world.md).
+learns two more kinds of negatives. It needs ``--out``: the packaged assets are the shipped variant's, because SPO
+reward-hacks the v-prediction world's SPM (docs/toy_world.md).
 """
 from __future__ import annotations
 
@@ -161,8 +161,8 @@ class BuildConfig:
         if name == "shipped":
             return {}
         return {"base_steps": 2000, "base_unet": "3level", "base_prediction": "v_prediction",
-                "base_loss_weighting": "min_snr", "base_text_encoder": "clip", "sample_dtype": "bf16", "sample_noise": "step_op", "spm_steps": 1200,
-                "spm_negatives": NEGATIVE_KINDS}
+                "base_loss_weighting": "min_snr", "base_text_encoder": "clip", "sample_dtype": "bf16",
+                "sample_noise": "step_op", "spm_steps": 1200, "spm_negatives": NEGATIVE_KINDS}
 
 
 PROGRESS = True  # tqdm bars (with the time left) per stage; --no-progress turns them off
