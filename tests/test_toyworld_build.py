@@ -297,7 +297,8 @@ def test_v_prediction_variant_smoke_build(tmp_path, capsys):
     meta = json.loads((tmp_path / "build.json").read_text())
     assert meta["config"]["spm_negatives"] == list(build.NEGATIVE_KINDS) and "eval" in meta["spm"]
     # its text encoder is the contrastive CLIP's text tower, pretrained as the spm stage does it and left frozen
-    assert meta["base"]["text_encoder"]["kind"] == "clip" and meta["base"]["text_encoder"]["clip_pretrain"]["steps"] == 3
+    text_record = meta["base"]["text_encoder"]
+    assert text_record["kind"] == "clip" and text_record["clip_pretrain"]["steps"] == 3
     comp = load_components(str(tmp_path / "base"), "sd15")
     cfg = build.BuildConfig.smoke(**build.BuildConfig.variant("v_prediction"))
     expected, _ = build.clip_text_encoder(comp.tokenizers[0], cfg)
