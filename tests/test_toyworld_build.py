@@ -306,9 +306,35 @@ def test_v_prediction_variant_smoke_build(tmp_path, capsys):
     assert got.keys() == expected.state_dict().keys()
     assert all(torch.equal(got[k], v) for k, v in expected.state_dict().items())
     assert comp.text_encoders[0].config.num_hidden_layers == 4  # the CLIP's, not TEXT_CONFIG's 2
+    # pretrained once: the spm stage loads the base stage's CLIP from --out/clip_pretrain
+    assert "reused" not in text_record["clip_pretrain"]
+    assert meta["spm"]["clip_pretrain"]["reused"] == str(tmp_path / build.CLIP_CACHE)
     with pytest.raises(SystemExit):
         main(["build", "--variant", "v_prediction"])
     assert "--variant v_prediction needs --out" in capsys.readouterr().err
+
+
+def test_pretrain_clip_cache_reuses_only_a_matching_pretraining(tmp_path):
+    """``pretrain_clip(cache=...)`` saves the CLIP, a call with the same settings loads the same weights without
+    training, and a call with other settings trains again (and overwrites)."""
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(build.toyworld_assets() / "base" / "tokenizer")
+    cfg = build.BuildConfig.smoke()
+    fresh, record = build.pretrain_clip(tok, cfg)
+    cache = tmp_path / build.CLIP_CACHE
+    first, first_record = build.pretrain_clip(tok, cfg, cache)
+    again, again_record = build.pretrain_clip(tok, cfg, cache)
+    assert "reused" not in first_record and again_record["reused"] == str(cache)
+    assert again_record["final_loss"] == first_record["final_loss"] == record["final_loss"]
+    for model in (first, again):  # the cached weights are the uncached pretraining's, bit for bit
+        got = model.clip.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in fresh.clip.state_dict().items())
+        assert not model.clip.training
+    other, other_record = build.pretrain_clip(tok, build.BuildConfig.smoke(clip_lr=3e-3), cache)
+    assert "reused" not in other_record
+    assert not torch.equal(other.clip.text_projection.weight, fresh.clip.text_projection.weight)
+    assert json.loads((cache / "clip.json").read_text())["key"]["clip_lr"] == 3e-3
 
 
 def test_build_sampler_reproduces_the_shipped_pairs():

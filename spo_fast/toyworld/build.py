@@ -230,20 +230,21 @@ def loss_weight(alpha_bar: torch.Tensor, cfg: BuildConfig) -> torch.Tensor:
     return snr.clamp(max=cfg.base_min_snr_gamma) / (snr + 1 if cfg.base_prediction == "v_prediction" else snr)
 
 
-def clip_text_encoder(tokenizer, cfg: BuildConfig):
+def clip_text_encoder(tokenizer, cfg: BuildConfig, cache: Path | None = None):
     """The text tower of the contrastive CLIP that the spm stage pretrains (``pretrain_clip``, same seed: the same
-    weights), as a frozen ``CLIPTextModel``, and the pretraining's record."""
+    weights; ``cache`` as there), as a frozen ``CLIPTextModel``, and the pretraining's record."""
     from transformers import CLIPTextModel
 
-    spm, info = pretrain_clip(tokenizer, cfg)
+    spm, info = pretrain_clip(tokenizer, cfg, cache)
     text = CLIPTextModel(spm.clip.config.text_config)
     text.load_state_dict(spm.clip.text_model.state_dict())
     return text.eval().requires_grad_(False), info
 
 
-def train_base(out: Path, cfg: BuildConfig) -> dict:
+def train_base(out: Path, cfg: BuildConfig, clip_cache: Path | None = None) -> dict:
     """Train the UNet from scratch on renders (epsilon or v MSE, ``cfg.base_prediction``, weighted by
     ``loss_weight``), with the text encoder of ``cfg.base_text_encoder``; saves ``out`` (diffusers layout).
+    ``clip_cache``: where the contrastive CLIP's pretraining is kept for the spm stage (``pretrain_clip``).
 
     Why the v-prediction variant's text encoder is the contrastive CLIP's, frozen: a text encoder trained from
     scratch with the UNet learns only the words the UNet already uses. Colour, size, shape and background change
@@ -260,7 +261,7 @@ def train_base(out: Path, cfg: BuildConfig) -> dict:
     unet = comp.unet.train().requires_grad_(True)
     text_info = {"kind": cfg.base_text_encoder}
     if cfg.base_text_encoder == "clip":
-        text, text_info["clip_pretrain"] = clip_text_encoder(comp.tokenizers[0], cfg)
+        text, text_info["clip_pretrain"] = clip_text_encoder(comp.tokenizers[0], cfg, clip_cache)
         comp.text_encoders[0] = text  # the probes encode with it too
         params = [*unet.parameters()]
     else:
@@ -431,12 +432,43 @@ def build_pairs(out: Path, cfg: BuildConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------- stage 3: SPM
-def pretrain_clip(tokenizer, cfg: BuildConfig):
-    """Tiny CLIP, contrastive on rendered (image, caption) pairs of mixed quality: the backbone."""
+def _clip_cache_key(cfg: BuildConfig) -> dict:
+    """What the contrastive CLIP's pretrained weights depend on: its settings, torch and its thread count, and the
+    code (the world's renders, the SPM's architecture, the pretraining loop), by hash."""
+    import hashlib
+    import inspect
+
+    from spo_fast.reward import spm as spm_module
+
+    code = hashlib.sha256()
+    for source in (inspect.getsource(world), inspect.getsource(spm_module), inspect.getsource(pretrain_clip)):
+        code.update(source.encode())
+    return {"seed": cfg.seed, "clip_steps": cfg.clip_steps, "clip_batch": cfg.clip_batch, "clip_lr": cfg.clip_lr,
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "code_sha256": code.hexdigest()}
+
+
+def pretrain_clip(tokenizer, cfg: BuildConfig, cache: Path | None = None):
+    """Tiny CLIP, contrastive on rendered (image, caption) pairs of mixed quality: the backbone.
+
+    ``cache`` (a directory, or None): the weights are saved there after training (``clip.safetensors``, with
+    ``clip.json``: ``_clip_cache_key`` and the record), and a later call whose key matches loads them instead of
+    training again (the record then says ``reused``). A build on the ``clip`` text encoder pretrains in its base
+    stage and reuses that in its spm stage: the same weights, once."""
+    from safetensors.torch import load_file, save_file
+
     from spo_fast.reward.spm import StepAwarePreferenceModel
 
     spm = StepAwarePreferenceModel.tiny(tokenizer, image_size=world.RESOLUTION, max_text_len=TEXT_MAX_LEN,
                                         seed=cfg.seed)
+    key = _clip_cache_key(cfg) if cache is not None else None
+    if cache is not None and (cache / "clip.json").is_file():
+        saved = json.loads((cache / "clip.json").read_text())
+        if saved.get("key") == key:
+            spm.clip.load_state_dict(load_file(cache / "clip.safetensors"))
+            _log(f"CLIP pretraining: reusing {cache} (same settings, torch, threads and code)")
+            spm.clip.eval()  # as after training
+            return spm, {**saved["record"], "reused": str(cache)}
+        _log(f"CLIP pretraining: {cache} was made with other settings or code; training again")
     clip = spm.clip.train()
     opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_lr, weight_decay=1e-4)
     attrs = world.all_attributes()
@@ -467,8 +499,13 @@ def pretrain_clip(tokenizer, cfg: BuildConfig):
                  f"top1 {np.mean(accs[-100:]):.3f} ({time.perf_counter() - t0:.0f} s)")
     bar.close()
     clip.eval()
-    return spm, {"steps": cfg.clip_steps, "final_loss": float(np.mean(losses[-100:])),
-                 "final_top1": float(np.mean(accs[-100:])), "seconds": time.perf_counter() - t0}
+    record = {"steps": cfg.clip_steps, "final_loss": float(np.mean(losses[-100:])),
+              "final_top1": float(np.mean(accs[-100:])), "seconds": time.perf_counter() - t0}
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, cache / "clip.safetensors")
+        (cache / "clip.json").write_text(jsonio.dumps({"key": key, "record": record}, indent=1) + "\n")
+    return spm, record
 
 
 def rendered_pairs(n: int, gen: torch.Generator, kinds: tuple[str, ...] = NEGATIVE_KINDS[:4]):
@@ -525,13 +562,13 @@ def rendered_pairs(n: int, gen: torch.Generator, kinds: tuple[str, ...] = NEGATI
     return [a.prompt for a in attrs], img0, img1, label0
 
 
-def build_spm(out: Path, cfg: BuildConfig) -> dict:
+def build_spm(out: Path, cfg: BuildConfig, clip_cache: Path | None = None) -> dict:
     from transformers import CLIPTokenizer
 
     from spo_fast.reward.spm_trainer import SPMTrainConfig, train_spm
 
     tokenizer = CLIPTokenizer.from_pretrained(out / "base" / "tokenizer")
-    spm, clip_info = pretrain_clip(tokenizer, cfg)
+    spm, clip_info = pretrain_clip(tokenizer, cfg, clip_cache)
     comp = load_components(str(out / "base"), FAMILY)
     tcfg = SPMTrainConfig(steps=cfg.spm_steps, batch_size=cfg.spm_batch, lr=cfg.spm_lr, seed=cfg.seed,
                           guidance_scale=SAMPLER["guidance_scale"], extra_fraction=cfg.spm_rendered_fraction,
@@ -544,6 +581,7 @@ def build_spm(out: Path, cfg: BuildConfig) -> dict:
 
 # ----------------------------------------------------------------------------- driver
 STAGES = ("base", "pairs", "spm")
+CLIP_CACHE = "clip_pretrain"  # under --out: the contrastive CLIP's pretrained weights, made once per build
 
 
 def build(out: Path, cfg: BuildConfig, stages: tuple[str, ...] = STAGES) -> dict:
@@ -552,14 +590,16 @@ def build(out: Path, cfg: BuildConfig, stages: tuple[str, ...] = STAGES) -> dict
     meta_file = out / "build.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     meta.update(config=asdict(cfg), torch=torch.__version__, threads=torch.get_num_threads())
+    # only a build whose base reads the CLIP's text tower pretrains it twice; the shipped assets keep no copy
+    clip_cache = out / CLIP_CACHE if cfg.base_text_encoder == "clip" else None
     for stage in stages:
         _log(f"stage {stage} -> {out}")
         if stage == "base":
-            meta["base"] = train_base(out / "base", cfg)
+            meta["base"] = train_base(out / "base", cfg, clip_cache)
         elif stage == "pairs":
             meta["pairs"] = build_pairs(out, cfg)
         elif stage == "spm":
-            meta["spm"] = build_spm(out, cfg)
+            meta["spm"] = build_spm(out, cfg, clip_cache)
         meta_file.write_text(jsonio.dumps(meta, indent=1) + "\n")
     return meta
 
