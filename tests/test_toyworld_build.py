@@ -286,6 +286,21 @@ def test_base_loss_weight_uniform_and_min_snr():
         build.BuildConfig(base_text_encoder="t5")
 
 
+def test_sample_dtype_bf16_if_native_follows_the_cpu(monkeypatch):
+    """The variant samples in bf16 only where the CPU computes it natively (emulated bf16 made its pairs stage
+    ~17x slower on an AVX2-only CPU); fp32 and bf16 are taken as given."""
+    from spo_fast.core import config
+
+    v = build.BuildConfig(**build.BuildConfig.variant("v_prediction"))
+    assert v.sample_dtype == "bf16_if_native" and build.BuildConfig().sampling_dtype == "fp32"
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(config, "native_bf16", lambda device_type, native=native: native)
+        assert v.sampling_dtype == expected
+        assert build.BuildConfig(sample_dtype="bf16").sampling_dtype == "bf16"
+    with pytest.raises(ValueError, match="sample_dtype='fp16'; accepted: fp32, bf16, bf16_if_native"):
+        build.BuildConfig(sample_dtype="fp16")
+
+
 def test_v_prediction_variant_smoke_build(tmp_path, capsys):
     """``--variant v_prediction``: a v-predicting three-level base, its pairs, its SPM; refused into the assets."""
     from spo_fast.toyworld.build import main

@@ -27,9 +27,9 @@ step counts into a scratch directory (the tests use it).
 
 ``--variant v_prediction`` (``BuildConfig.variant``) builds the world with a base that follows its prompts: it
 predicts v with min-SNR weights on a three-level UNet conditioned by the frozen text tower of the contrastive CLIP
-(pretrained first, in the base stage, as the spm stage pretrains it), its pairs are sampled in bf16, and its SPM
-learns two more kinds of negatives. It needs ``--out``: the packaged assets are the shipped variant's, because SPO
-reward-hacks the v-prediction world's SPM (docs/toy_world.md).
+(pretrained once, in the base stage, and reused by the spm stage), its pairs are sampled as the rollouts sample
+(bf16 where the CPU computes it natively, else fp32), and its SPM learns two more kinds of negatives. It needs
+``--out``: the packaged assets are the shipped variant's (docs/toy_world.md says why).
 """
 from __future__ import annotations
 
@@ -115,7 +115,10 @@ class BuildConfig:
     pairs_per_train_prompt: int = 1
     heldout_pair_prompts: int = 0  # 0 = every held-out prompt, one pair each
     sample_batch: int = 128
-    sample_dtype: str = SAMPLER["dtype"]  # the pairs' and the SPM's noisy pairs' sampling precision (fp32 | bf16)
+    # the probes', the pairs' and the SPM's noisy pairs' sampling precision: fp32, bf16, or bf16_if_native (bf16
+    # where the CPU or GPU computes it natively, else fp32: on an AVX2-only CPU bf16 is emulated, ~17x slower;
+    # spo_fast.core.config.native_bf16); ``sampling_dtype`` resolves it
+    sample_dtype: str = SAMPLER["dtype"]
     # the pairs' and the probes' step noise: "torch" (torch.randn from each batch's generator, in a plain DDIM loop:
     # the sampler the shipped pairs were made with, so that a rebuild reproduces them byte for byte) or "step_op"
     # (the rollouts' step op, spo_fast.kernels.ddim_step, with its own Philox noise: a different draw)
@@ -134,7 +137,7 @@ class BuildConfig:
                                       ("base_prediction", self.base_prediction, PREDICTION_TYPES),
                                       ("base_loss_weighting", self.base_loss_weighting, ("uniform", "min_snr")),
                                       ("base_text_encoder", self.base_text_encoder, TEXT_ENCODERS),
-                                      ("sample_dtype", self.sample_dtype, ("fp32", "bf16")),
+                                      ("sample_dtype", self.sample_dtype, ("fp32", "bf16", "bf16_if_native")),
                                       ("sample_noise", self.sample_noise, SAMPLE_NOISE)):
             if value not in accepted:
                 raise ValueError(f"BuildConfig.{name}={value!r}; accepted: {', '.join(accepted)}")
@@ -142,6 +145,15 @@ class BuildConfig:
         if bad or not self.spm_negatives:
             raise ValueError(f"BuildConfig.spm_negatives={self.spm_negatives!r}; accepted: a non-empty subset of "
                              f"{', '.join(NEGATIVE_KINDS)}")
+
+    @property
+    def sampling_dtype(self) -> str:
+        """``sample_dtype`` on this machine's CPU (the build samples on the CPU): fp32 or bf16."""
+        from spo_fast.core.config import native_bf16
+
+        if self.sample_dtype == "bf16_if_native":
+            return "bf16" if native_bf16("cpu") else "fp32"
+        return self.sample_dtype
 
     @classmethod
     def smoke(cls, **kw) -> BuildConfig:
@@ -154,14 +166,14 @@ class BuildConfig:
     def variant(name: str) -> dict:
         """The settings of a build variant (``--variant``): ``shipped`` (the defaults) or ``v_prediction``: a base
         predicting v with min-SNR-5 weights on the three-level UNet, conditioned by the contrastive CLIP's frozen
-        text tower, trained 2,000 steps, pairs sampled in bf16 by the rollouts' step op, an SPM trained 1,200 steps
-        with all six kinds of negatives."""
+        text tower, trained 2,000 steps, pairs sampled by the rollouts' step op (bf16 where native), an SPM trained
+        1,200 steps with all six kinds of negatives."""
         if name not in VARIANTS:
             raise ValueError(f"unknown build variant {name!r}; accepted: {', '.join(VARIANTS)}")
         if name == "shipped":
             return {}
         return {"base_steps": 2000, "base_unet": "3level", "base_prediction": "v_prediction",
-                "base_loss_weighting": "min_snr", "base_text_encoder": "clip", "sample_dtype": "bf16",
+                "base_loss_weighting": "min_snr", "base_text_encoder": "clip", "sample_dtype": "bf16_if_native",
                 "sample_noise": "step_op", "spm_steps": 1200, "spm_negatives": NEGATIVE_KINDS}
 
 
@@ -305,7 +317,7 @@ def train_base(out: Path, cfg: BuildConfig, clip_cache: Path | None = None) -> d
         if cfg.base_probe_every and ((step + 1) % cfg.base_probe_every == 0 or step + 1 == cfg.base_steps):
             with torch.no_grad():  # its own generator: the training stream is unchanged by probing
                 probes.append({"step": step + 1, **probe_base(comp, unet, cfg.seed + 300, cfg.base_probe_prompts,
-                                                              cfg.sample_dtype, cfg.sample_noise)})
+                                                              cfg.sampling_dtype, cfg.sample_noise)})
             _log(f"base probe: {jsonio.dumps({k: round(v, 3) for k, v in probes[-1].items()})}")
     bar.close()
     with quiet_loading():  # no "Writing model shards" bar
@@ -419,7 +431,7 @@ def build_pairs(out: Path, cfg: BuildConfig) -> dict:
         if not prompts:
             prompts = world.prompts(name)[:2]  # smoke mode: keep the file non-empty
         with _bar(2 * -(-len(prompts) // cfg.sample_batch), f"pairs {name}", "batch") as bar:
-            cols = make_pairs(comp, prompts, seed, cfg.sample_batch, name, bar=bar, dtype=cfg.sample_dtype,
+            cols = make_pairs(comp, prompts, seed, cfg.sample_batch, name, bar=bar, dtype=cfg.sampling_dtype,
                               noise=cfg.sample_noise)
         write_parquet(cols, out / f"pairs_{name}.parquet")
         s = torch.tensor(cols["score_0"] + cols["score_1"])
@@ -572,7 +584,7 @@ def build_spm(out: Path, cfg: BuildConfig, clip_cache: Path | None = None) -> di
     comp = load_components(str(out / "base"), FAMILY)
     tcfg = SPMTrainConfig(steps=cfg.spm_steps, batch_size=cfg.spm_batch, lr=cfg.spm_lr, seed=cfg.seed,
                           guidance_scale=SAMPLER["guidance_scale"], extra_fraction=cfg.spm_rendered_fraction,
-                          sampling_dtype=cfg.sample_dtype)
+                          sampling_dtype=cfg.sampling_dtype)
     result = train_spm(spm, tokenizer, comp, out / "pairs_train.parquet", out / "pairs_heldout.parquet",
                        out / "spm", tcfg, extra_pairs=functools.partial(rendered_pairs, kinds=cfg.spm_negatives),
                        progress=PROGRESS)
@@ -589,7 +601,8 @@ def build(out: Path, cfg: BuildConfig, stages: tuple[str, ...] = STAGES) -> dict
     torch.manual_seed(cfg.seed)
     meta_file = out / "build.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    meta.update(config=asdict(cfg), torch=torch.__version__, threads=torch.get_num_threads())
+    meta.update(config=asdict(cfg), torch=torch.__version__, threads=torch.get_num_threads(),
+                sampling_dtype=cfg.sampling_dtype)
     # only a build whose base reads the CLIP's text tower pretrains it twice; the shipped assets keep no copy
     clip_cache = out / CLIP_CACHE if cfg.base_text_encoder == "clip" else None
     for stage in stages:
