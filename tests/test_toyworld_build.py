@@ -239,6 +239,34 @@ def test_toy_prompts_scorer_and_config_checks(tmp_path):
         train.preflight(load_config(None, [f"scorer.path={tmp_path}", f"log.output_dir={tmp_path / 'o'}"]))
 
 
+def test_ground_truth_scorer_is_the_world_s_score_and_refuses_other_prompts(tmp_path):
+    """``scorer.name=ground_truth``: the world's score of each image for its prompt, times scale / 10; other prompts
+    are refused in the preflight, naming the prompt and what is accepted."""
+    from spo_fast.core.config import ConfigError, load_config
+    from spo_fast.reward.scorers import GroundTruthScorer, build_scorer
+
+    cfg = load_config(None, ["scorer.name=ground_truth"])
+    scorer = build_scorer(cfg.scorer)
+    assert isinstance(scorer, GroundTruthScorer)
+    attrs = world.all_attributes()[:3]
+    gen = torch.Generator().manual_seed(0)
+    images = world.render([attrs[i] for i in (0, 1, 2, 0)], gen, world.sample_quality(4, gen))
+    images[3] = -1  # an empty black frame for the first prompt: scored low
+    state = scorer.prepare([a.prompt for a in attrs])
+    got = scorer.score(images, torch.zeros(4, dtype=torch.long), state, torch.tensor([0, 1, 2, 0]))
+    truth = world.score(images, [attrs[i] for i in (0, 1, 2, 0)])
+    assert torch.allclose(got, truth) and got[0] > got[3] + 1
+    half = GroundTruthScorer(scale=5.0).score(images, torch.zeros(4, dtype=torch.long), state, torch.arange(4) % 3)
+    assert torch.allclose(half, truth / 2)
+    bad = tmp_path / "p.txt"
+    bad.write_text("a photo of a cat\n")
+    with pytest.raises(ConfigError, match="scorer.name=ground_truth scores toy-world prompts only.*a photo of a cat"):
+        train.preflight(load_config(None, ["scorer.name=ground_truth", f"data.prompts={bad}",
+                                           f"log.output_dir={tmp_path / 'o'}"]))
+    with pytest.raises(ConfigError, match="ground_truth"):
+        load_config(None, ["scorer.name=oracle"])
+
+
 def test_shipped_spm_beats_chance_near_t0():
     """The shipped SPM's recorded held-out accuracy (build.json) is above chance at small t."""
     meta = json.loads((resolve_model_path("toyworld:spm").parent / "build.json").read_text())

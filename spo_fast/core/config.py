@@ -144,12 +144,15 @@ class DPOConfig:
 class ScorerConfig:
     name: str = "color"
     """``spm``: a step-aware preference model (spo_fast/reward/spm.py) loaded from ``path``; ``color``: the
-    built-in prompt-colour scorer (spo_fast/reward/scorers.py), weightless and step-agnostic; ``none``: no scorer
-    (Diffusion-DPO: only the sample grid and ``eval.reward=scorer`` use one)."""
+    built-in prompt-colour scorer (spo_fast/reward/scorers.py), weightless and step-agnostic; ``ground_truth``: the
+    toy world's ground truth of each candidate's x0 estimate, an oracle for diagnosis (toy-world prompts only;
+    ``GroundTruthScorer``); ``none``: no scorer (Diffusion-DPO: only the sample grid and ``eval.reward=scorer``
+    use one)."""
     path: str = ""
     """``spm``: a local SPM directory (CLIP/PickScore layout plus spm.safetensors) or ``toyworld:spm``."""
     scale: float = 10.0
-    """Logit scale of the colour scorer (scores = -scale * RGB distance)."""
+    """Logit scale of the colour scorer (scores = -scale * RGB distance) and of ``ground_truth`` (scores = scale / 10
+    * the ground truth in [0, 10]: the default 10 scores in its points)."""
     init: str = "pretrained"
     """``spm``: ``pretrained`` loads the weights at ``path``; ``random`` builds the SPM from ``path``'s config.json
     with random weights (seeded, on the run's device; benchmarks: ``path=arch:spm_vit_h14`` is PickScore's size,
@@ -330,7 +333,7 @@ CHOICES = {
     "method": ("spo", "dpo"),
     "model.family": ("sd15", "sdxl"),
     "model.init": ("pretrained", "random"),
-    "scorer.name": ("spm", "color", "none"),
+    "scorer.name": ("spm", "color", "ground_truth", "none"),
     "data.ties": ("drop", "keep"),
     "data.bad_rows": ("error", "skip"),
     "train.optimizer": ("adamw", "adafactor", "adamw8bit"),

@@ -164,7 +164,17 @@ def eval_prompts(cfg: Config) -> list[str]:
 
 
 def check_scorer(cfg: Config) -> None:
-    """``scorer.path`` of an SPM scorer is a directory with a config.json."""
+    """``scorer.path`` of an SPM scorer is a directory with a config.json; the ``ground_truth`` scorer's training
+    prompts are toy-world prompts."""
+    if cfg.scorer.name == "ground_truth" and cfg.method == "spo":
+        from spo_fast.toyworld import world
+
+        for p in load_prompts(cfg.data.prompts):
+            try:
+                world.parse_prompt(p)
+            except ValueError as e:
+                raise ConfigError(f"scorer.name=ground_truth scores toy-world prompts only (data.prompts="
+                                  f"toyworld:train); data.prompts={cfg.data.prompts!r}: {e}") from e
     if cfg.scorer.name != "spm":
         return
     from spo_fast.reward.spm import SPMError, check_spm_dir

@@ -78,11 +78,36 @@ class ColorScorer:
         return self.scale * torch.where(target[:, 3] > 0, -dist, colourful)
 
 
+class GroundTruthScorer:
+    """The toy world's ground truth of the picture the rollout scores (``spo_fast.toyworld.world.score`` of each
+    candidate's x0 estimate), as ``scale / 10`` x its score in [0, 10] (the default scale 10: score points).
+
+    An oracle for diagnosis, not a preference model: with it SPO ranks its candidates by what the toy world's
+    evaluation measures, read off the x0 estimate at the candidate's step (no step-awareness beyond that), so a run
+    with it separates what SPO's training does from what a learned SPM gets wrong. Toy-world prompts only."""
+
+    def __init__(self, scale: float = 10.0):
+        self.scale = scale
+
+    def prepare(self, prompts: list[str]) -> list:
+        from spo_fast.toyworld import world
+
+        return [world.parse_prompt(p) for p in prompts]
+
+    def score(self, images, timesteps, state, prompt_index):
+        from spo_fast.toyworld import world
+
+        attrs = [state[i] for i in prompt_index.tolist()]
+        return (self.scale / 10 * world.score(images.detach().float().cpu(), attrs)).to(images.device)
+
+
 def build_scorer(cfg: ScorerConfig, device=None) -> Scorer:
     """The configured scorer, on ``device``: for ``spm`` loaded from ``cfg.path`` (``init=pretrained``) or built
     from its config with random weights (``init=random``: seed 0, on ``device``), in ``cfg.dtype``."""
     if cfg.name == "color":
         return ColorScorer(cfg.scale)
+    if cfg.name == "ground_truth":
+        return GroundTruthScorer(cfg.scale)
     if cfg.name == "spm":
         from spo_fast.diffusion.models import resolve_model_path
         from spo_fast.reward.spm import SPMScorer
@@ -91,4 +116,4 @@ def build_scorer(cfg: ScorerConfig, device=None) -> Scorer:
         if cfg.init == "random":
             return SPMScorer.random(path, device=device, seed=0, precision=cfg.dtype)
         return SPMScorer.from_pretrained(path, device=device, precision=cfg.dtype)
-    raise ValueError(f"scorer.name={cfg.name!r} is not known; accepted: spm, color")
+    raise ValueError(f"scorer.name={cfg.name!r} is not known; accepted: spm, color, ground_truth")
