@@ -145,7 +145,7 @@ class ScorerConfig:
     name: str = "color"
     """``spm``: a step-aware preference model (spo_fast/reward/spm.py) loaded from ``path``; ``color``: the
     built-in prompt-colour scorer (spo_fast/reward/scorers.py), weightless and step-agnostic; ``ground_truth``: the
-    toy world's ground truth of each candidate's x0 estimate, an oracle for diagnosis (toy-world prompts only;
+    toy world's ground truth of each candidate's x0 estimate, for diagnosis (toy-world prompts only;
     ``GroundTruthScorer``); ``none``: no scorer (Diffusion-DPO: only the sample grid and ``eval.reward=scorer``
     use one)."""
     path: str = ""

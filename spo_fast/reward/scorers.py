@@ -82,9 +82,10 @@ class GroundTruthScorer:
     """The toy world's ground truth of the picture the rollout scores (``spo_fast.toyworld.world.score`` of each
     candidate's x0 estimate), as ``scale / 10`` x its score in [0, 10] (the default scale 10: score points).
 
-    An oracle for diagnosis, not a preference model: with it SPO ranks its candidates by what the toy world's
-    evaluation measures, read off the x0 estimate at the candidate's step (no step-awareness beyond that), so a run
-    with it separates what SPO's training does from what a learned SPM gets wrong. Toy-world prompts only."""
+    For diagnosis, not a preference model: a perfect judge of the picture a scorer reads, which is not a judge of
+    where the candidate ends: at noisy steps the x0 estimate's ground truth and the final sample's can disagree
+    (``benchmarks/spm_step_agreement.py``, ``corr_gt_x0``), and a step-aware SPM trained on the finals' labels can
+    rank better (docs/toy_world.md). Toy-world prompts only."""
 
     def __init__(self, scale: float = 10.0):
         self.scale = scale
