@@ -94,7 +94,7 @@ TEXT_ENCODERS = ("joint", "clip")  # BuildConfig.base_text_encoder
 @dataclass
 class BuildConfig:
     """The build's settings. The defaults are the shipped world's; ``variant("v_prediction")`` the rebuilt one that
-    follows its prompts (docs/toy_world.md: it is not shipped, because SPO reward-hacks the SPM built on it)."""
+    follows its prompts (docs/toy_world.md: it is not shipped, because SPO degrades it)."""
 
     seed: int = 0
     base_steps: int = 1500
