@@ -559,6 +559,11 @@ def native_bf16(device_type: str) -> bool:
     return False
 
 
+def bf16_if_native(device_type: str) -> str:
+    """``bf16`` where ``device_type`` computes it natively (``native_bf16``), else ``fp32``."""
+    return "bf16" if native_bf16(device_type) else "fp32"
+
+
 def sampling_dtype(cfg: Config, device_type: str) -> str:
     """``sampling.dtype`` resolved on ``device_type``: ``bf16``, ``fp32``, or ``fp16`` (``auto`` follows
     ``train.mixed_precision``; ``bf16_if_native`` follows ``native_bf16``)."""
@@ -566,7 +571,7 @@ def sampling_dtype(cfg: Config, device_type: str) -> str:
     if dtype == "auto":
         return {"bf16": "bf16", "fp16": "fp16"}.get(cfg.train.mixed_precision, "fp32")
     if dtype == "bf16_if_native":
-        return "bf16" if native_bf16(device_type) else "fp32"
+        return bf16_if_native(device_type)
     return dtype
 
 

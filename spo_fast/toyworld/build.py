@@ -149,11 +149,9 @@ class BuildConfig:
     @property
     def sampling_dtype(self) -> str:
         """``sample_dtype`` on this machine's CPU (the build samples on the CPU): fp32 or bf16."""
-        from spo_fast.core.config import native_bf16
+        from spo_fast.core.config import bf16_if_native
 
-        if self.sample_dtype == "bf16_if_native":
-            return "bf16" if native_bf16("cpu") else "fp32"
-        return self.sample_dtype
+        return bf16_if_native("cpu") if self.sample_dtype == "bf16_if_native" else self.sample_dtype
 
     @classmethod
     def smoke(cls, **kw) -> BuildConfig:
