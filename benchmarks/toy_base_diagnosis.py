@@ -2,7 +2,8 @@
 ignores its prompts)
 
     python benchmarks/toy_base_diagnosis.py [--model toyworld:base] [--cfg 1,3,5,9] [--sampler 20,1;50,1;20,0] \\
-        [--parts samples,text_effect_mse,attribute_swap,text_attention,layout] [--ts 100,400,700,900]
+        [--parts samples,text_effect_mse,attribute_swap,text_attention,layout,quality_spread] \\
+        [--ts 100,400,700,900] [--seeds 4]
 
 On the 64 probe prompts (``world.probe_prompts``), one sample each (noise seed 300, the build's probe): the mean
 ground truth, each component, the objectness and the share of empty frames (object contrast < 0.1) for each CFG
@@ -15,7 +16,11 @@ spread it is (entropy), how much it differs between pixels (total variation), ho
 pixel's place alone (and that statistic's chance level, with each sample's pixels shuffled), and whether the position
 words' attention peaks at the places they name, per layer and t; and, along the sampler's own trajectories (20
 DDIM steps, eta 1, CFG 5), where each step's estimate of the clean image puts the object: how far toward the place
-its prompt names (``position_lean``). Prints JSON.
+its prompt names (``position_lean``); and how much the outcome varies between samples of one prompt
+(``quality_spread``: each component's mean, its standard deviation over all samples and within a prompt, over
+``--seeds`` noise seeds per prompt, for the data's renders with their drawn quality and for the model at each CFG
+scale and each sampler): what a method that selects among samples (SPO's pools, the pairs) has to choose from.
+Prints JSON.
 """
 from __future__ import annotations
 
@@ -154,7 +159,43 @@ def layout(comp, prompts, num_steps: int = 20, eta: float = 1.0, guidance: float
     return rows
 
 
-PARTS = ("samples", "text_effect_mse", "attribute_swap", "text_attention", "layout")
+def spread(images: torch.Tensor, attrs: list, seeds: int) -> dict:
+    """Per component (and the score): mean, sd over all images, and the mean over prompts of the sd over their
+    ``seeds`` images; images are seed-major ((seeds * P), ...). ``present``: the picture-quality components again
+    over the images whose object is there (objectness > 0.5; the within-prompt sd over the prompts with two such
+    images or more), since every object term is 0 in an empty frame."""
+    comps = world.score_components(images, attrs)
+    comps["score"] = world.score(images, attrs)
+    out = {}
+    for k, v in comps.items():
+        v = v.double().view(seeds, -1)
+        out[k] = {"mean": round(v.mean().item(), 4), "sd": round(v.std().item(), 4),
+                  "sd_within_prompt": round(v.std(dim=0).mean().item(), 4)}
+    there = world.measure(images)["objectness"].view(seeds, -1) > 0.5
+    many = there.sum(0) >= 2
+    present = {"share": round(there.double().mean().item(), 4), "prompts": int(many.sum())}
+    for k in world.QUALITY_FIELDS:
+        v = comps[k].double().view(seeds, -1)
+        within = [v[there[:, j], j].std().item() for j in range(v.shape[1]) if many[j]]
+        present[k] = {"mean": round(v[there].mean().item(), 4) if there.any() else None,
+                      "sd_within_prompt": round(sum(within) / len(within), 4) if within else None}
+    out["present"] = present
+    return out
+
+
+def quality_spread(comp, prompts, samplers, seeds: int) -> dict:
+    attrs = [world.parse_prompt(p) for p in prompts] * seeds
+    g = torch.Generator().manual_seed(0)
+    data = world.render(attrs, g, world.sample_quality(len(attrs), g))
+    out = {"seeds": seeds, "data": spread(data, attrs, seeds), "model": []}
+    for num_steps, eta, guidance in samplers:
+        images = torch.cat([build.sample_images(comp, prompts, 300 + s, batch=len(prompts), num_steps=num_steps,
+                                                eta=eta, guidance_scale=guidance) for s in range(seeds)])
+        out["model"].append({"steps": num_steps, "eta": eta, "cfg": guidance, **spread(images, attrs, seeds)})
+    return out
+
+
+PARTS = ("samples", "text_effect_mse", "attribute_swap", "text_attention", "layout", "quality_spread")
 TOKEN_GROUPS = ("start", "size", "color", "shape", "position", "background", "other_words", "end_and_padding")
 
 
@@ -299,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg", default="1,3,5,9", help="CFG scales at 20 steps, eta 1 (comma-separated)")
     p.add_argument("--sampler", default="20,1;50,1;20,0", help="steps,eta pairs at CFG 5 (semicolon-separated)")
     p.add_argument("--prompts", type=int, default=64, help="probe prompts (default 64)")
+    p.add_argument("--seeds", type=int, default=4, help="noise seeds per prompt of quality_spread (default 4)")
     p.add_argument("--ts", default="100,400,700,900",
                    help="timesteps of the text effect and the attention (comma-separated, 0..999)")
     p.add_argument("--parts", type=lambda v: v.split(","), default=list(PARTS),
@@ -310,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         ts = tuple(int(t) for t in args.ts.split(","))
     except ValueError:
         ts = ()
+    if args.seeds < 2:
+        p.error(f"--seeds={args.seeds}: accepted: 2 or more (a spread within a prompt needs two samples)")
     if not ts or not all(0 <= t <= 999 for t in ts):
         p.error(f"--ts={args.ts}: accepted: comma-separated integer timesteps in 0..999")
     comp = load_components(str(resolve_model_path(args.model)), "sd15")
@@ -320,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
              "text_effect_mse": lambda: text_effect(comp, prompts, ts),
              "attribute_swap": lambda: attribute_swap(comp, prompts, ts),
              "text_attention": lambda: text_attention(comp, prompts, ts),
-             "layout": lambda: layout(comp, prompts)}
+             "layout": lambda: layout(comp, prompts),
+             "quality_spread": lambda: quality_spread(comp, prompts, runs, args.seeds)}
     report = {name: run() for name, run in parts.items() if name in args.parts}
     print(json.dumps(report, indent=1))
     return 0

@@ -210,3 +210,31 @@ def test_attribute_swap_sits_beside_the_right_prompt(comp, mod):
     assert set(row) == {"t", "right", *mod.ATTRIBUTES} and set(out["text_encoder_change"]) == set(mod.ATTRIBUTES)
     for field, change in out["text_encoder_change"].items():
         assert change["max_token"] >= change["end_token"] > 0, field  # a changed word moves its own token most
+
+
+def test_quality_spread_separates_the_spread_within_a_prompt_from_the_spread_between_prompts(mod):
+    from spo_fast.toyworld import world
+
+    prompts = world.probe_prompts()[:6]
+    attrs = [world.parse_prompt(p) for p in prompts]
+    g = torch.Generator().manual_seed(0)
+    q = world.sample_quality(len(attrs), g)
+    once = world.render(attrs, torch.Generator().manual_seed(1), q)
+    # the same six images under three seeds (seed-major): nothing varies within a prompt, much between prompts
+    same = mod.spread(torch.cat([once] * 3), attrs * 3, 3)
+    for k in world.QUALITY_FIELDS:
+        assert same[k]["sd_within_prompt"] == 0 and same[k]["sd"] > 0.05, (k, same[k])
+        assert same["present"][k]["sd_within_prompt"] == 0
+    assert same["present"]["share"] == 1 and same["present"]["prompts"] == 6
+    # each seed draws its own quality: the spread within a prompt is the data's
+    mixed = torch.cat([world.render(attrs, torch.Generator().manual_seed(1), world.sample_quality(len(attrs), g))
+                       for _ in range(3)])
+    drawn = mod.spread(mixed, attrs * 3, 3)
+    for k in world.QUALITY_FIELDS:
+        assert drawn[k]["sd_within_prompt"] > 0.1, (k, drawn[k])
+    # an empty frame has no object: it leaves the present-only statistics
+    empty = mixed.clone()
+    empty[:6] = empty[:6, :, :1, :1].clone()  # seed 0's images: one flat colour
+    gone = mod.spread(empty, attrs * 3, 3)
+    assert gone["present"]["share"] == round(2 / 3, 4)
+    assert gone["present"]["prompts"] == 6
