@@ -406,3 +406,37 @@ def test_build_sampler_reproduces_the_shipped_pairs():
         assert gt.abs().max() < build.TIE_MARGIN / 2  # measured 0.013
     with pytest.raises(ValueError, match="sample_noise"):
         build.BuildConfig(sample_noise="numpy")
+
+
+def test_build_samples_its_pairs_and_spm_pairs_at_its_guidance_scale(smoke, tmp_path, monkeypatch):
+    """``BuildConfig.sample_guidance`` reaches the pairs' sampler and the SPM trainer's noisy pairs (the rollouts'
+    guidance scale must match what the SPM was trained on); a scale below 1 is refused by name."""
+    import shutil
+
+    seen = []
+    real_sample_batch = build.sample_batch
+
+    def spy(comp, prompts, gen_seed, num_steps=20, eta=1.0, guidance_scale=5.0, *args, **kw):
+        seen.append(guidance_scale)
+        return real_sample_batch(comp, prompts, gen_seed, num_steps, eta, guidance_scale, *args, **kw)
+
+    monkeypatch.setattr(build, "sample_batch", spy)
+    shutil.copytree(smoke / "base", tmp_path / "base")
+    cfg = build.BuildConfig.smoke(sample_guidance=2.5)
+    build.build_pairs(tmp_path, cfg)
+    assert seen and set(seen) == {2.5}
+    default = build.BuildConfig.smoke()
+    assert default.sample_guidance == build.SAMPLER["guidance_scale"] == 5.0  # the shipped pairs' scale
+    monkeypatch.setattr(build, "sample_batch", real_sample_batch)
+    same = build.make_pairs(load_components(str(smoke / "base"), "sd15"), world.prompts("heldout")[:2], 7, 2,
+                            "heldout", guidance_scale=2.5)
+    other = build.make_pairs(load_components(str(smoke / "base"), "sd15"), world.prompts("heldout")[:2], 7, 2,
+                             "heldout", guidance_scale=5.0)
+    assert same["jpg_0"] != other["jpg_0"]  # the scale changes the samples
+    trained = {}
+    monkeypatch.setattr(spm_trainer, "train_spm", lambda *a, **kw: trained.setdefault("cfg", a[6]) and {})
+    build.build_spm(smoke, cfg)
+    assert trained["cfg"].guidance_scale == 2.5
+    for bad in (0.5, "5"):
+        with pytest.raises(ValueError, match=r"sample_guidance=.*a number >= 1"):
+            build.BuildConfig(sample_guidance=bad)

@@ -123,6 +123,9 @@ class BuildConfig:
     # the sampler the shipped pairs were made with, so that a rebuild reproduces them byte for byte) or "step_op"
     # (the rollouts' step op, spo_fast.kernels.ddim_step, with its own Philox noise: a different draw)
     sample_noise: str = "torch"
+    # the probes', the pairs' and the SPM's noisy pairs' classifier-free guidance scale (the rollouts'
+    # sampling.guidance_scale)
+    sample_guidance: float = SAMPLER["guidance_scale"]
     clip_steps: int = 1000
     clip_batch: int = 128
     clip_lr: float = 1e-3
@@ -141,6 +144,8 @@ class BuildConfig:
                                       ("sample_noise", self.sample_noise, SAMPLE_NOISE)):
             if value not in accepted:
                 raise ValueError(f"BuildConfig.{name}={value!r}; accepted: {', '.join(accepted)}")
+        if not (isinstance(self.sample_guidance, (int, float)) and self.sample_guidance >= 1):
+            raise ValueError(f"BuildConfig.sample_guidance={self.sample_guidance!r}; accepted: a number >= 1")
         bad = [k for k in self.spm_negatives if k not in NEGATIVE_KINDS]
         if bad or not self.spm_negatives:
             raise ValueError(f"BuildConfig.spm_negatives={self.spm_negatives!r}; accepted: a non-empty subset of "
@@ -210,13 +215,14 @@ PROBE_PROMPTS = 64  # of world.probe_prompts()
 
 
 def probe_base(comp, unet, seed: int, n: int = PROBE_PROMPTS, dtype: str = SAMPLER["dtype"],
-               noise: str = "step_op") -> dict:
+               noise: str = "step_op", guidance_scale: float = SAMPLER["guidance_scale"]) -> dict:
     """Mean ground truth (and its components) of one sample per probe prompt (``world.probe_prompts``): how good the
     base is so far."""
     prompts = world.probe_prompts()[:n]
     was_training = unet.training
     unet.eval()
-    images = sample_images(comp, prompts, seed, batch=len(prompts), unet=unet, dtype=dtype, noise=noise)
+    images = sample_images(comp, prompts, seed, batch=len(prompts), unet=unet, dtype=dtype, noise=noise,
+                           guidance_scale=guidance_scale)
     unet.train(was_training)
     comps = world.score_components(images, [world.parse_prompt(p) for p in prompts])
     result = {"score": world.score_prompts(images, prompts).mean().item()}
@@ -315,7 +321,8 @@ def train_base(out: Path, cfg: BuildConfig, clip_cache: Path | None = None) -> d
         if cfg.base_probe_every and ((step + 1) % cfg.base_probe_every == 0 or step + 1 == cfg.base_steps):
             with torch.no_grad():  # its own generator: the training stream is unchanged by probing
                 probes.append({"step": step + 1, **probe_base(comp, unet, cfg.seed + 300, cfg.base_probe_prompts,
-                                                              cfg.sampling_dtype, cfg.sample_noise)})
+                                                              cfg.sampling_dtype, cfg.sample_noise,
+                                                              cfg.sample_guidance)})
             _log(f"base probe: {jsonio.dumps({k: round(v, 3) for k, v in probes[-1].items()})}")
     bar.close()
     with quiet_loading():  # no "Writing model shards" bar
@@ -395,10 +402,11 @@ TIE_MARGIN = 0.05  # ground-truth scores closer than this (on the 0-10 scale) ar
 
 
 def make_pairs(comp, prompts: list[str], seed: int, batch: int, split_name: str, bar=None,
-               dtype: str = SAMPLER["dtype"], noise: str = "step_op") -> dict[str, list]:
+               dtype: str = SAMPLER["dtype"], noise: str = "step_op",
+               guidance_scale: float = SAMPLER["guidance_scale"]) -> dict[str, list]:
     """Two samples per prompt, labelled by the ground truth of their stored JPEGs (Pick-a-Pic schema)."""
-    imgs0 = sample_images(comp, prompts, seed, batch, bar=bar, dtype=dtype, noise=noise)
-    imgs1 = sample_images(comp, prompts, seed + 1, batch, bar=bar, dtype=dtype, noise=noise)
+    imgs0, imgs1 = (sample_images(comp, prompts, s, batch, bar=bar, dtype=dtype, noise=noise,
+                                  guidance_scale=guidance_scale) for s in (seed, seed + 1))
     jpg0, jpg1 = [jpeg_bytes(x) for x in imgs0], [jpeg_bytes(x) for x in imgs1]
     s0 = world.score_prompts(torch.stack([decode_jpeg(b) for b in jpg0]), prompts)
     s1 = world.score_prompts(torch.stack([decode_jpeg(b) for b in jpg1]), prompts)
@@ -430,7 +438,7 @@ def build_pairs(out: Path, cfg: BuildConfig) -> dict:
             prompts = world.prompts(name)[:2]  # smoke mode: keep the file non-empty
         with _bar(2 * -(-len(prompts) // cfg.sample_batch), f"pairs {name}", "batch") as bar:
             cols = make_pairs(comp, prompts, seed, cfg.sample_batch, name, bar=bar, dtype=cfg.sampling_dtype,
-                              noise=cfg.sample_noise)
+                              noise=cfg.sample_noise, guidance_scale=cfg.sample_guidance)
         write_parquet(cols, out / f"pairs_{name}.parquet")
         s = torch.tensor(cols["score_0"] + cols["score_1"])
         lab = torch.tensor(cols["label_0"])
@@ -581,7 +589,7 @@ def build_spm(out: Path, cfg: BuildConfig, clip_cache: Path | None = None) -> di
     spm, clip_info = pretrain_clip(tokenizer, cfg, clip_cache)
     comp = load_components(str(out / "base"), FAMILY)
     tcfg = SPMTrainConfig(steps=cfg.spm_steps, batch_size=cfg.spm_batch, lr=cfg.spm_lr, seed=cfg.seed,
-                          guidance_scale=SAMPLER["guidance_scale"], extra_fraction=cfg.spm_rendered_fraction,
+                          guidance_scale=cfg.sample_guidance, extra_fraction=cfg.spm_rendered_fraction,
                           sampling_dtype=cfg.sampling_dtype)
     result = train_spm(spm, tokenizer, comp, out / "pairs_train.parquet", out / "pairs_heldout.parquet",
                        out / "spm", tcfg, extra_pairs=functools.partial(rendered_pairs, kinds=cfg.spm_negatives),
