@@ -76,11 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     steps = [int(s) for s in args.steps.split(",") if s]
     bad = [s for s in steps if not 0 <= s < args.num_steps - 1]
-    if bad or args.k < 2 or args.prompts < 1:
-        p.error(f"--steps {bad} must lie in [0, {args.num_steps - 1}), --k >= 2 and --prompts >= 1")
+    if bad or args.k < 2 or args.prompts < 1 or not args.cfg >= 1:
+        p.error(f"--steps {bad} must lie in [0, {args.num_steps - 1}), --k >= 2, --prompts >= 1 and --cfg >= 1 "
+                f"(got --k {args.k}, --prompts {args.prompts}, --cfg {args.cfg:g})")
     comp = load_components(str(resolve_model_path(args.model)), "sd15")
     scorer = SPMScorer.from_pretrained(resolve_model_path(args.spm))
-    sampler = Sampler(comp, args.num_steps, SAMPLER["eta"], SAMPLER["guidance_scale"], True)
+    sampler = Sampler(comp, args.num_steps, SAMPLER["eta"], args.cfg, True)
     rows = pick_rounding(comp, scorer, world.probe_prompts()[:args.prompts], steps, args.k, args.seed,
                          args.threshold, sampler)
     report = {"model": args.model, "spm": args.spm, "k": args.k, "prompts": args.prompts, "seed": args.seed,

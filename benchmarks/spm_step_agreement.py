@@ -96,6 +96,9 @@ def add_pool_arguments(p: argparse.ArgumentParser, steps: str) -> None:
     p.add_argument("--k", type=int, default=4, help="candidates per pool (default 4, the toy recipe's)")
     p.add_argument("--prompts", type=int, default=64, help="probe prompts, one pool each (default 64)")
     p.add_argument("--num-steps", type=int, default=SAMPLER["num_steps"])
+    p.add_argument("--cfg", type=float, default=SAMPLER["guidance_scale"],
+                   help=f"guidance scale of the trajectories and pools (default {SAMPLER['guidance_scale']:g}, the "
+                        "toy recipes'; >= 1)")
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--out", type=Path, help="also write the JSON here")
 
@@ -149,13 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     steps = [int(s) for s in args.steps.split(",") if s]
     bad = [s for s in steps if not 0 <= s < args.num_steps]
-    if bad or args.k < 2 or args.prompts < 1:
-        p.error(f"--steps {bad} must lie in [0, {args.num_steps}), --k >= 2 and --prompts >= 1")
+    if bad or args.k < 2 or args.prompts < 1 or not args.cfg >= 1:
+        p.error(f"--steps {bad} must lie in [0, {args.num_steps}), --k >= 2, --prompts >= 1 and --cfg >= 1 "
+                f"(got --k {args.k}, --prompts {args.prompts}, --cfg {args.cfg:g})")
     comp = load_components(str(resolve_model_path(args.model)), "sd15")
     scorer = SPMScorer.from_pretrained(resolve_model_path(args.spm))
-    sampler = Sampler(comp, args.num_steps, SAMPLER["eta"], SAMPLER["guidance_scale"], not args.fp32)
+    sampler = Sampler(comp, args.num_steps, SAMPLER["eta"], args.cfg, not args.fp32)
     rows = agreement(comp, scorer, world.probe_prompts()[:args.prompts], steps, args.k, args.seed, sampler)
     report = {"model": args.model, "spm": args.spm, "k": args.k, "prompts": args.prompts, "seed": args.seed,
+              "cfg": args.cfg,
               "bf16": not args.fp32, "steps": rows,
               "mean_corr_spm": sum(r["corr_spm"] for r in rows) / len(rows),
               "mean_agree": sum(r["agree"] for r in rows) / len(rows)}

@@ -33,3 +33,16 @@ def test_last_step_reads_the_final_image(agreement_module, capsys):
     for r in rows:
         assert 0 <= r["decided"] <= 1 and 0 <= r["agree"] <= 1 and -1 <= r["corr_spm"] <= 1
         assert r["spm_gap"] >= 0 and r["gt_pool_range"] >= 0
+
+
+def test_cli_takes_the_guidance_scale_and_refuses_one_below_1(agreement_module, capsys):
+    """``--cfg`` sets the trajectories' guidance (a world built at another scale is measured at its own); a scale
+    below 1 is a usage error that names it, before any model loads."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    agreement_module.add_pool_arguments(p, "4")
+    assert p.parse_args([]).cfg == 5.0 and p.parse_args(["--cfg", "1.5"]).cfg == 1.5
+    with pytest.raises(SystemExit) as e:
+        agreement_module.main(["--cfg", "0.5", "--model", "no/such/dir"])
+    assert e.value.code == 2 and "--cfg >= 1 (got --k 4, --prompts 64, --cfg 0.5)" in capsys.readouterr().err
