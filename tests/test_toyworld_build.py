@@ -428,10 +428,9 @@ def test_build_samples_its_pairs_and_spm_pairs_at_its_guidance_scale(smoke, tmp_
     default = build.BuildConfig.smoke()
     assert default.sample_guidance == build.SAMPLER["guidance_scale"] == 5.0  # the shipped pairs' scale
     monkeypatch.setattr(build, "sample_batch", real_sample_batch)
-    same = build.make_pairs(load_components(str(smoke / "base"), "sd15"), world.prompts("heldout")[:2], 7, 2,
-                            "heldout", guidance_scale=2.5)
-    other = build.make_pairs(load_components(str(smoke / "base"), "sd15"), world.prompts("heldout")[:2], 7, 2,
-                             "heldout", guidance_scale=5.0)
+    comp = load_components(str(smoke / "base"), "sd15")
+    same, other = (build.make_pairs(comp, world.prompts("heldout")[:2], 7, 2, "heldout", guidance_scale=g)
+                   for g in (2.5, 5.0))
     assert same["jpg_0"] != other["jpg_0"]  # the scale changes the samples
     trained = {}
     monkeypatch.setattr(spm_trainer, "train_spm", lambda *a, **kw: trained.setdefault("cfg", a[6]) and {})

@@ -10,7 +10,8 @@ Stages (each deterministic for a given seed, torch version and thread count; run
    size or shape, and inherit the mixed quality of its data, so preference optimisation has
    room to improve it.
 2. ``pairs``: two base-model samples per prompt (the SPO rollouts' sampler settings: DDIM, 20
-   steps, eta 1, CFG 5; in fp32 with torch.randn step noise, ``BuildConfig.sample_noise``),
+   steps, eta 1, CFG 5 or ``BuildConfig.sample_guidance``; in fp32 with torch.randn step noise,
+   ``BuildConfig.sample_noise``),
    JPEG-encoded and labelled by the ground-truth score of the stored (decoded) JPEGs, written in
    the Pick-a-Pic schema (``caption, jpg_0, jpg_1, label_0, label_1``; ties 0.5/0.5, plus
    ``score_0``, ``score_1``, ``split``) as ``pairs_train.parquet`` (train-split prompts) and
