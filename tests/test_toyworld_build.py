@@ -275,12 +275,12 @@ def test_shipped_spm_beats_chance_near_t0():
 
 
 def test_rendered_pairs_include_every_negative_kind_and_speckle_loses():
-    """Each of the six hard-negative kinds occurs; a speckled copy of a render loses to the render by the ground
+    """Each of the seven hard-negative kinds occurs; a speckled copy of a render loses to the render by the ground
     truth (its cleanliness falls), so the SPM is taught that high-frequency noise is worse. The default kinds are the
     shipped four."""
     gen = torch.Generator().manual_seed(5)
     caps, img0, img1, _ = build.rendered_pairs(200, gen, kinds=build.NEGATIVE_KINDS)
-    assert len(build.NEGATIVE_KINDS) == 6
+    assert len(build.NEGATIVE_KINDS) == 7
     four = build.rendered_pairs(8, torch.Generator().manual_seed(3))
     assert torch.equal(four[1], build.rendered_pairs(8, torch.Generator().manual_seed(3), build.NEGATIVE_KINDS[:4])[1])
     with pytest.raises(ValueError, match="spm_negatives"):
@@ -296,6 +296,31 @@ def test_rendered_pairs_include_every_negative_kind_and_speckle_loses():
     diff = (img0 - img1)
     hf = (diff - torch.nn.functional.avg_pool2d(diff, 3, 1, 1)).abs().mean((1, 2, 3))
     assert (hf > 0.05).sum() >= 10
+
+
+def test_drifted_negatives_change_one_named_attribute_at_higher_quality_and_the_ground_truth_labels_both_ways():
+    """A drifted negative keeps the prompt's background, moves its object's colour part of the way to another named
+    colour (or changes its size or shape), and raises its picture quality: the ground truth prefers it sometimes
+    (the quality gained outweighs the attribute lost) and the render mostly, so the SPM learns the trade-off, not a
+    rule."""
+    gen = torch.Generator().manual_seed(7)
+    attrs = [world.split("train")[i] for i in torch.randint(len(world.split("train")), (400,), generator=gen)]
+    quality = world.sample_quality(400, gen)
+    good = world.render(attrs, gen, quality)
+    drifted = build._drifted(attrs, quality, gen)
+    cg, cd = world.score_components(good, attrs), world.score_components(drifted, attrs)
+    assert (cg["background"] - cd["background"]).abs().mean() < 0.03
+    for k in world.QUALITY_FIELDS:
+        assert (cd[k] - cg[k]).mean() > 0.1, k
+    fidelity_lost = sum(world.WEIGHTS[k] * (cg[k] - cd[k]) for k in ("color", "size", "shape"))
+    assert (fidelity_lost > 0.3).float().mean() > 0.8
+    # colour drifts are partial: some land between the named colour and the other (colour closeness in (0.2, 0.8))
+    assert ((cd["color"] > 0.2) & (cd["color"] < 0.8)).sum() >= 20
+    wins = world.score(drifted, attrs) > world.score(good, attrs) + build.TIE_MARGIN
+    assert 0.1 < wins.float().mean() < 0.45
+    with pytest.raises(ValueError, match="spm_negatives"):
+        build.BuildConfig(spm_negatives=("drift",))
+    assert build.BuildConfig.variant("v_prediction")["spm_negatives"] == build.NEGATIVE_KINDS[:6]
 
 
 def test_base_loss_weight_uniform_and_min_snr():

@@ -85,7 +85,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 # the toy recipes' sampler; the shipped pairs and SPM were made in fp32 (BuildConfig.sample_dtype; the recipes now
 # sample in bf16: docs/speed.md)
 SAMPLER = {"num_steps": 20, "eta": 1.0, "guidance_scale": 5.0, "dtype": "fp32"}
-NEGATIVE_KINDS = ("mismatched", "requality", "flooded", "empty", "speckled", "recoloured")
+NEGATIVE_KINDS = ("mismatched", "requality", "flooded", "empty", "speckled", "recoloured", "drifted")
 VARIANTS = ("shipped", "v_prediction")
 # how the build's sampler draws each step's noise (BuildConfig.sample_noise, sample_batch)
 SAMPLE_NOISE = ("torch", "step_op")
@@ -178,7 +178,7 @@ class BuildConfig:
             return {}
         return {"base_steps": 2000, "base_unet": "3level", "base_prediction": "v_prediction",
                 "base_loss_weighting": "min_snr", "base_text_encoder": "clip", "sample_dtype": "bf16_if_native",
-                "sample_noise": "step_op", "spm_steps": 1200, "spm_negatives": NEGATIVE_KINDS}
+                "sample_noise": "step_op", "spm_steps": 1200, "spm_negatives": NEGATIVE_KINDS[:6]}
 
 
 PROGRESS = True  # tqdm bars (with the time left) per stage; --no-progress turns them off
@@ -536,13 +536,16 @@ def rendered_pairs(n: int, gen: torch.Generator, kinds: tuple[str, ...] = NEGATI
     noise over the whole frame, std 0.05-0.4 in [-1, 1] units: the high-frequency texture an SPO
     run on an SPM trained without it learned to add), or the same render recoloured (per-channel
     gain 0.7-1.3 and offset +-0.15, then saturation boosted 1-2x: the tinted backgrounds and
-    over-saturated, shifted object colours an SPO run on an SPM trained without it drifted into).
+    over-saturated, shifted object colours an SPO run on an SPM trained without it drifted into), or the same
+    prompt drifted: its object's colour moved partly towards another, or its size or shape changed, at higher
+    quality (``_drifted``).
     Both sides are labelled by the ground truth like the sampled pairs; the order is random. This teaches the SPM the failure modes a policy
     drifts into (speckle, blobs of colour, empty frames) that base-model samples alone rarely show it.
     """
     train = world.split("train")
     attrs = [train[i] for i in torch.randint(len(train), (n,), generator=gen).tolist()]
-    good = world.render(attrs, gen, world.sample_quality(n, gen))
+    quality = world.sample_quality(n, gen)
+    good = world.render(attrs, gen, quality)
     kind = torch.randint(len(kinds), (n,), generator=gen)  # an index into kinds
     other = []
     fields = ("color", "shape", "size", "position", "background")
@@ -572,6 +575,8 @@ def rendered_pairs(n: int, gen: torch.Generator, kinds: tuple[str, ...] = NEGATI
         grey = x.mean(1, keepdim=True)
         x = grey + (1 + torch.rand(n, 1, 1, 1, generator=gen)) * (x - grey)
         candidates["recoloured"] = x.clamp(0, 1) * 2 - 1
+    if "drifted" in kinds:
+        candidates["drifted"] = _drifted(attrs, quality, gen)
     neg = torch.stack([candidates[k] for k in kinds])[kind, torch.arange(n)]
     swap = torch.rand(n, generator=gen) < 0.5
     img0 = torch.where(swap.view(n, 1, 1, 1), neg, good)
@@ -579,6 +584,31 @@ def rendered_pairs(n: int, gen: torch.Generator, kinds: tuple[str, ...] = NEGATI
     s0, s1 = world.score(img0, attrs), world.score(img1, attrs)
     label0 = torch.where((s0 - s1).abs() < TIE_MARGIN, 0.5, (s0 > s1).float())
     return [a.prompt for a in attrs], img0, img1, label0
+
+
+def _drifted(attrs: list, quality: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The ``drifted`` negatives of ``rendered_pairs``: each prompt's render with its object's colour moved part of the
+    way (a fraction uniform in [0.3, 1]) towards another named colour, or its size or its shape changed (each of the
+    three equally often), and every quality field raised part of the way to 1 (a fraction uniform in [0, 1]): the
+    vivid, crisp pictures whose named attributes drift that an SPO run optimising an SPM trained without them moved
+    to. The partial colour is exact: the two colours are rendered with one layout (one generator state) and
+    blended (a render is linear in its object colour but for the clamp to [0, 1])."""
+    n = len(attrs)
+    higher = quality + (1 - quality) * torch.rand(n, 1, generator=gen)
+    field = torch.randint(3, (n,), generator=gen)
+    amount = torch.rand(n, 1, 1, 1, generator=gen) * 0.7 + 0.3
+    others = {"color": world.COLORS, "size": world.SIZES, "shape": world.SHAPES}
+    moved = []
+    for a, f in zip(attrs, field.tolist()):
+        name = ("color", "size", "shape")[f]
+        vals = [v for v in others[name] if v != getattr(a, name)]
+        moved.append(replace(a, **{name: vals[int(torch.randint(len(vals), (1,), generator=gen))]}))
+    state = gen.get_state()
+    kept = world.render(attrs, gen, higher)
+    layout = torch.Generator().set_state(state)
+    changed = world.render(moved, layout, higher)
+    blend = torch.where((field == 0).view(n, 1, 1, 1), amount, torch.ones(()))
+    return kept + blend * (changed - kept)
 
 
 def build_spm(out: Path, cfg: BuildConfig, clip_cache: Path | None = None) -> dict:
