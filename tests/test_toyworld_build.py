@@ -363,7 +363,7 @@ def test_v_prediction_variant_smoke_build(tmp_path, capsys):
     unet = json.loads((tmp_path / "base" / "unet" / "config.json").read_text())
     assert sched["prediction_type"] == "v_prediction" and unet["block_out_channels"] == [32, 64, 64]
     meta = json.loads((tmp_path / "build.json").read_text())
-    assert meta["config"]["spm_negatives"] == list(build.NEGATIVE_KINDS) and "eval" in meta["spm"]
+    assert meta["config"]["spm_negatives"] == list(build.NEGATIVE_KINDS[:6]) and "eval" in meta["spm"]
     # its text encoder is the contrastive CLIP's text tower, pretrained as the spm stage does it and left frozen
     text_record = meta["base"]["text_encoder"]
     assert text_record["kind"] == "clip" and text_record["clip_pretrain"]["steps"] == 3
@@ -464,3 +464,50 @@ def test_build_samples_its_pairs_and_spm_pairs_at_its_guidance_scale(smoke, tmp_
     for bad in (0.5, "5"):
         with pytest.raises(ValueError, match=r"sample_guidance=.*a number >= 1"):
             build.BuildConfig(sample_guidance=bad)
+
+
+def test_spm_anchor_is_clips_contrastive_loss_and_the_build_trains_with_it(smoke, tmp_path, monkeypatch):
+    """``anchor_loss`` is CLIP's symmetric contrastive loss (a caption repeated in the batch: one text, each of its
+    images a match); ``BuildConfig.spm_anchor_weight`` > 0 adds it to every SPM step on fresh captioned renders
+    (each read at a random t), which changes the SPM; 0 draws none; a negative weight is refused by name."""
+    import shutil
+
+    import torch.nn.functional as F
+    from transformers import CLIPTokenizer
+
+    from spo_fast.reward.spm import StepAwarePreferenceModel
+
+    tok = CLIPTokenizer.from_pretrained(smoke / "base" / "tokenizer")
+    spm = StepAwarePreferenceModel.from_pretrained(smoke / "spm")
+    caps, images = build.anchor_renders(6, torch.Generator().manual_seed(0))
+    assert len(set(caps)) == 6 and images.shape == (6, 3, world.RESOLUTION, world.RESOLUTION)
+    t = torch.tensor([0, 100, 200, 300, 400, 999])
+    with torch.no_grad():
+        img = spm.image_features(spm.preprocess(images), t)
+        txt = spm_trainer._text_feats(spm, tok, caps, images.device)[0]
+        order = [sorted(caps).index(c) for c in caps]
+        logits = spm.clip.logit_scale.exp() * img @ txt[order].T
+        want = (F.cross_entropy(logits, torch.arange(6)) + F.cross_entropy(logits.T, torch.arange(6))) / 2
+        assert torch.allclose(spm_trainer.anchor_loss(spm, tok, caps, images, t), want, atol=1e-5)
+        # images 0 and 1 under one caption: image-to-text as before with one column fewer; text-to-image averages
+        dup = [caps[0]] + caps[:1] + caps[2:]
+        got = spm_trainer.anchor_loss(spm, tok, dup, images, t)
+        feats = spm_trainer._text_feats(spm, tok, dup, images.device)
+        logits = spm.clip.logit_scale.exp() * img @ feats[0].T
+        match = F.one_hot(feats[1], len(feats[0])).float()
+        t2i = -(logits.T.log_softmax(-1) * match.T).sum(-1) / match.T.sum(-1)
+        assert torch.allclose(got, (F.cross_entropy(logits, feats[1]) + t2i.mean()) / 2, atol=1e-5)
+    drawn = []
+    real = build.anchor_renders
+    monkeypatch.setattr(build, "anchor_renders", lambda n, gen: drawn.append(n) or real(n, gen))
+    weights = {}
+    for weight in (0.0, 1.0):
+        out = tmp_path / f"w{weight}"
+        shutil.copytree(smoke, out, ignore=shutil.ignore_patterns("spm"))
+        drawn.clear()
+        build.build(out, build.BuildConfig.smoke(spm_anchor_weight=weight), stages=("spm",))
+        assert drawn == ([] if weight == 0 else [64] * build.BuildConfig.smoke().spm_steps)
+        weights[weight] = StepAwarePreferenceModel.from_pretrained(out / "spm").clip.visual_projection.weight
+    assert not torch.equal(weights[0.0], weights[1.0])
+    with pytest.raises(ValueError, match=r"spm_anchor_weight=-1.*a number >= 0"):
+        build.BuildConfig(spm_anchor_weight=-1)

@@ -135,6 +135,9 @@ class BuildConfig:
     spm_lr: float = 3e-4
     spm_rendered_fraction: float = 0.5
     spm_negatives: tuple[str, ...] = NEGATIVE_KINDS[:4]  # the rendered hard negatives' kinds (NEGATIVE_KINDS)
+    # weight of the SPM's contrastive anchor on captioned renders (SPMTrainConfig.anchor_weight, anchor_renders); 0:
+    # none (the shipped SPM)
+    spm_anchor_weight: float = 0.0
 
     def __post_init__(self):
         for name, value, accepted in (("base_unet", self.base_unet, tuple(UNETS)),
@@ -147,6 +150,8 @@ class BuildConfig:
                 raise ValueError(f"BuildConfig.{name}={value!r}; accepted: {', '.join(accepted)}")
         if not (isinstance(self.sample_guidance, (int, float)) and self.sample_guidance >= 1):
             raise ValueError(f"BuildConfig.sample_guidance={self.sample_guidance!r}; accepted: a number >= 1")
+        if not (isinstance(self.spm_anchor_weight, (int, float)) and self.spm_anchor_weight >= 0):
+            raise ValueError(f"BuildConfig.spm_anchor_weight={self.spm_anchor_weight!r}; accepted: a number >= 0")
         bad = [k for k in self.spm_negatives if k not in NEGATIVE_KINDS]
         if bad or not self.spm_negatives:
             raise ValueError(f"BuildConfig.spm_negatives={self.spm_negatives!r}; accepted: a non-empty subset of "
@@ -611,6 +616,14 @@ def _drifted(attrs: list, quality: torch.Tensor, gen: torch.Generator) -> torch.
     return kept + blend * (changed - kept)
 
 
+def anchor_renders(n: int, gen: torch.Generator) -> tuple[list[str], torch.Tensor]:
+    """Captioned renders for the SPM's contrastive anchor: ``n`` train-split prompts drawn at random, each rendered
+    at a random picture quality (as the CLIP was pretrained)."""
+    train = world.split("train")
+    attrs = [train[i] for i in torch.randint(len(train), (n,), generator=gen).tolist()]
+    return [a.prompt for a in attrs], world.render(attrs, gen, world.sample_quality(n, gen))
+
+
 def build_spm(out: Path, cfg: BuildConfig, clip_cache: Path | None = None) -> dict:
     from transformers import CLIPTokenizer
 
@@ -621,10 +634,10 @@ def build_spm(out: Path, cfg: BuildConfig, clip_cache: Path | None = None) -> di
     comp = load_components(str(out / "base"), FAMILY)
     tcfg = SPMTrainConfig(steps=cfg.spm_steps, batch_size=cfg.spm_batch, lr=cfg.spm_lr, seed=cfg.seed,
                           guidance_scale=cfg.sample_guidance, extra_fraction=cfg.spm_rendered_fraction,
-                          sampling_dtype=cfg.sampling_dtype)
+                          anchor_weight=cfg.spm_anchor_weight, sampling_dtype=cfg.sampling_dtype)
     result = train_spm(spm, tokenizer, comp, out / "pairs_train.parquet", out / "pairs_heldout.parquet",
                        out / "spm", tcfg, extra_pairs=functools.partial(rendered_pairs, kinds=cfg.spm_negatives),
-                       progress=PROGRESS)
+                       progress=PROGRESS, anchor_batch=anchor_renders)
     return {"clip_pretrain": clip_info, **result}
 
 
