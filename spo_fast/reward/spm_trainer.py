@@ -49,8 +49,9 @@ class SPMTrainConfig:
     extra_fraction: float = 0.0
     """Share of each batch drawn from ``extra_pairs`` (a generator of labelled pairs) instead of the file."""
     anchor_weight: float = 0.0
-    """Weight of the contrastive anchor (``train_spm``'s ``anchor_batch``): 0 = none, the paper's SPM training."""
+    """Weight of the contrastive anchor (``train_spm``'s ``anchor_images``): 0 = none, the paper's SPM training."""
     anchor_batch: int = 64
+    """Captioned images per step for the anchor."""
     sampling_dtype: str = "fp32"
     """Autocast of the base model's no-grad x0_hat prediction: ``fp32`` or ``bf16`` (the toy world's build uses its
     recipes' bf16 sampling, so the SPM learns on the x0_hat its rollouts will show it)."""
@@ -169,25 +170,25 @@ def anchor_loss(spm, tokenizer, captions: list[str], images: torch.Tensor, t: to
     feats, index = _text_feats(spm, tokenizer, captions, images.device)
     img = spm.image_features(spm.preprocess(images), t)
     logits = spm.clip.logit_scale.exp() * img @ feats.to(img.dtype).T  # (N, U)
-    match = (index.view(-1, 1) == torch.arange(len(feats), device=images.device).view(1, -1)).float()
+    match = torch.nn.functional.one_hot(index, len(feats)).float()  # (N, U)
     image_to_text = torch.nn.functional.cross_entropy(logits, index)
     text_to_image = -(logits.T.log_softmax(-1) * match.T).sum(-1) / match.T.sum(-1)
     return (image_to_text + text_to_image.mean()) / 2
 
 
 def train_spm(spm, tokenizer, comp: Components, train_pairs, eval_pairs, out: Path, cfg: SPMTrainConfig,
-              extra_pairs=None, progress: bool = True, anchor_batch=None) -> dict:
+              extra_pairs=None, progress: bool = True, anchor_images=None) -> dict:
     """Train ``spm`` in place on ``train_pairs`` (path or Pairs); evaluate on ``eval_pairs``; save to ``out``.
     Pairs given as paths are checked first (``_load_checked``); a row whose image cannot be decoded raises
     PairsError naming file and row.
 
     ``extra_pairs(n, generator) -> (captions, img0, img1, label_0)``, when given, supplies
     ``cfg.extra_fraction`` of every batch (the toy world's rendered hard negatives).
-    ``anchor_batch(n, generator) -> (captions, images)``, when given with ``cfg.anchor_weight`` > 0, adds
+    ``anchor_images(n, generator) -> (captions, images)``, when given with ``cfg.anchor_weight`` > 0, adds
     ``cfg.anchor_weight`` x ``anchor_loss`` on ``cfg.anchor_batch`` clean captioned images per step, each read at a
-    t uniform in [0, T): it keeps the SPM's reading of what a caption names (the preference pairs alone, where
-    picture quality decides most labels, let it fade). Read through the base model's x0_hat at t instead, as the
-    pairs are, it did worse (docs/toy_world.md).
+    t uniform in [0, T): it keeps the SPM's reading of what a caption names, which the toy world's SPM trained on
+    its preference pairs alone lost. Read through the base model's x0_hat at t instead, as the pairs are, it did
+    worse (docs/toy_world.md).
     ``progress``: tqdm bars (with the time left) for the held-out evaluations and the training steps, whose postfix
     is the running loss and accuracy; the ``[train_spm]`` lines (every ``cfg.log_every`` steps) are printed either
     way."""
@@ -230,8 +231,8 @@ def train_spm(spm, tokenizer, comp: Components, train_pairs, eval_pairs, out: Pa
             s0, s1 = _pair_scores(spm, tokenizer, comp, caps, img0.to(device), img1.to(device), t.to(device),
                                   noise.to(device), cfg.guidance_scale, cfg.sampling_dtype)
             loss, correct = pair_loss(s0, s1, lab.to(device))
-            if anchor_batch is not None and cfg.anchor_weight > 0:
-                a_caps, a_img = anchor_batch(cfg.anchor_batch, gen)
+            if anchor_images is not None and cfg.anchor_weight > 0:
+                a_caps, a_img = anchor_images(cfg.anchor_batch, gen)
                 a_t = torch.randint(0, T, (len(a_caps),), generator=gen)
                 loss = loss + cfg.anchor_weight * anchor_loss(spm, tokenizer, a_caps, a_img.to(device), a_t.to(device))
             opt.zero_grad(set_to_none=True)

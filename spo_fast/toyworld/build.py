@@ -547,10 +547,7 @@ def rendered_pairs(n: int, gen: torch.Generator, kinds: tuple[str, ...] = NEGATI
     Both sides are labelled by the ground truth like the sampled pairs; the order is random. This teaches the SPM the failure modes a policy
     drifts into (speckle, blobs of colour, empty frames) that base-model samples alone rarely show it.
     """
-    train = world.split("train")
-    attrs = [train[i] for i in torch.randint(len(train), (n,), generator=gen).tolist()]
-    quality = world.sample_quality(n, gen)
-    good = world.render(attrs, gen, quality)
+    attrs, quality, good = _train_renders(n, gen)
     kind = torch.randint(len(kinds), (n,), generator=gen)  # an index into kinds
     other = []
     fields = ("color", "shape", "size", "position", "background")
@@ -616,12 +613,19 @@ def _drifted(attrs: list, quality: torch.Tensor, gen: torch.Generator) -> torch.
     return kept + blend * (changed - kept)
 
 
-def anchor_renders(n: int, gen: torch.Generator) -> tuple[list[str], torch.Tensor]:
-    """Captioned renders for the SPM's contrastive anchor: ``n`` train-split prompts drawn at random, each rendered
-    at a random picture quality (as the CLIP was pretrained)."""
+def _train_renders(n: int, gen: torch.Generator):
+    """``n`` train-split attributes drawn at random, their random picture quality (n, Q) and their renders."""
     train = world.split("train")
     attrs = [train[i] for i in torch.randint(len(train), (n,), generator=gen).tolist()]
-    return [a.prompt for a in attrs], world.render(attrs, gen, world.sample_quality(n, gen))
+    quality = world.sample_quality(n, gen)
+    return attrs, quality, world.render(attrs, gen, quality)
+
+
+def anchor_renders(n: int, gen: torch.Generator) -> tuple[list[str], torch.Tensor]:
+    """Captioned renders for the SPM's contrastive anchor (``_train_renders``: random quality, as the CLIP was
+    pretrained)."""
+    attrs, _, images = _train_renders(n, gen)
+    return [a.prompt for a in attrs], images
 
 
 def build_spm(out: Path, cfg: BuildConfig, clip_cache: Path | None = None) -> dict:
@@ -637,7 +641,7 @@ def build_spm(out: Path, cfg: BuildConfig, clip_cache: Path | None = None) -> di
                           anchor_weight=cfg.spm_anchor_weight, sampling_dtype=cfg.sampling_dtype)
     result = train_spm(spm, tokenizer, comp, out / "pairs_train.parquet", out / "pairs_heldout.parquet",
                        out / "spm", tcfg, extra_pairs=functools.partial(rendered_pairs, kinds=cfg.spm_negatives),
-                       progress=PROGRESS, anchor_batch=anchor_renders)
+                       progress=PROGRESS, anchor_images=anchor_renders)
     return {"clip_pretrain": clip_info, **result}
 
 
