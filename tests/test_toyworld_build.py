@@ -1,6 +1,7 @@
 """The toy-world build (smoke mode), SPM training CLI, evaluation CLI and the main job end to end."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import Counter
@@ -499,7 +500,7 @@ def test_spm_anchor_is_clips_contrastive_loss_and_the_build_trains_with_it(smoke
         assert torch.allclose(got, (F.cross_entropy(logits, feats[1]) + t2i.mean()) / 2, atol=1e-5)
     drawn = []
     real = build.anchor_renders
-    monkeypatch.setattr(build, "anchor_renders", lambda n, gen: drawn.append(n) or real(n, gen))
+    monkeypatch.setattr(build, "anchor_renders", lambda n, gen, **kw: drawn.append(n) or real(n, gen, **kw))
     weights = {}
     for weight in (0.0, 1.0):
         out = tmp_path / f"w{weight}"
@@ -511,3 +512,44 @@ def test_spm_anchor_is_clips_contrastive_loss_and_the_build_trains_with_it(smoke
     assert not torch.equal(weights[0.0], weights[1.0])
     with pytest.raises(ValueError, match=r"spm_anchor_weight=-1.*a number >= 0"):
         build.BuildConfig(spm_anchor_weight=-1)
+
+
+def test_clip_sharpening_groups_captions_that_differ_in_one_field_and_the_build_runs_it(smoke, tmp_path):
+    """``captioned_renders`` with a field: the first half of the batch are groups of train-split captions equal but
+    for that field, each group with every value the train split allows; without one it is the plain draw.
+    ``BuildConfig.spm_clip_steps`` > 0 continues the SPM's CLIP on such batches before its preference training
+    (recorded; the CLIP changes); bad settings are refused by name."""
+    import shutil
+
+    from spo_fast.reward.spm import StepAwarePreferenceModel
+
+    train = set(world.split("train"))
+    caps, images = build.captioned_renders(40, torch.Generator().manual_seed(0), "shape")
+    assert len(caps) == 40 and images.shape == (40, 3, world.RESOLUTION, world.RESOLUTION)
+    attrs = [world.parse_prompt(c) for c in caps]
+    assert all(a in train for a in attrs)
+    groups: dict = {}
+    for a in attrs[:20]:
+        groups.setdefault(dataclasses.replace(a, shape="circle"), []).append(a.shape)
+    assert len(groups) < 20  # grouped, not 20 independent draws
+    for key, shapes in list(groups.items())[:-1]:  # the last group may be cut to fit
+        allowed = [s for s in world.SHAPES if dataclasses.replace(key, shape=s) in train]
+        assert sorted(shapes) == sorted(allowed) and len(shapes) >= 2
+    plain = build.captioned_renders(8, torch.Generator().manual_seed(0))
+    caps0, _, images0 = build._train_renders(8, torch.Generator().manual_seed(0))
+    assert plain[0] == [a.prompt for a in caps0] and torch.equal(plain[1], images0)
+    weights, records = {}, {}
+    for steps in (0, 3):
+        out = tmp_path / f"s{steps}"
+        shutil.copytree(smoke, out, ignore=shutil.ignore_patterns("spm"))
+        meta = build.build(out, build.BuildConfig.smoke(spm_clip_field="shape", spm_clip_steps=steps),
+                           stages=("spm",))
+        records[steps] = meta["spm"].get("clip_sharpening")
+        weights[steps] = StepAwarePreferenceModel.from_pretrained(out / "spm").clip.vision_model.embeddings.\
+            patch_embedding.weight
+    assert records[0] is None and records[3]["steps"] == 3 and records[3]["field"] == "shape"
+    assert not torch.equal(weights[0], weights[3])
+    with pytest.raises(ValueError, match=r"spm_clip_field='hue'.*None or one of color, shape"):
+        build.BuildConfig(spm_clip_field="hue")
+    with pytest.raises(ValueError, match=r"spm_clip_steps=-1.*an integer >= 0"):
+        build.BuildConfig(spm_clip_steps=-1)

@@ -89,6 +89,9 @@ NEGATIVE_KINDS = ("mismatched", "requality", "flooded", "empty", "speckled", "re
 VARIANTS = ("shipped", "v_prediction")
 # how the build's sampler draws each step's noise (BuildConfig.sample_noise, sample_batch)
 SAMPLE_NOISE = ("torch", "step_op")
+# each named attribute's values (the toy world's vocabularies), by Attributes field
+FIELD_VALUES = {"color": world.COLORS, "shape": world.SHAPES, "size": world.SIZES, "position": world.POSITIONS,
+                "background": world.BACKGROUNDS}
 TEXT_ENCODERS = ("joint", "clip")  # BuildConfig.base_text_encoder
 
 
@@ -138,6 +141,14 @@ class BuildConfig:
     # weight of the SPM's contrastive anchor on captioned renders (SPMTrainConfig.anchor_weight, anchor_renders); 0:
     # none (the shipped SPM)
     spm_anchor_weight: float = 0.0
+    # the SPM's contrastive batches (``captioned_renders``: its CLIP's sharpening and its anchor) draw half of each
+    # batch as groups of train-split captions that differ only in this field (one of FIELD_VALUES), every
+    # value of it that the train split has: hard negatives for the field that the pretrained CLIP reads worst
+    # (shape: docs/toy_world.md); None: no groups (the shipped SPM)
+    spm_clip_field: str | None = None
+    # contrastive steps that continue the SPM's CLIP from the pretrained one before its preference training
+    # (``sharpen_clip``; the base's text tower is the pretrained one either way); 0: none (the shipped SPM)
+    spm_clip_steps: int = 0
 
     def __post_init__(self):
         for name, value, accepted in (("base_unet", self.base_unet, tuple(UNETS)),
@@ -152,6 +163,11 @@ class BuildConfig:
             raise ValueError(f"BuildConfig.sample_guidance={self.sample_guidance!r}; accepted: a number >= 1")
         if not (isinstance(self.spm_anchor_weight, (int, float)) and self.spm_anchor_weight >= 0):
             raise ValueError(f"BuildConfig.spm_anchor_weight={self.spm_anchor_weight!r}; accepted: a number >= 0")
+        if self.spm_clip_field is not None and self.spm_clip_field not in FIELD_VALUES:
+            raise ValueError(f"BuildConfig.spm_clip_field={self.spm_clip_field!r}; accepted: None or one of "
+                             f"{', '.join(FIELD_VALUES)}")
+        if not (isinstance(self.spm_clip_steps, int) and self.spm_clip_steps >= 0):
+            raise ValueError(f"BuildConfig.spm_clip_steps={self.spm_clip_steps!r}; accepted: an integer >= 0")
         bad = [k for k in self.spm_negatives if k not in NEGATIVE_KINDS]
         if bad or not self.spm_negatives:
             raise ValueError(f"BuildConfig.spm_negatives={self.spm_negatives!r}; accepted: a non-empty subset of "
@@ -621,11 +637,61 @@ def _train_renders(n: int, gen: torch.Generator):
     return attrs, quality, world.render(attrs, gen, quality)
 
 
-def anchor_renders(n: int, gen: torch.Generator) -> tuple[list[str], torch.Tensor]:
-    """Captioned renders for the SPM's contrastive anchor (``_train_renders``: random quality, as the CLIP was
-    pretrained)."""
-    attrs, _, images = _train_renders(n, gen)
-    return [a.prompt for a in attrs], images
+def captioned_renders(n: int, gen: torch.Generator, field: str | None = None) -> tuple[list[str], torch.Tensor]:
+    """``n`` captioned renders of train-split prompts at random picture quality (as the CLIP was pretrained), for
+    the SPM's contrastive losses. ``field`` None: ``_train_renders``. A field (FIELD_VALUES): the first
+    ``n // 2`` are groups, each a random train-split attribute set with ``field`` set to every value whose caption
+    is in the train split (the last group cut to fit), so that a caption's negatives in the batch differ from it
+    only there; the rest as with None."""
+    if field is None:
+        attrs, _, images = _train_renders(n, gen)
+        return [a.prompt for a in attrs], images
+    train = world.split("train")
+    allowed = set(train)
+    grouped: list = []
+    while len(grouped) < n // 2:
+        seed = train[int(torch.randint(len(train), (1,), generator=gen))]
+        group = [g for g in (replace(seed, **{field: v}) for v in FIELD_VALUES[field]) if g in allowed]
+        grouped += group[:n // 2 - len(grouped)]
+    quality = world.sample_quality(len(grouped), gen)
+    rest, rest_images = captioned_renders(n - len(grouped), gen)
+    return [a.prompt for a in grouped] + rest, torch.cat([world.render(grouped, gen, quality), rest_images])
+
+
+def anchor_renders(n: int, gen: torch.Generator, field: str | None = None) -> tuple[list[str], torch.Tensor]:
+    """Captioned renders for the SPM's contrastive anchor (``captioned_renders``)."""
+    return captioned_renders(n, gen, field)
+
+
+def sharpen_clip(spm, tokenizer, cfg: BuildConfig) -> dict:
+    """Continue ``spm``'s pretrained CLIP (in place) for ``cfg.spm_clip_steps`` contrastive steps on
+    ``cfg.clip_batch`` train-split ``captioned_renders`` grouped by ``cfg.spm_clip_field``, at ``cfg.clip_lr``
+    (``spm_trainer.anchor_loss`` at t = None: plain CLIP, as pretrained). Returns the record."""
+    from spo_fast.reward.spm_trainer import anchor_loss
+
+    clip = spm.clip.train()
+    opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_lr, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    t0, losses = time.perf_counter(), []
+    bar = _bar(cfg.spm_clip_steps, f"CLIP sharpening ({cfg.spm_clip_field or 'no'} groups)", "step")
+    for step in range(cfg.spm_clip_steps):
+        captions, images = captioned_renders(cfg.clip_batch, gen, cfg.spm_clip_field)
+        loss = anchor_loss(spm, tokenizer, captions, images, None)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            clip.logit_scale.clamp_(0, math.log(100))
+        losses.append(loss.item())
+        bar.set_postfix_str(f"loss {np.mean(losses[-100:]):.3f}", refresh=False)
+        bar.update(1)
+        if (step + 1) % 100 == 0 or step + 1 == cfg.spm_clip_steps:
+            _log(f"clip sharpening step {step + 1}/{cfg.spm_clip_steps} loss {np.mean(losses[-100:]):.3f} "
+                 f"({time.perf_counter() - t0:.0f} s)")
+    bar.close()
+    clip.eval()
+    return {"steps": cfg.spm_clip_steps, "field": cfg.spm_clip_field,
+            "final_loss": float(np.mean(losses[-100:])) if losses else None, "seconds": time.perf_counter() - t0}
 
 
 def build_spm(out: Path, cfg: BuildConfig, clip_cache: Path | None = None) -> dict:
@@ -635,14 +701,15 @@ def build_spm(out: Path, cfg: BuildConfig, clip_cache: Path | None = None) -> di
 
     tokenizer = CLIPTokenizer.from_pretrained(out / "base" / "tokenizer")
     spm, clip_info = pretrain_clip(tokenizer, cfg, clip_cache)
+    sharpened = sharpen_clip(spm, tokenizer, cfg) if cfg.spm_clip_steps else None
     comp = load_components(str(out / "base"), FAMILY)
     tcfg = SPMTrainConfig(steps=cfg.spm_steps, batch_size=cfg.spm_batch, lr=cfg.spm_lr, seed=cfg.seed,
                           guidance_scale=cfg.sample_guidance, extra_fraction=cfg.spm_rendered_fraction,
                           anchor_weight=cfg.spm_anchor_weight, sampling_dtype=cfg.sampling_dtype)
     result = train_spm(spm, tokenizer, comp, out / "pairs_train.parquet", out / "pairs_heldout.parquet",
                        out / "spm", tcfg, extra_pairs=functools.partial(rendered_pairs, kinds=cfg.spm_negatives),
-                       progress=PROGRESS, anchor_images=anchor_renders)
-    return {"clip_pretrain": clip_info, **result}
+                       progress=PROGRESS, anchor_images=functools.partial(anchor_renders, field=cfg.spm_clip_field))
+    return {"clip_pretrain": clip_info, **({"clip_sharpening": sharpened} if sharpened else {}), **result}
 
 
 # ----------------------------------------------------------------------------- driver
