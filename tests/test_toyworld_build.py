@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 from collections import Counter
@@ -535,6 +536,10 @@ def test_clip_sharpening_groups_captions_that_differ_in_one_field_and_the_build_
     for key, shapes in list(groups.items())[:-1]:  # the last group may be cut to fit
         allowed = [s for s in world.SHAPES if dataclasses.replace(key, shape=s) in train]
         assert sorted(shapes) == sorted(allowed) and len(shapes) >= 2
+    # "any": each group varies one field, drawn per group
+    anyf = [world.parse_prompt(c) for c in build.captioned_renders(40, torch.Generator().manual_seed(1), "any")[0]]
+    varied = [[f for f in build.FIELD_VALUES if getattr(a, f) != getattr(b, f)] for a, b in itertools.pairwise(anyf[:20])]
+    assert sum(len(v) == 1 for v in varied) >= 10 and len({v[0] for v in varied if len(v) == 1}) >= 2
     plain = build.captioned_renders(8, torch.Generator().manual_seed(0))
     caps0, _, images0 = build._train_renders(8, torch.Generator().manual_seed(0))
     assert plain[0] == [a.prompt for a in caps0] and torch.equal(plain[1], images0)
@@ -549,7 +554,7 @@ def test_clip_sharpening_groups_captions_that_differ_in_one_field_and_the_build_
             patch_embedding.weight
     assert records[0] is None and records[3]["steps"] == 3 and records[3]["field"] == "shape"
     assert not torch.equal(weights[0], weights[3])
-    with pytest.raises(ValueError, match=r"spm_clip_field='hue'.*None or one of color, shape"):
+    with pytest.raises(ValueError, match=r"spm_clip_field='hue'.*None, any or one of color, shape"):
         build.BuildConfig(spm_clip_field="hue")
     with pytest.raises(ValueError, match=r"spm_clip_steps=-1.*an integer >= 0"):
         build.BuildConfig(spm_clip_steps=-1)

@@ -142,9 +142,9 @@ class BuildConfig:
     # none (the shipped SPM)
     spm_anchor_weight: float = 0.0
     # the SPM's contrastive batches (``captioned_renders``: its CLIP's sharpening and its anchor) draw half of each
-    # batch as groups of train-split captions that differ only in this field (one of FIELD_VALUES), every
-    # value of it that the train split has: hard negatives for the field that the pretrained CLIP reads worst
-    # (shape: docs/toy_world.md); None: no groups (the shipped SPM)
+    # batch as groups of train-split captions that differ only in this field (one of FIELD_VALUES, or "any": each
+    # group's field drawn at random), every value of it that the train split has: hard negatives for the field that
+    # the pretrained CLIP reads worst (shape: docs/toy_world.md); None: no groups (the shipped SPM)
     spm_clip_field: str | None = None
     # contrastive steps that continue the SPM's CLIP from the pretrained one before its preference training
     # (``sharpen_clip``; the base's text tower is the pretrained one either way); 0: none (the shipped SPM)
@@ -163,8 +163,8 @@ class BuildConfig:
             raise ValueError(f"BuildConfig.sample_guidance={self.sample_guidance!r}; accepted: a number >= 1")
         if not (isinstance(self.spm_anchor_weight, (int, float)) and self.spm_anchor_weight >= 0):
             raise ValueError(f"BuildConfig.spm_anchor_weight={self.spm_anchor_weight!r}; accepted: a number >= 0")
-        if self.spm_clip_field is not None and self.spm_clip_field not in FIELD_VALUES:
-            raise ValueError(f"BuildConfig.spm_clip_field={self.spm_clip_field!r}; accepted: None or one of "
+        if self.spm_clip_field is not None and self.spm_clip_field not in (*FIELD_VALUES, "any"):
+            raise ValueError(f"BuildConfig.spm_clip_field={self.spm_clip_field!r}; accepted: None, any or one of "
                              f"{', '.join(FIELD_VALUES)}")
         if not (isinstance(self.spm_clip_steps, int) and self.spm_clip_steps >= 0):
             raise ValueError(f"BuildConfig.spm_clip_steps={self.spm_clip_steps!r}; accepted: an integer >= 0")
@@ -487,6 +487,27 @@ def _clip_cache_key(cfg: BuildConfig) -> dict:
             "torch": torch.__version__, "threads": torch.get_num_threads(), "code_sha256": code.hexdigest()}
 
 
+def _contrastive_update(clip, opt, loss: torch.Tensor) -> float:
+    """One optimizer step of ``clip`` on its contrastive ``loss``, the logit scale kept in [1, 100] as CLIP keeps
+    it; returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        clip.logit_scale.clamp_(0, math.log(100))
+    return loss.item()
+
+
+def _clip_progress(bar, what: str, step: int, steps: int, t0: float, losses: list, accs: list | None = None) -> None:
+    """The bar's postfix (running loss, and top-1 accuracy when given) and, every 100 steps and at the last, a log
+    line."""
+    shown = f"loss {np.mean(losses[-100:]):.3f}" + (f" top1 {np.mean(accs[-100:]):.3f}" if accs else "")
+    bar.set_postfix_str(shown, refresh=False)
+    bar.update(1)
+    if (step + 1) % 100 == 0 or step + 1 == steps:
+        _log(f"{what} step {step + 1}/{steps} {shown} ({time.perf_counter() - t0:.0f} s)")
+
+
 def pretrain_clip(tokenizer, cfg: BuildConfig, cache: Path | None = None):
     """Tiny CLIP, contrastive on rendered (image, caption) pairs of mixed quality: the backbone.
 
@@ -525,18 +546,9 @@ def pretrain_clip(tokenizer, cfg: BuildConfig, cache: Path | None = None):
         logits = clip.logit_scale.exp() * img @ txt.T
         target = torch.arange(len(pick))
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            clip.logit_scale.clamp_(0, math.log(100))
-        losses.append(loss.item())
+        losses.append(_contrastive_update(clip, opt, loss))
         accs.append((logits.argmax(1) == target).float().mean().item())
-        bar.set_postfix_str(f"loss {np.mean(losses[-100:]):.3f} top1 {np.mean(accs[-100:]):.3f}", refresh=False)
-        bar.update(1)
-        if (step + 1) % 100 == 0 or step + 1 == cfg.clip_steps:
-            _log(f"clip step {step + 1}/{cfg.clip_steps} loss {np.mean(losses[-100:]):.3f} "
-                 f"top1 {np.mean(accs[-100:]):.3f} ({time.perf_counter() - t0:.0f} s)")
+        _clip_progress(bar, "clip", step, cfg.clip_steps, t0, losses, accs)
     bar.close()
     clip.eval()
     record = {"steps": cfg.clip_steps, "final_loss": float(np.mean(losses[-100:])),
@@ -642,7 +654,7 @@ def captioned_renders(n: int, gen: torch.Generator, field: str | None = None) ->
     the SPM's contrastive losses. ``field`` None: ``_train_renders``. A field (FIELD_VALUES): the first
     ``n // 2`` are groups, each a random train-split attribute set with ``field`` set to every value whose caption
     is in the train split (the last group cut to fit), so that a caption's negatives in the batch differ from it
-    only there; the rest as with None."""
+    only there; the rest as with None. "any": each group's field drawn uniformly from FIELD_VALUES."""
     if field is None:
         attrs, _, images = _train_renders(n, gen)
         return [a.prompt for a in attrs], images
@@ -651,7 +663,10 @@ def captioned_renders(n: int, gen: torch.Generator, field: str | None = None) ->
     grouped: list = []
     while len(grouped) < n // 2:
         seed = train[int(torch.randint(len(train), (1,), generator=gen))]
-        group = [g for g in (replace(seed, **{field: v}) for v in FIELD_VALUES[field]) if g in allowed]
+        name = field
+        if field == "any":
+            name = tuple(FIELD_VALUES)[int(torch.randint(len(FIELD_VALUES), (1,), generator=gen))]
+        group = [g for g in (replace(seed, **{name: v}) for v in FIELD_VALUES[name]) if g in allowed]
         grouped += group[:n // 2 - len(grouped)]
     quality = world.sample_quality(len(grouped), gen)
     rest, rest_images = captioned_renders(n - len(grouped), gen)
@@ -677,17 +692,8 @@ def sharpen_clip(spm, tokenizer, cfg: BuildConfig) -> dict:
     for step in range(cfg.spm_clip_steps):
         captions, images = captioned_renders(cfg.clip_batch, gen, cfg.spm_clip_field)
         loss = anchor_loss(spm, tokenizer, captions, images, None)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            clip.logit_scale.clamp_(0, math.log(100))
-        losses.append(loss.item())
-        bar.set_postfix_str(f"loss {np.mean(losses[-100:]):.3f}", refresh=False)
-        bar.update(1)
-        if (step + 1) % 100 == 0 or step + 1 == cfg.spm_clip_steps:
-            _log(f"clip sharpening step {step + 1}/{cfg.spm_clip_steps} loss {np.mean(losses[-100:]):.3f} "
-                 f"({time.perf_counter() - t0:.0f} s)")
+        losses.append(_contrastive_update(clip, opt, loss))
+        _clip_progress(bar, "clip sharpening", step, cfg.spm_clip_steps, t0, losses)
     bar.close()
     clip.eval()
     return {"steps": cfg.spm_clip_steps, "field": cfg.spm_clip_field,
