@@ -481,7 +481,7 @@ def test_spm_anchor_is_clips_contrastive_loss_and_the_build_trains_with_it(smoke
 
     tok = CLIPTokenizer.from_pretrained(smoke / "base" / "tokenizer")
     spm = StepAwarePreferenceModel.from_pretrained(smoke / "spm")
-    caps, images = build.anchor_renders(6, torch.Generator().manual_seed(0))
+    caps, images = build.captioned_renders(6, torch.Generator().manual_seed(0))
     assert len(set(caps)) == 6 and images.shape == (6, 3, world.RESOLUTION, world.RESOLUTION)
     t = torch.tensor([0, 100, 200, 300, 400, 999])
     with torch.no_grad():
@@ -500,8 +500,8 @@ def test_spm_anchor_is_clips_contrastive_loss_and_the_build_trains_with_it(smoke
         t2i = -(logits.T.log_softmax(-1) * match.T).sum(-1) / match.T.sum(-1)
         assert torch.allclose(got, (F.cross_entropy(logits, feats[1]) + t2i.mean()) / 2, atol=1e-5)
     drawn = []
-    real = build.anchor_renders
-    monkeypatch.setattr(build, "anchor_renders", lambda n, gen, **kw: drawn.append(n) or real(n, gen, **kw))
+    real = build.captioned_renders
+    monkeypatch.setattr(build, "captioned_renders", lambda n, gen, **kw: drawn.append(n) or real(n, gen, **kw))
     weights = {}
     for weight in (0.0, 1.0):
         out = tmp_path / f"w{weight}"
@@ -538,7 +538,8 @@ def test_clip_sharpening_groups_captions_that_differ_in_one_field_and_the_build_
         assert sorted(shapes) == sorted(allowed) and len(shapes) >= 2
     # "any": each group varies one field, drawn per group
     anyf = [world.parse_prompt(c) for c in build.captioned_renders(40, torch.Generator().manual_seed(1), "any")[0]]
-    varied = [[f for f in build.FIELD_VALUES if getattr(a, f) != getattr(b, f)] for a, b in itertools.pairwise(anyf[:20])]
+    varied = [[f for f in build.FIELD_VALUES if getattr(a, f) != getattr(b, f)]
+              for a, b in itertools.pairwise(anyf[:20])]
     assert sum(len(v) == 1 for v in varied) >= 10 and len({v[0] for v in varied if len(v) == 1}) >= 2
     plain = build.captioned_renders(8, torch.Generator().manual_seed(0))
     caps0, _, images0 = build._train_renders(8, torch.Generator().manual_seed(0))

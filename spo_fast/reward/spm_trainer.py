@@ -163,10 +163,10 @@ def _load_checked(path, progress: bool = False, option: str = "data.pairs") -> P
     return pairs
 
 
-def anchor_loss(spm, tokenizer, captions: list[str], images: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """CLIP's symmetric contrastive loss between ``images`` (N, 3, H, W) in [-1, 1], read by the SPM at ``t`` (N,),
-    and their ``captions``: each image must score its own caption above the batch's others (a caption repeated in
-    the batch counts as one text; every image of it is a match)."""
+def anchor_loss(spm, tokenizer, captions: list[str], images: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+    """CLIP's symmetric contrastive loss between ``images`` (N, 3, H, W) in [-1, 1], read by the SPM at ``t`` (N,;
+    None: as the plain CLIP, without the timestep), and their ``captions``: each image must score its own caption
+    above the batch's others (a caption repeated in the batch counts as one text; every image of it is a match)."""
     feats, index = _text_feats(spm, tokenizer, captions, images.device)
     img = spm.image_features(spm.preprocess(images), t)
     logits = spm.clip.logit_scale.exp() * img @ feats.to(img.dtype).T  # (N, U)

@@ -138,7 +138,7 @@ class BuildConfig:
     spm_lr: float = 3e-4
     spm_rendered_fraction: float = 0.5
     spm_negatives: tuple[str, ...] = NEGATIVE_KINDS[:4]  # the rendered hard negatives' kinds (NEGATIVE_KINDS)
-    # weight of the SPM's contrastive anchor on captioned renders (SPMTrainConfig.anchor_weight, anchor_renders); 0:
+    # weight of the SPM's contrastive anchor on captioned renders (SPMTrainConfig.anchor_weight, captioned_renders); 0:
     # none (the shipped SPM)
     spm_anchor_weight: float = 0.0
     # the SPM's contrastive batches (``captioned_renders``: its CLIP's sharpening and its anchor) draw half of each
@@ -627,11 +627,10 @@ def _drifted(attrs: list, quality: torch.Tensor, gen: torch.Generator) -> torch.
     higher = quality + (1 - quality) * torch.rand(n, 1, generator=gen)
     field = torch.randint(3, (n,), generator=gen)
     amount = torch.rand(n, 1, 1, 1, generator=gen) * 0.7 + 0.3
-    others = {"color": world.COLORS, "size": world.SIZES, "shape": world.SHAPES}
     moved = []
     for a, f in zip(attrs, field.tolist()):
         name = ("color", "size", "shape")[f]
-        vals = [v for v in others[name] if v != getattr(a, name)]
+        vals = [v for v in FIELD_VALUES[name] if v != getattr(a, name)]
         moved.append(replace(a, **{name: vals[int(torch.randint(len(vals), (1,), generator=gen))]}))
     state = gen.get_state()
     kept = world.render(attrs, gen, higher)
@@ -673,11 +672,6 @@ def captioned_renders(n: int, gen: torch.Generator, field: str | None = None) ->
     return [a.prompt for a in grouped] + rest, torch.cat([world.render(grouped, gen, quality), rest_images])
 
 
-def anchor_renders(n: int, gen: torch.Generator, field: str | None = None) -> tuple[list[str], torch.Tensor]:
-    """Captioned renders for the SPM's contrastive anchor (``captioned_renders``)."""
-    return captioned_renders(n, gen, field)
-
-
 def sharpen_clip(spm, tokenizer, cfg: BuildConfig) -> dict:
     """Continue ``spm``'s pretrained CLIP (in place) for ``cfg.spm_clip_steps`` contrastive steps on
     ``cfg.clip_batch`` train-split ``captioned_renders`` grouped by ``cfg.spm_clip_field``, at ``cfg.clip_lr``
@@ -714,7 +708,7 @@ def build_spm(out: Path, cfg: BuildConfig, clip_cache: Path | None = None) -> di
                           anchor_weight=cfg.spm_anchor_weight, sampling_dtype=cfg.sampling_dtype)
     result = train_spm(spm, tokenizer, comp, out / "pairs_train.parquet", out / "pairs_heldout.parquet",
                        out / "spm", tcfg, extra_pairs=functools.partial(rendered_pairs, kinds=cfg.spm_negatives),
-                       progress=PROGRESS, anchor_images=functools.partial(anchor_renders, field=cfg.spm_clip_field))
+                       progress=PROGRESS, anchor_images=functools.partial(captioned_renders, field=cfg.spm_clip_field))
     return {"clip_pretrain": clip_info, **({"clip_sharpening": sharpened} if sharpened else {}), **result}
 
 
