@@ -14,7 +14,9 @@ and worst of the SPM differ by more than the tie margin) and, of those, how ofte
 worst (``agree``); the within-pool correlation of the SPM score with the final ground truth (``corr_spm``), and of
 the ground truth of the x0 estimate itself with it (``corr_gt_x0``: what a perfect judge of the picture the SPM
 reads would reach). Near 0, the SPM's pick is noise to the ground truth and SPO's pairs carry only the SPM's biases.
-Prints JSON (``--out FILE`` also writes it).
+``--gaps`` adds, per step and over all steps, for each SPO threshold (``spo.threshold``: a pool gives a pair only if
+its SPM gap exceeds it) the share of pools kept (``kept``) and the agreement among the kept pools the ground truth
+separates (``agree``): what raising the threshold trades. Prints JSON (``--out FILE`` also writes it).
 """
 from __future__ import annotations
 
@@ -104,14 +106,26 @@ def add_pool_arguments(p: argparse.ArgumentParser, steps: str) -> None:
 
 
 @torch.no_grad()
+def by_threshold(gap: torch.Tensor, diff: torch.Tensor, thresholds: list[float]) -> dict:
+    """Per threshold: the share of pools whose SPM gap exceeds it, and among those the ground truth separates
+    (|diff| > the tie margin), the share where the SPM's best ends above its worst (None if there are none)."""
+    out = {}
+    for th in thresholds:
+        kept = gap > th
+        decided = kept & (diff.abs() > TIE_MARGIN)
+        out[f"{th:g}"] = {"kept": kept.float().mean().item(), "decided": int(decided.sum()),
+                          "agree": ((diff > 0) & decided).sum().item() / int(decided.sum()) if decided.any() else None}
+    return out
+
+
 def agreement(comp, scorer: SPMScorer, prompts: list[str], steps: list[int], k: int, seed: int,
-              sampler: Sampler) -> list[dict]:
+              sampler: Sampler, thresholds: list[float] = ()) -> tuple[list[dict], dict]:
     n, T = len(prompts), len(sampler.ts)
     attrs = [world.parse_prompt(p) for p in prompts]
     pooled_attrs = [a for a in attrs for _ in range(k)]
     (cond, uncond, cond_k, uncond_k), state, index, gen, trajectory = pools_setup(comp, scorer, prompts, k, seed,
                                                                                   sampler)
-    rows = []
+    rows, gaps, diffs = [], [], []
     for i in steps:
         t0 = time.perf_counter()
         xi = trajectory[i]
@@ -133,37 +147,50 @@ def agreement(comp, scorer: SPMScorer, prompts: list[str], steps: list[int], k: 
         rows_n = torch.arange(n)
         diff = gt[rows_n, spm.argmax(1)] - gt[rows_n, spm.argmin(1)]
         decided = diff.abs() > TIE_MARGIN
+        gap = spm.max(1).values - spm.min(1).values
+        gaps.append(gap)
+        diffs.append(diff)
         rows.append({"step": i, "t": int(sampler.ts[i]), "t_scored": int(score_t[0]),
-                     "spm_gap": (spm.max(1).values - spm.min(1).values).mean().item(),
+                     "spm_gap": gap.mean().item(),
                      "gt_pool_range": (gt.max(1).values - gt.min(1).values).mean().item(),
                      "decided": decided.float().mean().item(),
                      "agree": ((diff > 0) & decided).sum().item() / max(int(decided.sum()), 1),
                      "gt_best_minus_worst": diff.mean().item(),
                      "corr_spm": within_pool_corr(spm, gt), "corr_gt_x0": within_pool_corr(gt_read, gt),
+                     **({"by_threshold": by_threshold(gap, diff, thresholds)} if thresholds else {}),
                      "seconds": round(time.perf_counter() - t0, 1)})
         print(json.dumps(rows[-1]), flush=True)
-    return rows
+    overall = by_threshold(torch.cat(gaps), torch.cat(diffs), thresholds) if thresholds else {}
+    return rows, overall
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_pool_arguments(p, "4,6,8,10,12,15")
     p.add_argument("--fp32", action="store_true", help="sample in fp32 (default: bf16, as the toy recipes' rollouts)")
+    p.add_argument("--gaps", default="", help="comma-separated SPO thresholds (e.g. 0.1,0.5,1): the pools each keeps "
+                                              "and their agreement, per step and over all steps")
     args = p.parse_args(argv)
     steps = [int(s) for s in args.steps.split(",") if s]
     bad = [s for s in steps if not 0 <= s < args.num_steps]
+    try:
+        thresholds = [float(g) for g in args.gaps.split(",") if g]
+    except ValueError:
+        p.error(f"--gaps must be comma-separated numbers, e.g. 0.1,0.5,1 (got {args.gaps!r})")
     if bad or args.k < 2 or args.prompts < 1 or not args.cfg >= 1:
         p.error(f"--steps {bad} must lie in [0, {args.num_steps}), --k >= 2, --prompts >= 1 and --cfg >= 1 "
                 f"(got --k {args.k}, --prompts {args.prompts}, --cfg {args.cfg:g})")
     comp = load_components(str(resolve_model_path(args.model)), "sd15")
     scorer = SPMScorer.from_pretrained(resolve_model_path(args.spm))
     sampler = Sampler(comp, args.num_steps, SAMPLER["eta"], args.cfg, not args.fp32)
-    rows = agreement(comp, scorer, world.probe_prompts()[:args.prompts], steps, args.k, args.seed, sampler)
+    rows, overall = agreement(comp, scorer, world.probe_prompts()[:args.prompts], steps, args.k, args.seed, sampler,
+                              thresholds)
     report = {"model": args.model, "spm": args.spm, "k": args.k, "prompts": args.prompts, "seed": args.seed,
               "cfg": args.cfg,
               "bf16": not args.fp32, "steps": rows,
               "mean_corr_spm": sum(r["corr_spm"] for r in rows) / len(rows),
-              "mean_agree": sum(r["agree"] for r in rows) / len(rows)}
+              "mean_agree": sum(r["agree"] for r in rows) / len(rows),
+              **({"by_threshold": overall} if thresholds else {})}
     return emit(report, args.out)
 
 

@@ -276,13 +276,35 @@ def test_shipped_spm_beats_chance_near_t0():
     assert ev["pairs"] >= 100 and ev["clean"] > 0.7 and ev["t0-250"] > 0.7
 
 
+def test_nudged_pairs_share_a_layout_and_differ_a_little(monkeypatch):
+    """A nudged pair is one picture twice: with no nudge the two renders are equal (one layout, one texture); with
+    the default nudge they differ by about what an SPO pool's candidates do, and the ground truth tells most apart.
+    Listing the kind leaves the other kinds' draws as they were."""
+    train = world.split("train")
+    attrs = [train[i] for i in range(0, 640, 10)]
+    quality = world.sample_quality(len(attrs), torch.Generator().manual_seed(0))
+    monkeypatch.setattr(build, "NUDGE_STD", 0.0)
+    kept, nudged = build._nudged(attrs, quality, torch.Generator().manual_seed(1))
+    assert torch.equal(kept, nudged)
+    monkeypatch.undo()
+    kept, nudged = build._nudged(attrs, quality, torch.Generator().manual_seed(1))
+    gap = (world.score(kept, attrs) - world.score(nudged, attrs)).abs()
+    assert 0.05 < gap.mean() < 0.6 and (gap > build.TIE_MARGIN).float().mean() > 0.5
+    q_kept, q_nudged = (torch.stack([world.score_components(x, attrs)[f] for f in world.QUALITY_FIELDS], 1)
+                        for x in (kept, nudged))
+    assert (q_kept - q_nudged).abs().mean() > 0.03  # the picture quality moved
+    seven = build.rendered_pairs(16, torch.Generator().manual_seed(3), build.NEGATIVE_KINDS[:7])
+    eight = build.rendered_pairs(16, torch.Generator().manual_seed(3), build.NEGATIVE_KINDS)
+    assert seven[0] == eight[0]  # the same prompts: nudged draws come after every other kind's
+
+
 def test_rendered_pairs_include_every_negative_kind_and_speckle_loses():
-    """Each of the seven hard-negative kinds occurs; a speckled copy of a render loses to the render by the ground
+    """Each of the eight hard-negative kinds occurs; a speckled copy of a render loses to the render by the ground
     truth (its cleanliness falls), so the SPM is taught that high-frequency noise is worse. The default kinds are the
     shipped four."""
     gen = torch.Generator().manual_seed(5)
     caps, img0, img1, _ = build.rendered_pairs(200, gen, kinds=build.NEGATIVE_KINDS)
-    assert len(build.NEGATIVE_KINDS) == 7
+    assert len(build.NEGATIVE_KINDS) == 8
     four = build.rendered_pairs(8, torch.Generator().manual_seed(3))
     assert torch.equal(four[1], build.rendered_pairs(8, torch.Generator().manual_seed(3), build.NEGATIVE_KINDS[:4])[1])
     with pytest.raises(ValueError, match="spm_negatives"):

@@ -85,7 +85,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 # the toy recipes' sampler; the shipped pairs and SPM were made in fp32 (BuildConfig.sample_dtype; the recipes now
 # sample in bf16: docs/speed.md)
 SAMPLER = {"num_steps": 20, "eta": 1.0, "guidance_scale": 5.0, "dtype": "fp32"}
-NEGATIVE_KINDS = ("mismatched", "requality", "flooded", "empty", "speckled", "recoloured", "drifted")
+NEGATIVE_KINDS = ("mismatched", "requality", "flooded", "empty", "speckled", "recoloured", "drifted", "nudged")
 VARIANTS = ("shipped", "v_prediction")
 # how the build's sampler draws each step's noise (BuildConfig.sample_noise, sample_batch)
 SAMPLE_NOISE = ("torch", "step_op")
@@ -571,7 +571,8 @@ def rendered_pairs(n: int, gen: torch.Generator, kinds: tuple[str, ...] = NEGATI
     gain 0.7-1.3 and offset +-0.15, then saturation boosted 1-2x: the tinted backgrounds and
     over-saturated, shifted object colours an SPO run on an SPM trained without it drifted into), or the same
     prompt drifted: its object's colour moved partly towards another, or its size or shape changed, at higher
-    quality (``_drifted``).
+    quality (``_drifted``), or nudged: the same picture (one layout) with its quality moved a little (``_nudged``;
+    the positive side of those rows is then re-rendered with that layout).
     Both sides are labelled by the ground truth like the sampled pairs; the order is random. This teaches the SPM the failure modes a policy
     drifts into (speckle, blobs of colour, empty frames) that base-model samples alone rarely show it.
     """
@@ -607,6 +608,9 @@ def rendered_pairs(n: int, gen: torch.Generator, kinds: tuple[str, ...] = NEGATI
         candidates["recoloured"] = x.clamp(0, 1) * 2 - 1
     if "drifted" in kinds:
         candidates["drifted"] = _drifted(attrs, quality, gen)
+    if "nudged" in kinds:
+        kept, candidates["nudged"] = _nudged(attrs, quality, gen)
+        good = torch.where((kind == kinds.index("nudged")).view(n, 1, 1, 1), kept, good)
     neg = torch.stack([candidates[k] for k in kinds])[kind, torch.arange(n)]
     swap = torch.rand(n, generator=gen) < 0.5
     img0 = torch.where(swap.view(n, 1, 1, 1), neg, good)
@@ -638,6 +642,20 @@ def _drifted(attrs: list, quality: torch.Tensor, gen: torch.Generator) -> torch.
     changed = world.render(moved, layout, higher)
     blend = torch.where((field == 0).view(n, 1, 1, 1), amount, torch.ones(()))
     return kept + blend * (changed - kept)
+
+
+NUDGE_STD = 0.1  # the sd of each quality field's nudge (``_nudged``)
+
+
+def _nudged(attrs: list, quality: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``nudged`` pairs of ``rendered_pairs``: each prompt rendered twice with one layout (one generator state),
+    at its quality and at that quality with every field moved by a normal draw of sd ``NUDGE_STD`` (clamped to
+    [0, 1]). Two candidates of one SPO pool differ about this little (ground-truth ranges of 0.3 to 0.4 points in a
+    pool); the other kinds differ by far more, so an SPM trained only on them need not rank such a pair."""
+    nudged = (quality + torch.randn(quality.shape, generator=gen) * NUDGE_STD).clamp(0, 1)
+    state = gen.get_state()
+    kept = world.render(attrs, gen, quality)
+    return kept, world.render(attrs, torch.Generator().set_state(state), nudged)
 
 
 def _train_renders(n: int, gen: torch.Generator):
