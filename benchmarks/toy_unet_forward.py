@@ -1,13 +1,15 @@
 """The toy UNet's bf16 sampling forward, three ways, timed interleaved (docs/speed.md, "Sampling copies"):
 
-    python benchmarks/toy_unet_forward.py [--batch 64] [--rounds 5] [--calls 4]
+    python benchmarks/toy_unet_forward.py [--batch 64] [--rounds 5] [--calls 4] [--profile]
 
 ``fp32 weights, SDPA`` (autocast casts every weight at every call; the rollout before the sampling copies),
 ``bf16 weights, SDPA`` (``MergedLoRA(weight_dtype=bf16)``: the rollout before the chunked attention) and ``bf16
 weights, chunked`` (``sampling.chunked_attention``: the rollout's and the evaluation's copies now). Rounds alternate
 the three (machines drift by 2x over minutes); prints the median ms per forward of each, the ratios to the first,
 and whether the bf16 weights gave a bit-identical output. Run it with nothing else on the machine, and note
-OMP_WAIT_POLICY (PASSIVE slows the chunked kernel's many small calls most).
+OMP_WAIT_POLICY (PASSIVE slows the chunked kernel's many small calls most). ``--profile`` adds where the last
+variant's forward spends its time (``torch.profiler``: each aten op's share of the self CPU time over ``--calls``
+forwards, the ops above 1%) and its FLOPs by op (``FlopCounterMode``), with the matmul ops' achieved GFLOP/s.
 """
 from __future__ import annotations
 
@@ -35,11 +37,44 @@ def variants(unet) -> dict:
     return {"fp32 weights, SDPA": unet, "bf16 weights, SDPA": bf16, "bf16 weights, chunked": chunked}
 
 
+def profile_forward(forward, calls: int) -> dict:
+    """The forward's self CPU time by aten op (share of the total, ops above 1%), its GFLOP per forward by op, and
+    the achieved GFLOP/s of each op that does FLOPs (its FLOPs over its self time)."""
+    from torch.profiler import profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        forward()
+    flops = {str(k).removeprefix("aten."): v for k, v in counter.get_flop_counts()["Global"].items()}
+    with profile() as prof:
+        for _ in range(calls):
+            forward()
+    self_us = {e.key.removeprefix("aten::"): e.self_cpu_time_total for e in prof.key_averages()
+               if e.key.startswith("aten::")}
+    total = sum(self_us.values())
+    return {"self_cpu_share": {k: round(v / total, 3) for k, v in sorted(self_us.items(), key=lambda kv: -kv[1])
+                               if v / total > 0.01},
+            "ms_per_forward": round(total / calls / 1000, 1),
+            "gflop_per_forward": {k: round(v / 1e9, 3) for k, v in flops.items()},
+            "gflop_per_s": {k: round(v * calls / (self_us[op] * 1e3), 1) for k, v in flops.items()
+                            for op in [_flop_op(k, self_us)] if op}}
+
+
+def _flop_op(name: str, self_us: dict) -> str | None:
+    """The profiler's op that does the counter's ``name`` FLOPs: on a CPU aten::convolution dispatches (its self time
+    ~0) to mkldnn_convolution, which does them."""
+    for op in (f"mkldnn_{name}", name):
+        if self_us.get(op):
+            return op
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=64, help="samples per forward (default 64: the rollout's pool, CFG)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--calls", type=int, default=4, help="timed forwards per variant per round")
+    p.add_argument("--profile", action="store_true", help="also profile the last variant by op (see above)")
     args = p.parse_args(argv)
     if min(args.batch, args.rounds, args.calls) < 1:
         p.error("--batch, --rounds and --calls must be >= 1")
@@ -65,13 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     med = {name: statistics.median(v) for name, v in ms.items()}
     first = next(iter(med.values()))
     names = list(models)
+    prof = {"profile": profile_forward(lambda: forward(models[names[-1]]), args.calls)} if args.profile else {}
     print(json.dumps({"batch": args.batch, "threads": torch.get_num_threads(),
                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
                       "median_ms": {k: round(v, 1) for k, v in med.items()},
                       "speedup_vs_first": {k: round(first / v, 3) for k, v in med.items()},
                       "bf16_weights_bit_identical": bool(torch.equal(outs[names[0]], outs[names[1]])),
-                      "chunked_max_abs_diff": (outs[names[2]].float() - outs[names[1]].float()).abs().max().item()},
-                     indent=1))
+                      "chunked_max_abs_diff": (outs[names[2]].float() - outs[names[1]].float()).abs().max().item(),
+                      **prof}, indent=1))
     return 0
 
 
