@@ -105,7 +105,6 @@ def add_pool_arguments(p: argparse.ArgumentParser, steps: str) -> None:
     p.add_argument("--out", type=Path, help="also write the JSON here")
 
 
-@torch.no_grad()
 def by_threshold(gap: torch.Tensor, diff: torch.Tensor, thresholds: list[float]) -> dict:
     """Per threshold: the share of pools whose SPM gap exceeds it, and among those the ground truth separates
     (|diff| > the tie margin), the share where the SPM's best ends above its worst (None if there are none)."""
@@ -118,6 +117,7 @@ def by_threshold(gap: torch.Tensor, diff: torch.Tensor, thresholds: list[float])
     return out
 
 
+@torch.no_grad()
 def agreement(comp, scorer: SPMScorer, prompts: list[str], steps: list[int], k: int, seed: int,
               sampler: Sampler, thresholds: list[float] = ()) -> tuple[list[dict], dict]:
     n, T = len(prompts), len(sampler.ts)
