@@ -14,8 +14,8 @@ and worst of the SPM differ by more than the tie margin) and, of those, how ofte
 worst (``agree``); the within-pool correlation of the SPM score with the final ground truth (``corr_spm``), and of
 the ground truth of the x0 estimate itself with it (``corr_gt_x0``: what a perfect judge of the picture the SPM
 reads would reach). Near 0, the SPM's pick is noise to the ground truth and SPO's pairs carry only the SPM's biases.
-``--gaps`` adds, per step and over all steps, for each SPO threshold (``spo.threshold``: a pool gives a pair only if
-its SPM gap exceeds it) the share of pools kept (``kept``) and the agreement among the kept pools the ground truth
+``--thresholds`` adds, per step and over all steps, for each SPO threshold (``spo.threshold``: a pool gives a pair only if
+tanh of half its SPM gap exceeds it, as in the rollout) the share of pools kept (``kept``) and the agreement among the kept pools the ground truth
 separates (``agree``): what raising the threshold trades. Prints JSON (``--out FILE`` also writes it).
 """
 from __future__ import annotations
@@ -106,11 +106,12 @@ def add_pool_arguments(p: argparse.ArgumentParser, steps: str) -> None:
 
 
 def by_threshold(gap: torch.Tensor, diff: torch.Tensor, thresholds: list[float]) -> dict:
-    """Per threshold: the share of pools whose SPM gap exceeds it, and among those the ground truth separates
+    """Per threshold: the share of pools SPO keeps at it (``tanh(gap / 2) > threshold``, the pair-selection rule of
+    ``spo_fast.kernels.pair_select``, for the SPM's best-worst gap), and among those the ground truth separates
     (|diff| > the tie margin), the share where the SPM's best ends above its worst (None if there are none)."""
     out = {}
     for th in thresholds:
-        kept = gap > th
+        kept = torch.tanh(gap / 2) > th
         decided = kept & (diff.abs() > TIE_MARGIN)
         out[f"{th:g}"] = {"kept": kept.float().mean().item(), "decided": int(decided.sum()),
                           "agree": ((diff > 0) & decided).sum().item() / int(decided.sum()) if decided.any() else None}
@@ -168,15 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_pool_arguments(p, "4,6,8,10,12,15")
     p.add_argument("--fp32", action="store_true", help="sample in fp32 (default: bf16, as the toy recipes' rollouts)")
-    p.add_argument("--gaps", default="", help="comma-separated SPO thresholds (e.g. 0.1,0.5,1): the pools each keeps "
+    p.add_argument("--thresholds", default="", help="comma-separated SPO thresholds (e.g. 0.1,0.3,0.5): the pools each keeps "
                                               "and their agreement, per step and over all steps")
     args = p.parse_args(argv)
     steps = [int(s) for s in args.steps.split(",") if s]
     bad = [s for s in steps if not 0 <= s < args.num_steps]
     try:
-        thresholds = [float(g) for g in args.gaps.split(",") if g]
+        thresholds = [float(g) for g in args.thresholds.split(",") if g]
     except ValueError:
-        p.error(f"--gaps must be comma-separated numbers, e.g. 0.1,0.5,1 (got {args.gaps!r})")
+        p.error(f"--thresholds must be comma-separated numbers, e.g. 0.1,0.3,0.5 (got {args.thresholds!r})")
     if bad or args.k < 2 or args.prompts < 1 or not args.cfg >= 1:
         p.error(f"--steps {bad} must lie in [0, {args.num_steps}), --k >= 2, --prompts >= 1 and --cfg >= 1 "
                 f"(got --k {args.k}, --prompts {args.prompts}, --cfg {args.cfg:g})")
