@@ -14,9 +14,9 @@ and worst of the SPM differ by more than the tie margin) and, of those, how ofte
 worst (``agree``); the within-pool correlation of the SPM score with the final ground truth (``corr_spm``), and of
 the ground truth of the x0 estimate itself with it (``corr_gt_x0``: what a perfect judge of the picture the SPM
 reads would reach). Near 0, the SPM's pick is noise to the ground truth and SPO's pairs carry only the SPM's biases.
-``--thresholds`` adds, per step and over all steps, for each SPO threshold (``spo.threshold``: a pool gives a pair only if
-tanh of half its SPM gap exceeds it, as in the rollout) the share of pools kept (``kept``) and the agreement among the kept pools the ground truth
-separates (``agree``): what raising the threshold trades. Prints JSON (``--out FILE`` also writes it).
+``--thresholds`` adds, per step and over all steps, for each SPO threshold (``spo.threshold``: a pool gives a pair
+only if tanh of half its SPM gap exceeds it, as in the rollout) the share of pools kept (``kept``) and the agreement
+among the kept pools the ground truth separates (``agree``): what raising the threshold trades. Prints JSON (``--out FILE`` also writes it).
 """
 from __future__ import annotations
 
@@ -169,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_pool_arguments(p, "4,6,8,10,12,15")
     p.add_argument("--fp32", action="store_true", help="sample in fp32 (default: bf16, as the toy recipes' rollouts)")
-    p.add_argument("--thresholds", default="", help="comma-separated SPO thresholds (e.g. 0.1,0.3,0.5): the pools each keeps "
-                                              "and their agreement, per step and over all steps")
+    p.add_argument("--thresholds", default="",
+                   help="comma-separated SPO thresholds (e.g. 0.1,0.3,0.5): the pools each keeps and their agreement, "
+                        "per step and over all steps")
     args = p.parse_args(argv)
     steps = [int(s) for s in args.steps.split(",") if s]
     bad = [s for s in steps if not 0 <= s < args.num_steps]
