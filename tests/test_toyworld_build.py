@@ -380,7 +380,8 @@ def test_sample_dtype_bf16_if_native_follows_the_cpu(monkeypatch):
 
 
 def test_v_prediction_variant_smoke_build(tmp_path, capsys):
-    """``--variant v_prediction``: a v-predicting three-level base, its pairs, its SPM; refused into the assets."""
+    """``--variant v_prediction``: a v-predicting three-level base, its pairs, its SPM; refused into the assets. An
+    SPM of another width (``spm_width``, ``spm_clip_lr``) pretrains a CLIP of its own, kept apart from the base's."""
     from spo_fast.toyworld.build import main
 
     assert main(["build", "--smoke", "--variant", "v_prediction", "--out", str(tmp_path), "--no-progress"]) == 0
@@ -402,6 +403,28 @@ def test_v_prediction_variant_smoke_build(tmp_path, capsys):
     # pretrained once: the spm stage loads the base stage's CLIP from --out/clip_pretrain
     assert "reused" not in text_record["clip_pretrain"]
     assert meta["spm"]["clip_pretrain"]["reused"] == str(tmp_path / build.CLIP_CACHE)
+    # another SPM width (or CLIP lr) pretrains the SPM's own CLIP, cached beside the base's, which stays as it was
+    base_key = json.loads((tmp_path / build.CLIP_CACHE / "clip.json").read_text())["key"]
+    wide = build.BuildConfig.smoke(**build.BuildConfig.variant("v_prediction"), spm_width=8, spm_clip_lr=2e-3,
+                                   spm_clip_steps=2)
+    for reused in (False, True):
+        spm_record = build.build(tmp_path, wide, stages=("spm",))["spm"]
+        assert ("reused" in spm_record["clip_pretrain"]) is reused
+        assert spm_record["clip_pretrain"]["width"] == 8 and spm_record["clip_sharpening"]["lr"] == 2e-3
+    assert spm_record["clip_pretrain"]["reused"] == str(tmp_path / build.SPM_CLIP_CACHE)
+    own_key = json.loads((tmp_path / build.SPM_CLIP_CACHE / "clip.json").read_text())["key"]
+    assert (own_key["width"], own_key["clip_lr"]) == (8, 2e-3)
+    assert (base_key["width"], base_key["clip_lr"]) == (64, 1e-3)
+    assert json.loads((tmp_path / build.CLIP_CACHE / "clip.json").read_text())["key"] == base_key
+    from spo_fast.reward.spm import StepAwarePreferenceModel
+
+    clip_config = StepAwarePreferenceModel.from_pretrained(tmp_path / "spm").clip.config
+    widths = clip_config.text_config.hidden_size, clip_config.vision_config.hidden_size, clip_config.projection_dim
+    assert widths == (8, 8, 8)
+    for bad, match in (({"spm_width": 6}, r"spm_width=6; accepted: a positive multiple of 4"),
+                       ({"spm_clip_lr": 0}, r"spm_clip_lr=0; accepted: None or a number > 0")):
+        with pytest.raises(ValueError, match=match):
+            build.BuildConfig(**bad)
     with pytest.raises(SystemExit):
         main(["build", "--variant", "v_prediction"])
     assert "--variant v_prediction needs --out" in capsys.readouterr().err

@@ -60,6 +60,7 @@ from spo_fast.toyworld import world
 
 FAMILY = "sd15"
 TEXT_MAX_LEN = 16  # "a small red circle on the left, black background" is 13 tokens with bos/eos
+CLIP_WIDTH = 64  # the contrastive CLIP's hidden size: the v-prediction base's cross-attention reads its text tower
 
 UNET_CONFIG = {  # the shipped base: two levels (24 and 12 px), cross-attention at 12 px
     "sample_size": world.RESOLUTION, "in_channels": 3, "out_channels": 3, "layers_per_block": 1,
@@ -149,6 +150,13 @@ class BuildConfig:
     # contrastive steps that continue the SPM's CLIP from the pretrained one before its preference training
     # (``sharpen_clip``; the base's text tower is the pretrained one either way); 0: none (the shipped SPM)
     spm_clip_steps: int = 0
+    # the SPM's CLIP width (hidden and projection size; 4 layers and 4 heads either way). The base's text tower is
+    # always the width-64 pretraining at ``clip_lr``; another width, or another ``spm_clip_lr``, makes the spm stage
+    # pretrain a CLIP of its own (kept in ``SPM_CLIP_CACHE`` on a build whose base reads the CLIP)
+    spm_width: int = CLIP_WIDTH
+    # the learning rate of the SPM's CLIP: its own pretraining and its sharpening; None: ``clip_lr``. A wider CLIP
+    # needs a lower one: at width 128, 1,000 steps at 1e-3 reached top-1 0.49, at 5e-4 0.90 (docs/toy_world.md)
+    spm_clip_lr: float | None = None
 
     def __post_init__(self):
         for name, value, accepted in (("base_unet", self.base_unet, tuple(UNETS)),
@@ -168,10 +176,19 @@ class BuildConfig:
                              f"{', '.join(FIELD_VALUES)}")
         if not (isinstance(self.spm_clip_steps, int) and self.spm_clip_steps >= 0):
             raise ValueError(f"BuildConfig.spm_clip_steps={self.spm_clip_steps!r}; accepted: an integer >= 0")
+        if not (isinstance(self.spm_width, int) and self.spm_width >= 4 and self.spm_width % 4 == 0):
+            raise ValueError(f"BuildConfig.spm_width={self.spm_width!r}; accepted: a positive multiple of 4 (4 heads)")
+        if self.spm_clip_lr is not None and not (isinstance(self.spm_clip_lr, (int, float)) and self.spm_clip_lr > 0):
+            raise ValueError(f"BuildConfig.spm_clip_lr={self.spm_clip_lr!r}; accepted: None or a number > 0")
         bad = [k for k in self.spm_negatives if k not in NEGATIVE_KINDS]
         if bad or not self.spm_negatives:
             raise ValueError(f"BuildConfig.spm_negatives={self.spm_negatives!r}; accepted: a non-empty subset of "
                              f"{', '.join(NEGATIVE_KINDS)}")
+
+    @property
+    def spm_clip_rate(self) -> float:
+        """The SPM's CLIP's learning rate: ``spm_clip_lr``, or ``clip_lr`` where that is None."""
+        return self.clip_lr if self.spm_clip_lr is None else self.spm_clip_lr
 
     @property
     def sampling_dtype(self) -> str:
@@ -472,9 +489,10 @@ def build_pairs(out: Path, cfg: BuildConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------- stage 3: SPM
-def _clip_cache_key(cfg: BuildConfig) -> dict:
-    """What the contrastive CLIP's pretrained weights depend on: its settings, torch and its thread count, and the
-    code (the world's renders, the SPM's architecture, the pretraining loop), by hash."""
+def _clip_cache_key(cfg: BuildConfig, width: int, lr: float) -> dict:
+    """What the contrastive CLIP's pretrained weights depend on: its settings (``width`` and ``lr`` as trained),
+    torch and its thread count, and the code (the world's renders, the SPM's architecture, the pretraining loop), by
+    hash."""
     import hashlib
     import inspect
 
@@ -483,7 +501,7 @@ def _clip_cache_key(cfg: BuildConfig) -> dict:
     code = hashlib.sha256()
     for source in (inspect.getsource(world), inspect.getsource(spm_module), inspect.getsource(pretrain_clip)):
         code.update(source.encode())
-    return {"seed": cfg.seed, "clip_steps": cfg.clip_steps, "clip_batch": cfg.clip_batch, "clip_lr": cfg.clip_lr,
+    return {"seed": cfg.seed, "width": width, "clip_steps": cfg.clip_steps, "clip_batch": cfg.clip_batch, "clip_lr": lr,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "code_sha256": code.hexdigest()}
 
 
@@ -508,8 +526,10 @@ def _clip_progress(bar, what: str, step: int, steps: int, t0: float, losses: lis
         _log(f"{what} step {step + 1}/{steps} {shown} ({time.perf_counter() - t0:.0f} s)")
 
 
-def pretrain_clip(tokenizer, cfg: BuildConfig, cache: Path | None = None):
-    """Tiny CLIP, contrastive on rendered (image, caption) pairs of mixed quality: the backbone.
+def pretrain_clip(tokenizer, cfg: BuildConfig, cache: Path | None = None, width: int = CLIP_WIDTH,
+                  lr: float | None = None):
+    """Tiny CLIP of hidden and projection size ``width``, contrastive on rendered (image, caption) pairs of mixed
+    quality at ``lr`` (None: ``cfg.clip_lr``): the backbone.
 
     ``cache`` (a directory, or None): the weights are saved there after training (``clip.safetensors``, with
     ``clip.json``: ``_clip_cache_key`` and the record), and a later call whose key matches loads them instead of
@@ -519,9 +539,10 @@ def pretrain_clip(tokenizer, cfg: BuildConfig, cache: Path | None = None):
 
     from spo_fast.reward.spm import StepAwarePreferenceModel
 
-    spm = StepAwarePreferenceModel.tiny(tokenizer, image_size=world.RESOLUTION, max_text_len=TEXT_MAX_LEN,
-                                        seed=cfg.seed)
-    key = _clip_cache_key(cfg) if cache is not None else None
+    lr = cfg.clip_lr if lr is None else lr
+    spm = StepAwarePreferenceModel.tiny(tokenizer, image_size=world.RESOLUTION, hidden=width, projection_dim=width,
+                                        max_text_len=TEXT_MAX_LEN, seed=cfg.seed)
+    key = _clip_cache_key(cfg, width, lr) if cache is not None else None
     if cache is not None and (cache / "clip.json").is_file():
         saved = json.loads((cache / "clip.json").read_text())
         if saved.get("key") == key:
@@ -531,7 +552,7 @@ def pretrain_clip(tokenizer, cfg: BuildConfig, cache: Path | None = None):
             return spm, {**saved["record"], "reused": str(cache)}
         _log(f"CLIP pretraining: {cache} was made with other settings or code; training again")
     clip = spm.clip.train()
-    opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=1e-4)
     attrs = world.all_attributes()
     ids = tokenizer([a.prompt for a in attrs], padding="max_length", max_length=TEXT_MAX_LEN, truncation=True,
                     return_tensors="pt").input_ids
@@ -551,7 +572,7 @@ def pretrain_clip(tokenizer, cfg: BuildConfig, cache: Path | None = None):
         _clip_progress(bar, "clip", step, cfg.clip_steps, t0, losses, accs)
     bar.close()
     clip.eval()
-    record = {"steps": cfg.clip_steps, "final_loss": float(np.mean(losses[-100:])),
+    record = {"steps": cfg.clip_steps, "width": width, "lr": lr, "final_loss": float(np.mean(losses[-100:])),
               "final_top1": float(np.mean(accs[-100:])), "seconds": time.perf_counter() - t0}
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
@@ -693,12 +714,13 @@ def captioned_renders(n: int, gen: torch.Generator, field: str | None = None) ->
 
 def sharpen_clip(spm, tokenizer, cfg: BuildConfig) -> dict:
     """Continue ``spm``'s pretrained CLIP (in place) for ``cfg.spm_clip_steps`` contrastive steps on
-    ``cfg.clip_batch`` train-split ``captioned_renders`` grouped by ``cfg.spm_clip_field``, at ``cfg.clip_lr``
+    ``cfg.clip_batch`` train-split ``captioned_renders`` grouped by ``cfg.spm_clip_field``, at ``cfg.spm_clip_rate``
     (``spm_trainer.anchor_loss`` at t = None: plain CLIP, as pretrained). Returns the record."""
     from spo_fast.reward.spm_trainer import anchor_loss
 
     clip = spm.clip.train()
-    opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_lr, weight_decay=1e-4)
+    lr = cfg.spm_clip_rate
+    opt = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     t0, losses = time.perf_counter(), []
     bar = _bar(cfg.spm_clip_steps, f"CLIP sharpening ({cfg.spm_clip_field or 'no'} groups)", "step")
@@ -709,7 +731,7 @@ def sharpen_clip(spm, tokenizer, cfg: BuildConfig) -> dict:
         _clip_progress(bar, "clip sharpening", step, cfg.spm_clip_steps, t0, losses)
     bar.close()
     clip.eval()
-    return {"steps": cfg.spm_clip_steps, "field": cfg.spm_clip_field,
+    return {"steps": cfg.spm_clip_steps, "field": cfg.spm_clip_field, "lr": lr,
             "final_loss": float(np.mean(losses[-100:])) if losses else None, "seconds": time.perf_counter() - t0}
 
 
@@ -719,7 +741,10 @@ def build_spm(out: Path, cfg: BuildConfig, clip_cache: Path | None = None) -> di
     from spo_fast.reward.spm_trainer import SPMTrainConfig, train_spm
 
     tokenizer = CLIPTokenizer.from_pretrained(out / "base" / "tokenizer")
-    spm, clip_info = pretrain_clip(tokenizer, cfg, clip_cache)
+    own = (cfg.spm_width, cfg.spm_clip_rate) != (CLIP_WIDTH, cfg.clip_lr)  # not the base's text tower
+    if clip_cache is not None and own:
+        clip_cache = clip_cache.with_name(SPM_CLIP_CACHE)
+    spm, clip_info = pretrain_clip(tokenizer, cfg, clip_cache, cfg.spm_width, cfg.spm_clip_rate)
     sharpened = sharpen_clip(spm, tokenizer, cfg) if cfg.spm_clip_steps else None
     comp = load_components(str(out / "base"), FAMILY)
     tcfg = SPMTrainConfig(steps=cfg.spm_steps, batch_size=cfg.spm_batch, lr=cfg.spm_lr, seed=cfg.seed,
@@ -734,6 +759,7 @@ def build_spm(out: Path, cfg: BuildConfig, clip_cache: Path | None = None) -> di
 # ----------------------------------------------------------------------------- driver
 STAGES = ("base", "pairs", "spm")
 CLIP_CACHE = "clip_pretrain"  # under --out: the contrastive CLIP's pretrained weights, made once per build
+SPM_CLIP_CACHE = "clip_pretrain_spm"  # under --out: the SPM's own CLIP (BuildConfig.spm_width / spm_clip_lr)
 
 
 def build(out: Path, cfg: BuildConfig, stages: tuple[str, ...] = STAGES) -> dict:
