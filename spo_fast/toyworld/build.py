@@ -60,7 +60,6 @@ from spo_fast.toyworld import world
 
 FAMILY = "sd15"
 TEXT_MAX_LEN = 16  # "a small red circle on the left, black background" is 13 tokens with bos/eos
-CLIP_WIDTH = 64  # the contrastive CLIP's hidden size: the v-prediction base's cross-attention reads its text tower
 
 UNET_CONFIG = {  # the shipped base: two levels (24 and 12 px), cross-attention at 12 px
     "sample_size": world.RESOLUTION, "in_channels": 3, "out_channels": 3, "layers_per_block": 1,
@@ -77,6 +76,8 @@ UNET_CONFIG_3LEVEL = {
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "attention_head_dim": 2,
 }
 UNETS = {"2level": UNET_CONFIG, "3level": UNET_CONFIG_3LEVEL}
+# the contrastive CLIP's hidden size: a base on the ``clip`` text encoder reads its text tower by cross-attention
+CLIP_WIDTH = UNET_CONFIG["cross_attention_dim"]
 TEXT_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                "max_position_embeddings": TEXT_MAX_LEN, "projection_dim": 64}
 SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
@@ -155,7 +156,7 @@ class BuildConfig:
     # pretrain a CLIP of its own (kept in ``SPM_CLIP_CACHE`` on a build whose base reads the CLIP)
     spm_width: int = CLIP_WIDTH
     # the learning rate of the SPM's CLIP: its own pretraining and its sharpening; None: ``clip_lr``. A wider CLIP
-    # needs a lower one: at width 128, 1,000 steps at 1e-3 reached top-1 0.49, at 5e-4 0.90 (docs/toy_world.md)
+    # needs a lower one: at width 128, 1,000 steps at 1e-3 reached top-1 0.49, at 5e-4 0.90 (docs/toy_spm_wide.json)
     spm_clip_lr: float | None = None
 
     def __post_init__(self):
