@@ -302,12 +302,13 @@ def test_nudged_pairs_share_a_layout_and_differ_a_little(monkeypatch):
 def test_rendered_pairs_include_every_negative_kind_and_speckle_loses():
     """Each of the eight hard-negative kinds occurs; a speckled copy of a render loses to the render by the ground
     truth (its cleanliness falls), so the SPM is taught that high-frequency noise is worse. The default kinds are the
-    shipped four."""
+    shipped six, the build's default too."""
     gen = torch.Generator().manual_seed(5)
     caps, img0, img1, _ = build.rendered_pairs(200, gen, kinds=build.NEGATIVE_KINDS)
     assert len(build.NEGATIVE_KINDS) == 8
-    four = build.rendered_pairs(8, torch.Generator().manual_seed(3))
-    assert torch.equal(four[1], build.rendered_pairs(8, torch.Generator().manual_seed(3), build.NEGATIVE_KINDS[:4])[1])
+    six = build.rendered_pairs(8, torch.Generator().manual_seed(3))
+    assert build.BuildConfig().spm_negatives == build.SHIPPED_NEGATIVES == build.NEGATIVE_KINDS[:6]
+    assert torch.equal(six[1], build.rendered_pairs(8, torch.Generator().manual_seed(3), build.NEGATIVE_KINDS[:6])[1])
     with pytest.raises(ValueError, match="spm_negatives"):
         build.BuildConfig(spm_negatives=("speckle",))
     attrs = [world.parse_prompt(c) for c in caps]
@@ -345,7 +346,7 @@ def test_drifted_negatives_change_one_named_attribute_at_higher_quality_and_the_
     assert 0.1 < wins.float().mean() < 0.45
     with pytest.raises(ValueError, match="spm_negatives"):
         build.BuildConfig(spm_negatives=("drift",))
-    assert build.BuildConfig.variant("v_prediction")["spm_negatives"] == build.NEGATIVE_KINDS[:6]
+    assert build.BuildConfig(**build.BuildConfig.variant("v_prediction")).spm_negatives == build.NEGATIVE_KINDS[:6]
 
 
 def test_base_loss_weight_uniform_and_min_snr():

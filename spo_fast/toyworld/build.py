@@ -88,6 +88,9 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 # sample in bf16: docs/speed.md)
 SAMPLER = {"num_steps": 20, "eta": 1.0, "guidance_scale": 5.0, "dtype": "fp32"}
 NEGATIVE_KINDS = ("mismatched", "requality", "flooded", "empty", "speckled", "recoloured", "drifted", "nudged")
+# the shipped SPM's: the first four, plus speckled and recoloured (the failure modes SPO found with the first four
+# alone; docs/toy_spm_six_kinds.json)
+SHIPPED_NEGATIVES = NEGATIVE_KINDS[:6]
 VARIANTS = ("shipped", "v_prediction")
 # how the build's sampler draws each step's noise (BuildConfig.sample_noise, sample_batch)
 SAMPLE_NOISE = ("torch", "step_op")
@@ -139,7 +142,7 @@ class BuildConfig:
     spm_batch: int = 32
     spm_lr: float = 3e-4
     spm_rendered_fraction: float = 0.5
-    spm_negatives: tuple[str, ...] = NEGATIVE_KINDS[:4]  # the rendered hard negatives' kinds (NEGATIVE_KINDS)
+    spm_negatives: tuple[str, ...] = SHIPPED_NEGATIVES  # the rendered hard negatives' kinds (NEGATIVE_KINDS)
     # weight of the SPM's contrastive anchor on captioned renders (SPMTrainConfig.anchor_weight, captioned_renders); 0:
     # none (the shipped SPM)
     spm_anchor_weight: float = 0.0
@@ -210,14 +213,14 @@ class BuildConfig:
         """The settings of a build variant (``--variant``): ``shipped`` (the defaults) or ``v_prediction``: a base
         predicting v with min-SNR-5 weights on the three-level UNet, conditioned by the contrastive CLIP's frozen
         text tower, trained 2,000 steps, pairs sampled by the rollouts' step op (bf16 where native), an SPM trained
-        1,200 steps with all six kinds of negatives."""
+        1,200 steps (with the shipped six kinds of negatives)."""
         if name not in VARIANTS:
             raise ValueError(f"unknown build variant {name!r}; accepted: {', '.join(VARIANTS)}")
         if name == "shipped":
             return {}
         return {"base_steps": 2000, "base_unet": "3level", "base_prediction": "v_prediction",
                 "base_loss_weighting": "min_snr", "base_text_encoder": "clip", "sample_dtype": "bf16_if_native",
-                "sample_noise": "step_op", "spm_steps": 1200, "spm_negatives": NEGATIVE_KINDS[:6]}
+                "sample_noise": "step_op", "spm_steps": 1200}
 
 
 PROGRESS = True  # tqdm bars (with the time left) per stage; --no-progress turns them off
@@ -582,7 +585,7 @@ def pretrain_clip(tokenizer, cfg: BuildConfig, cache: Path | None = None, width:
     return spm, record
 
 
-def rendered_pairs(n: int, gen: torch.Generator, kinds: tuple[str, ...] = NEGATIVE_KINDS[:4]):
+def rendered_pairs(n: int, gen: torch.Generator, kinds: tuple[str, ...] = SHIPPED_NEGATIVES):
     """Labelled pairs of *rendered* images (train-split prompts): a render against a hard negative.
 
     The negative is, at random (each of ``kinds``, a subset of NEGATIVE_KINDS, equally often): the same prompt with one attribute changed,
@@ -617,7 +620,7 @@ def rendered_pairs(n: int, gen: torch.Generator, kinds: tuple[str, ...] = NEGATI
     flood = (good * (1 - amount) + colour * amount + noise).clamp(-1, 1)
     empty = (bg.expand_as(good) + noise).clamp(-1, 1)
     candidates = {"mismatched": mismatched, "requality": requality, "flooded": flood, "empty": empty}
-    if "speckled" in kinds:  # drawn only when used: the shipped four kinds keep their random stream
+    if "speckled" in kinds:  # drawn only when used: the first four kinds alone keep their random stream
         speckle_std = torch.rand(n, 1, 1, 1, generator=gen) * 0.35 + 0.05
         candidates["speckled"] = (good + torch.randn(good.shape, generator=gen) * speckle_std).clamp(-1, 1)
     if "recoloured" in kinds:
