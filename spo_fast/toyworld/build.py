@@ -18,8 +18,9 @@ Stages (each deterministic for a given seed, torch version and thread count; run
    ``pairs_heldout.parquet`` (held-out split).
 3. ``spm``: a tiny CLIP (ViT on 24 px, 4 layers) pre-trained contrastively on rendered
    (image, caption) pairs -- the stand-in for PickScore's CLIP backbone -- then turned into a
-   step-aware preference model and trained on the noisy train pairs by ``spo_fast.reward.spm_trainer``;
-   its held-out accuracy per timestep bucket is written to ``spm/spm_eval.json``.
+   step-aware preference model and trained by ``spo_fast.reward.spm_trainer`` on the noisy train pairs plus
+   rendered hard negatives (``rendered_pairs``, of the kinds ``BuildConfig.spm_negatives``: by default
+   ``SHIPPED_NEGATIVES``); its held-out accuracy per timestep bucket is written to ``spm/spm_eval.json``.
 
 The output directory (default: the packaged ``spo_fast/toyworld/assets``) holds ``base/`` (a
 diffusers-layout model directory without ``vae/``: pixel space), ``spm/``, the two parquet
@@ -29,7 +30,7 @@ step counts into a scratch directory (the tests use it).
 ``--variant v_prediction`` (``BuildConfig.variant``) builds the world with a base that follows its prompts: it
 predicts v with min-SNR weights on a three-level UNet conditioned by the frozen text tower of the contrastive CLIP
 (pretrained once, in the base stage, and reused by the spm stage), its pairs are sampled as the rollouts sample
-(bf16 where the CPU computes it natively, else fp32), and its SPM learns two more kinds of negatives. It needs
+(bf16 where the CPU computes it natively, else fp32), and its SPM trains 1,200 steps. It needs
 ``--out``: the packaged assets are the shipped variant's (docs/toy_world.md says why).
 """
 from __future__ import annotations
