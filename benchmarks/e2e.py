@@ -679,11 +679,92 @@ def report(path: str | Path) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    import sys
+# ----------------------------------------------------------------------------- a recipe's stage split
+STAGE_OVERRIDES = ("log.report_to=none", "log.progress=false", "log.sample_prompts=0", "checkpoint.resume=never",
+                   "eval.enabled=false")
 
-    if len(sys.argv) != 3 or sys.argv[1] not in ("report", "estimate"):
-        sys.exit("usage: python benchmarks/e2e.py report|estimate SUMMARY.json")
-    if sys.argv[1] == "estimate":
-        side_by_side(sys.argv[2])
-    print(report(sys.argv[2]))
+
+def add_stages(total: dict, stats: IterationStats) -> None:
+    """Adds one timed pass's stage seconds and calls to ``total`` ({stage: {"seconds", "calls"}})."""
+    for name, v in stats.stages.items():
+        t = total.setdefault(name, {"seconds": 0.0, "calls": 0})
+        t["seconds"] += v["seconds"]
+        t["calls"] += v["calls"]
+
+
+def split_shares(total: dict, work_s: float, train_s: float, iterations: int) -> dict:
+    """Per iteration: each stage's seconds and share of the iteration, plus each phase's time outside its named
+    stages (``rollout/other``: text encoding, noise, compaction; ``train/other``: the loss op, data gathering)."""
+    wall = work_s + train_s
+    stages = {k: v["seconds"] for k, v in total.items()}
+    stages["rollout/other"] = max(work_s - sum(v for k, v in stages.items() if k.startswith("rollout/")), 0.0)
+    stages["train/other"] = max(train_s - sum(v for k, v in stages.items() if k.startswith("train/")), 0.0)
+    return {"iterations": iterations, "seconds_per_iteration": wall / iterations,
+            "rollout_s_per_iteration": work_s / iterations, "train_s_per_iteration": train_s / iterations,
+            "stages": {k: {"seconds_per_iteration": round(v / iterations, 4), "share": round(v / wall, 4)}
+                       for k, v in sorted(stages.items())}}
+
+
+def recipe_stage_split(recipe: str, overrides: list[str], iterations: int) -> dict:
+    """A recipe as it runs (its own models and shapes, on this machine's device), one warm-up iteration, then
+    ``iterations`` stage-timed passes (``timed_pass``); the split per iteration (``split_shares``). SPO recipes
+    only: the iteration is the method's rollout and training."""
+    from spo_fast.core.config import load_config
+
+    cfg = load_config(recipe, list(overrides))
+    if cfg.method != "spo":
+        raise SystemExit(f"stages: recipe {recipe!r} is a {cfg.method} recipe; the stage split is for SPO recipes")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    case = Case(recipe, recipe, "spo", gpu=(*STAGE_OVERRIDES, *overrides), cpu=(*STAGE_OVERRIDES, *overrides))
+    run = build(case, device, count_forwards=False)
+    try:
+        iteration(run)  # warm-up (first-call allocations, lazy inits)
+        total, work_s, train_s = {}, 0.0, 0.0
+        for _ in range(iterations):
+            stats = timed_pass(run)
+            add_stages(total, stats)
+            work_s, train_s = work_s + stats.work_s, train_s + stats.train_s
+    finally:
+        release(run)
+    return {"recipe": recipe, "overrides": list(overrides), **environment(device),
+            **split_shares(total, work_s, train_s, iterations)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python benchmarks/e2e.py", description="the end-to-end suite's summaries, and "
+                                "the stage split of a recipe's SPO iterations")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, what in (("report", "print a summary JSON's text report"),
+                       ("estimate", "add the estimator's figures to a summary JSON, then print its report")):
+        sub.add_parser(name, help=what).add_argument("summary", help="the suite's summary JSON (--e2e-json)")
+    st = sub.add_parser("stages", help="time a recipe's SPO iterations by stage (StageTimer) and print the split")
+    st.add_argument("recipe", help="a recipe name or YAML path, e.g. toy_spo (the default run's)")
+    st.add_argument("overrides", nargs="*", help="config overrides key=value")
+    st.add_argument("--iterations", type=int, default=5, help="timed iterations after one warm-up (default 5)")
+    st.add_argument("--out", help="also write the split to this JSON file")
+    args = p.parse_args(argv)
+    if args.cmd == "stages":
+        if args.iterations < 1:
+            p.error(f"--iterations must be >= 1, got {args.iterations}")
+        from spo_fast.core import jsonio
+        from spo_fast.core.config import ConfigError
+
+        try:
+            data = recipe_stage_split(args.recipe, args.overrides, args.iterations)
+        except ConfigError as e:
+            p.exit(2, f"error: {e}\n")
+        text = jsonio.dumps(data, indent=1)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        print(text)
+        return 0
+    if args.cmd == "estimate":
+        side_by_side(args.summary)
+    print(report(args.summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

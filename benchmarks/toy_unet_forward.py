@@ -1,6 +1,6 @@
 """The toy UNet's bf16 sampling forward, three ways, timed interleaved (docs/speed.md, "Sampling copies"):
 
-    python benchmarks/toy_unet_forward.py [--batch 64] [--rounds 5] [--calls 4] [--profile]
+    python benchmarks/toy_unet_forward.py [--batch 64] [--rounds 5] [--calls 4] [--profile] [--heads N]
 
 ``fp32 weights, SDPA`` (autocast casts every weight at every call; the rollout before the sampling copies),
 ``bf16 weights, SDPA`` (``MergedLoRA(weight_dtype=bf16)``: the rollout before the chunked attention) and ``bf16
@@ -10,6 +10,9 @@ and whether the bf16 weights gave a bit-identical output. Run it with nothing el
 OMP_WAIT_POLICY (PASSIVE slows the chunked kernel's many small calls most). ``--profile`` adds where the last
 variant's forward spends its time (``torch.profiler``: each aten op's share of the self CPU time over ``--calls``
 forwards, the ops above 1%) and its FLOPs by op (``FlopCounterMode``), with the matmul ops' achieved GFLOP/s.
+``--heads N`` adds a fourth variant: the same UNet but with N attention heads (diffusers' ``attention_head_dim``, which
+this UNet reads as the number of heads: the shipped base has 8 of 8 channels) and random weights (a forward's time
+does not depend on them), as the third: what a base rebuilt with fewer, wider heads would cost per forward.
 """
 from __future__ import annotations
 
@@ -27,14 +30,24 @@ from spo_fast.diffusion.cpu_attention import ChunkedAttnProcessor
 from spo_fast.diffusion.models import resolve_model_path
 
 
-def variants(unet) -> dict:
-    bf16 = copy.deepcopy(unet)
-    for m in bf16.modules():
+def _bf16_weights(unet):
+    for m in unet.modules():
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
             m.to(torch.bfloat16)
+    return unet
+
+
+def variants(unet, heads: int | None = None) -> dict:
+    bf16 = _bf16_weights(copy.deepcopy(unet))
     chunked = copy.deepcopy(bf16)
     chunked.set_attn_processor(ChunkedAttnProcessor())
-    return {"fp32 weights, SDPA": unet, "bf16 weights, SDPA": bf16, "bf16 weights, chunked": chunked}
+    out = {"fp32 weights, SDPA": unet, "bf16 weights, SDPA": bf16, "bf16 weights, chunked": chunked}
+    if heads is not None:
+        torch.manual_seed(0)
+        other = _bf16_weights(UNet2DConditionModel.from_config({**unet.config, "attention_head_dim": heads}).eval())
+        other.set_attn_processor(ChunkedAttnProcessor())
+        out[f"bf16 weights, chunked, {heads} heads (random weights)"] = other
+    return out
 
 
 def profile_forward(forward, calls: int) -> dict:
@@ -74,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64, help="samples per forward (default 64: the rollout's pool, CFG)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--calls", type=int, default=4, help="timed forwards per variant per round")
-    p.add_argument("--profile", action="store_true", help="also profile the last variant by op (see above)")
+    p.add_argument("--profile", action="store_true", help="also profile the chunked variant by op (see above)")
+    p.add_argument("--heads", type=int, help="also time a UNet with this many attention heads (see above)")
     args = p.parse_args(argv)
     if min(args.batch, args.rounds, args.calls) < 1:
         p.error("--batch, --rounds and --calls must be >= 1")
@@ -88,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             return m(x, t, e).sample
 
-    models = variants(unet)
+    attn_channels = [c for c, kind in zip(unet.config.block_out_channels, unet.config.down_block_types)
+                     if "CrossAttn" in kind]
+    if args.heads is not None and (args.heads < 1 or any(c % args.heads for c in attn_channels)):
+        p.error(f"--heads must divide the attention levels' channels {attn_channels}, got {args.heads}")
+    models = variants(unet, args.heads)
     outs = {name: forward(m) for name, m in models.items()}  # also the warm-up
     ms = {name: [] for name in models}
     for _ in range(args.rounds):
@@ -100,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     med = {name: statistics.median(v) for name, v in ms.items()}
     first = next(iter(med.values()))
     names = list(models)
-    prof = {"profile": profile_forward(lambda: forward(models[names[-1]]), args.calls)} if args.profile else {}
+    prof = {"profile": profile_forward(lambda: forward(models[names[2]]), args.calls)} if args.profile else {}
     print(json.dumps({"batch": args.batch, "threads": torch.get_num_threads(),
                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
                       "median_ms": {k: round(v, 1) for k, v in med.items()},

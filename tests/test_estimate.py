@@ -251,3 +251,58 @@ def test_gpu_suite_writes_the_estimate_beside_the_measurement(tmp_path, monkeypa
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_stage_split_arithmetic(monkeypatch):
+    """``e2e.py stages``: stage seconds summed over passes, per iteration, as shares of the iteration, and each
+    phase's unnamed rest."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import e2e
+
+    total = {}
+    for unet in (2.0, 4.0):
+        stats = e2e.IterationStats(3.5 if unet == 2.0 else 5.5, 2.0, 8, 1, 1, 64, 0, 0,
+                                   {"rollout/unet": {"seconds": unet, "calls": 16},
+                                    "train/ref": {"seconds": 0.5, "calls": 1}})
+        e2e.add_stages(total, stats)
+    assert total == {"rollout/unet": {"seconds": 6.0, "calls": 32}, "train/ref": {"seconds": 1.0, "calls": 2}}
+    split = e2e.split_shares(total, work_s=9.0, train_s=4.0, iterations=2)
+    assert split["seconds_per_iteration"] == 6.5 and split["rollout_s_per_iteration"] == 4.5
+    st = split["stages"]
+    assert st["rollout/unet"] == {"seconds_per_iteration": 3.0, "share": round(6 / 13, 4)}
+    assert st["rollout/other"]["seconds_per_iteration"] == 1.5 and st["train/other"]["seconds_per_iteration"] == 1.5
+    assert abs(sum(v["share"] for v in st.values()) - 1) < 1e-3
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["stages", "nope"], "unknown recipe 'nope'"),
+    (["stages", "toy_dpo"], "is a dpo recipe"),
+    (["stages", "toy_spo", "--iterations", "0"], "--iterations must be >= 1, got 0"),
+])
+def test_stage_split_bad_input(argv, expect, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import e2e
+
+    with pytest.raises(SystemExit) as e:
+        e2e.main(argv)
+    assert e.value.code not in (0, None)
+    assert expect in capsys.readouterr().err + str(e.value.code)
+
+
+def test_stage_split_of_a_toy_iteration(tmp_path, monkeypatch):
+    """One warm-up and one timed iteration of the toy recipe at batch 2: the rollout's UNet and the three training
+    stages are there and the shares add up to the whole iteration."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import e2e
+
+    out = tmp_path / "split.json"
+    assert e2e.main(["stages", "toy_spo", "train.batch_size=2", "spo.threshold=0.0", "--iterations", "1",
+                     "--out", str(out)]) == 0
+    import json
+
+    data = json.loads(out.read_text())
+    assert data["recipe"] == "toy_spo" and data["iterations"] == 1 and data["device"] == "cpu"
+    st = data["stages"]
+    assert {"rollout/unet", "rollout/score", "train/ref", "train/policy", "train/backward"} <= set(st)
+    assert abs(sum(v["share"] for v in st.values()) - 1) < 1e-3
+    assert abs(data["rollout_s_per_iteration"] + data["train_s_per_iteration"] - data["seconds_per_iteration"]) < 1e-9
