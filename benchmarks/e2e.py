@@ -697,8 +697,8 @@ def split_shares(total: dict, work_s: float, train_s: float, iterations: int) ->
     stages (``rollout/other``: text encoding, noise, compaction; ``train/other``: the loss op, data gathering)."""
     wall = work_s + train_s
     stages = {k: v["seconds"] for k, v in total.items()}
-    stages["rollout/other"] = max(work_s - sum(v for k, v in stages.items() if k.startswith("rollout/")), 0.0)
-    stages["train/other"] = max(train_s - sum(v for k, v in stages.items() if k.startswith("train/")), 0.0)
+    for prefix, phase_s in (("rollout/", work_s), ("train/", train_s)):
+        stages[f"{prefix}other"] = _phase_other(total, prefix, phase_s)["seconds"]
     return {"iterations": iterations, "seconds_per_iteration": wall / iterations,
             "rollout_s_per_iteration": work_s / iterations, "train_s_per_iteration": train_s / iterations,
             "stages": {k: {"seconds_per_iteration": round(v / iterations, 4), "share": round(v / wall, 4)}
